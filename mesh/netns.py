@@ -1,0 +1,84 @@
+"""Network namespaces: resolve names, and run code inside one.
+
+A namespace switch (setns) applies to the calling thread only, so code that must run in
+another namespace runs in a short-lived thread of its own; sockets created there stay bound
+to that namespace wherever they are used afterwards.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+NETNS_RUN_DIR = Path("/run/netns")
+CLONE_NEWNET = 0x40000000
+
+
+class NetnsError(RuntimeError):
+    """A namespace is missing or cannot be entered."""
+
+
+def netns_path(name_or_path: str) -> Path:
+    """`sw1` -> /run/netns/sw1; absolute paths (e.g. /proc/PID/ns/net) pass through."""
+    if name_or_path.startswith("/"):
+        return Path(name_or_path)
+    if "/" in name_or_path or name_or_path in ("", ".", ".."):
+        raise NetnsError(f"invalid network namespace name {name_or_path!r}")
+    return NETNS_RUN_DIR / name_or_path
+
+
+def _setns(fd: int) -> None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise NetnsError(f"setns failed: {os.strerror(err)}")
+
+
+def run_in_netns(name_or_path: str | None, fn: Callable[[], T]) -> T:
+    """Run fn() with the calling thread's network namespace set to the given one.
+
+    None means "the current namespace" and calls fn directly.
+    """
+    if name_or_path is None:
+        return fn()
+    path = netns_path(name_or_path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise NetnsError(f"network namespace {name_or_path!r} not found ({e.strerror})") from e
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            _setns(fd)
+            result.append(fn())
+        except BaseException as e:
+            error.append(e)
+
+    try:
+        thread = threading.Thread(target=target, name=f"netns:{name_or_path}")
+        thread.start()
+        thread.join()
+    finally:
+        os.close(fd)
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def netns_exists(name: str) -> bool:
+    return netns_path(name).exists()
+
+
+def list_netns() -> list[str]:
+    if not NETNS_RUN_DIR.is_dir():
+        return []
+    return sorted(p.name for p in NETNS_RUN_DIR.iterdir())
