@@ -1,0 +1,173 @@
+"""Makes one node's kernel match a MeshState: overlays, endpoints, load balancing.
+
+The order matters: links and addresses first (a VIP rule is useless without the interface it
+routes over), then the tables, then conntrack clean-up for backends that went away. Each part
+reports its own errors and the others still run; a failed part is retried by the next sync.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mesh.conntrack import Target, delete_stale
+from mesh.lb.base import Balancer
+from mesh.lb.model import NamespaceLB, node_lb, task_lb
+from mesh.lb.table import NamespaceTable
+from mesh.netns import NetnsError, netns_exists, run_in_netns
+from mesh.nft.wire import NftError
+from mesh.overlay import Overlay, write_sysctl
+from mesh.state import MeshState
+
+log = logging.getLogger("shoal.mesh")
+
+
+@dataclass
+class SyncReport:
+    full: bool
+    seconds: float = 0.0
+    nft_requests: int = 0
+    link_changes: int = 0
+    conntrack_deleted: int = 0
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def task_namespaces(state: MeshState) -> dict[str, set[str]]:
+    """Local task namespaces and the networks each is attached to."""
+    out: dict[str, set[str]] = {}
+    for ep in state.local_endpoints():
+        if ep.netns:
+            out.setdefault(ep.netns, set()).add(ep.network)
+    return out
+
+
+class Mesh:
+    """The data plane of one node. netns None: the namespace this process runs in."""
+
+    def __init__(self, balancer: Callable[[str | None], Balancer], netns: str | None = None):
+        self.netns = netns
+        self._balancer = balancer
+        self.overlay = Overlay(netns)
+        self._node_table: NamespaceTable | None = None
+        self._task_tables: dict[str, NamespaceTable] = {}
+        self._prepared = False
+
+    def _prepare(self) -> None:
+        def tune() -> None:
+            write_sysctl("net.ipv4.ip_forward", "1")
+            # Hairpin traffic leaves the bridge it came in on; a redirect would tell the task
+            # to bypass the node's NAT.
+            write_sysctl("net.ipv4.conf.all.send_redirects", "0")
+
+        run_in_netns(self.netns, tune)
+        self._prepared = True
+
+    def apply(self, state: MeshState, full: bool = False, verify: bool = False) -> SyncReport:
+        """Reconcile; `full` rewrites the tables, `verify` re-checks every endpoint's links."""
+        started = time.perf_counter()
+        report = SyncReport(full=full)
+        if not self._prepared:
+            self._prepare()
+        overlay = self.overlay.reconcile(state, full=full or verify or self._node_table is None)
+        report.link_changes = overlay.changes
+        report.errors.update(overlay.errors)
+        removed: list[Target] = []
+
+        if self._node_table is None:
+            self._node_table = NamespaceTable(self.netns, self._balancer(self.netns))
+            full = True
+        removed += self._sync_table(self._node_table, node_lb(state), full, "node", report)
+
+        wanted = task_namespaces(state)
+        for ns in list(self._task_tables):
+            if ns not in wanted:
+                table = self._task_tables.pop(ns)
+                if netns_exists(ns):
+                    try:
+                        table.remove()
+                    except (NftError, NetnsError) as e:
+                        report.errors[f"table in {ns}"] = str(e)
+                table.close()
+        for ns, networks in wanted.items():
+            if not netns_exists(ns):
+                continue
+            existing = self._task_tables.get(ns)
+            ns_full = full
+            if existing is not None:
+                table = existing
+            else:
+                try:
+                    table = self._task_tables[ns] = NamespaceTable(ns, self._balancer(ns))
+                except NetnsError as e:
+                    report.errors[f"table in {ns}"] = str(e)
+                    continue
+                ns_full = True
+            removed_here = self._sync_table(table, task_lb(state, networks), ns_full, ns, report)
+            report.conntrack_deleted += self._clean_conntrack(ns, removed_here, report)
+        report.conntrack_deleted += self._clean_conntrack(self.netns, removed, report)
+        report.full = full
+        report.seconds = time.perf_counter() - started
+        return report
+
+    @staticmethod
+    def _sync_table(
+        table: NamespaceTable, desired: NamespaceLB, full: bool, where: str, report: SyncReport
+    ) -> list[Target]:
+        before = table.applied
+        try:
+            result = table.sync(desired, full=full)
+        except NftError as e:
+            report.errors[f"table in {where}"] = str(e)
+            return []
+        report.nft_requests += result.requests
+        if before is None:
+            return []
+        gone: list[Target] = []
+        for key, fe in before.frontends.items():
+            now = (
+                {(b.ip, b.port) for b in desired.frontends[key].backends}
+                if key in desired.frontends
+                else set()
+            )
+            gone += [
+                Target(b.ip, b.port, fe.protocol) for b in fe.backends if (b.ip, b.port) not in now
+            ]
+        return gone
+
+    @staticmethod
+    def _clean_conntrack(netns: str | None, targets: list[Target], report: SyncReport) -> int:
+        if not targets:
+            return 0
+        try:
+            return delete_stale(netns, targets)
+        except (NftError, NetnsError, OSError) as e:
+            report.errors[f"conntrack in {netns or 'node'}"] = str(e)
+            return 0
+
+    def tables(self) -> list[NamespaceTable]:
+        node = [self._node_table] if self._node_table else []
+        return node + list(self._task_tables.values())
+
+    def cleanup(
+        self, state: MeshState | None = None, extra_namespaces: list[str] | None = None
+    ) -> None:
+        """Remove everything this node's mesh owns (links, tables) in its namespaces."""
+        namespaces = set(self._task_tables) | set(extra_namespaces or [])
+        if state is not None:
+            namespaces |= set(task_namespaces(state))
+        for ns in sorted(namespaces):
+            if netns_exists(ns):
+                table = self._task_tables.pop(ns, None) or NamespaceTable(ns, self._balancer(ns))
+                table.remove()
+                table.close()
+        node = self._node_table or NamespaceTable(self.netns, self._balancer(self.netns))
+        node.remove()
+        node.close()
+        self._node_table = None
+        self.overlay.cleanup()
