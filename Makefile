@@ -1,0 +1,49 @@
+# Shoal: `make test` and `make demo` set up a fresh Debian 12 machine (as root) themselves.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Kernel tools the mesh and its tests use, the tools the tests compare against, and promtool.
+DEB_PACKAGES := iproute2 nftables conntrack iputils-ping procps curl bind9-dnsutils dnsperf \
+	prometheus python3-venv
+
+.PHONY: all setup deb test lint typecheck unit demo bench clean
+
+all: test
+
+setup: deb $(VENV)/.installed
+
+deb:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			--no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/python -m pytest
+
+demo: setup
+	$(BIN)/shoal lab demo
+
+bench: setup
+	$(BIN)/python -m bench.mesh
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache *.egg-info

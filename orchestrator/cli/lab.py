@@ -1,0 +1,110 @@
+"""`shoal lab ...`: the one-machine lab of network namespaces."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+
+from orchestrator.lab import demo
+from orchestrator.lab import lab as labmod
+from orchestrator.lab.lab import LabError
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "lab",
+        help="a cluster of network namespaces on this machine",
+        description="Build and use a lab of nodes sw1..swN as network namespaces "
+        "on one underlay bridge (192.168.56.0/24 by default).",
+    )
+    lab_sub = p.add_subparsers(dest="lab_command", metavar="COMMAND", required=True)
+
+    def named(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument(
+            "--name",
+            default=labmod.DEFAULT_LAB,
+            help=f"lab name, the prefix of everything it makes (default {labmod.DEFAULT_LAB})",
+        )
+        return sp
+
+    up = named(lab_sub.add_parser("up", help="create or resize the lab (idempotent)"))
+    up.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
+    up.add_argument(
+        "--subnet",
+        type=ipaddress.IPv4Network,
+        default=labmod.DEFAULT_SUBNET,
+        help=f"underlay subnet (default {labmod.DEFAULT_SUBNET})",
+    )
+    up.set_defaults(func=cmd_up)
+
+    named(lab_sub.add_parser("down", help="remove the lab and everything it made")).set_defaults(
+        func=cmd_down
+    )
+    named(
+        lab_sub.add_parser("demo", help="show the routing mesh at work, step by step")
+    ).set_defaults(func=cmd_demo)
+    lab_sub.add_parser("ls", help="list labs and their nodes").set_defaults(func=cmd_ls)
+
+    ex = named(
+        lab_sub.add_parser(
+            "exec",
+            help="run a command inside a node",
+            usage="shoal lab exec [--name LAB] NODE -- CMD [ARG...]",
+        )
+    )
+    ex.add_argument("node", metavar="NODE", help="sw1, sw2, ...")
+    ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="CMD")
+    ex.set_defaults(func=cmd_exec)
+
+
+def _require(name: str) -> labmod.Lab:
+    lab = labmod.load(name)
+    if lab is None:
+        raise LabError(f"no lab named {name}; create it with `shoal lab up --name {name}`")
+    return lab
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    lab = labmod.up(args.name, args.nodes, args.subnet)
+    print(
+        f"lab {lab.name}: {len(lab.nodes)} node(s) on {lab.subnet} (bridge {lab.bridge}, "
+        f"{lab.gateway})"
+    )
+    for n in lab.nodes:
+        print(f"  {n.name:6} {n.address:16} netns {n.netns}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    if labmod.down(args.name):
+        print(f"lab {args.name} removed")
+    else:
+        print(f"no lab named {args.name}; nothing to do")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    labs = labmod.all_labs()
+    if not labs:
+        print("no labs; create one with `shoal lab up --nodes 3`")
+        return 0
+    print(f"{'LAB':10} {'NODE':6} {'ADDRESS':16} {'NETNS':16} PROCESSES")
+    for lab in labs:
+        for n in lab.nodes:
+            pids = labmod.running(lab, n.name)
+            print(f"{lab.name:10} {n.name:6} {n.address:16} {n.netns:16} {len(pids)}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return demo.run(args.name)
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    lab = _require(args.name)
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    cmd = labmod.exec_argv(lab, args.node, argv)
+    sys.stdout.flush()
+    os.execvp(cmd[0], cmd)

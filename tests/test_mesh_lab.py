@@ -1,0 +1,442 @@
+"""The routing mesh in a 3-node lab: shoal-mesh daemons fed hand-made state (issue #2).
+
+Service `web` has tasks on sw1 and sw3 and publishes 30000/tcp (8000) and 30001/udp (8000).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import dns.flags
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rdatatype
+import dns.reversename
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mesh.netns import run_in_netns
+from orchestrator.apps import micro
+from orchestrator.lab.lab import Lab
+from orchestrator.lab.meshlab import MeshLab, Task
+from tests.dnsfake import UPSTREAM_ADDR, FakeUpstream
+from tests.netutil import answers, balanced, udp_ask
+
+pytestmark = pytest.mark.lab
+
+NODES = ["sw1", "sw2", "sw3"]
+ADDR = {"sw1": "192.168.56.11", "sw2": "192.168.56.12", "sw3": "192.168.56.13"}
+
+
+@pytest.fixture(scope="module")
+def upstream(lab3: Lab) -> Iterator[FakeUpstream]:
+    with FakeUpstream(lab3.gateway) as up:
+        yield up
+
+
+@pytest.fixture(scope="module")
+def mesh(
+    lab3: Lab, upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MeshLab]:
+    m = MeshLab(lab3, tmp_path_factory.mktemp("mesh"), dns_upstreams=[lab3.gateway])
+    try:
+        m.add_network("ingress", 4096, "10.255.0.0/16", ingress=True)
+        m.add_network("backend", 4097, "10.0.9.0/24")
+        m.add_service(
+            "web",
+            [
+                {"protocol": "tcp", "target": 8000, "published": 30000, "name": "http"},
+                {"protocol": "udp", "target": 8000, "published": 30001},
+            ],
+            ["ingress"],
+        )
+        m.add_service(
+            "db", [{"protocol": "tcp", "target": 5432}], ["backend"], endpoint_mode="dnsrr"
+        )
+        for node in ("sw1", "sw3", "sw1", "sw3"):
+            m.add_task("web", node)
+        for _ in range(2):
+            m.add_task("db", "sw2")
+        m.publish()
+        for node in NODES:
+            m.start_daemon(node, "--resync-interval", "2")
+        m.wait_synced()
+        for t in m.tasks.values():
+            if t.service == "web":
+                m.start_workload(t)
+        for t in m.tasks.values():
+            if t.service == "web":
+                m.wait_listening(t)
+        yield m
+    finally:
+        m.close()
+
+
+def web_ips(m: MeshLab) -> set[str]:
+    return {str(t.ips["ingress"]) for t in m.tasks.values() if t.service == "web" and t.serving}
+
+
+def task(m: MeshLab, name: str) -> Task:
+    return m.tasks[name]
+
+
+def test_published_port_from_outside_round_robins_over_every_task(mesh: MeshLab) -> None:
+    counts = answers(None, "192.168.56.12", 30000, 60)
+    assert balanced(counts, web_ips(mesh)), counts
+
+
+@pytest.mark.parametrize("client", NODES)
+def test_published_port_from_every_node(mesh: MeshLab, client: str) -> None:
+    for target in NODES:
+        counts = answers(mesh.lab.node(client).netns, ADDR[target], 30000, 60)
+        assert balanced(counts, web_ips(mesh)), (client, target, counts)
+
+
+def test_vip_from_a_task_round_robins(mesh: MeshLab) -> None:
+    vip = str(mesh.services["web"].vips["ingress"])
+    counts = answers(task(mesh, "web.1").netns, vip, 8000, 60)
+    assert balanced(counts, web_ips(mesh)), counts
+
+
+@pytest.mark.parametrize("target", ["sw1", "sw2"])
+def test_task_reaches_its_own_service_through_the_mesh_hairpin(mesh: MeshLab, target: str) -> None:
+    # web.1 lives on sw1: through sw1 the connection leaves and re-enters the same bridge.
+    counts = answers(task(mesh, "web.1").netns, ADDR[target], 30000, 60)
+    assert balanced(counts, web_ips(mesh)), counts
+
+
+def test_udp_published_port_is_balanced_per_flow(mesh: MeshLab) -> None:
+    seen = Counter(udp_ask(None, "192.168.56.13", 30001, 41000 + i) for i in range(8))
+    assert balanced(seen, web_ips(mesh)), seen
+
+
+def test_scaling_up_and_down_updates_every_node(mesh: MeshLab) -> None:
+    new = mesh.add_task("web", "sw2", slot=5)
+    try:
+        mesh.start_workload(new)
+        mesh.wait_listening(new)
+        mesh.publish()
+        mesh.wait_synced()
+        for target in NODES:
+            counts = answers(None, ADDR[target], 30000, 50)
+            assert balanced(counts, web_ips(mesh)) and len(counts) == 5, (target, counts)
+    finally:
+        mesh.remove_task(new.name)
+        mesh.publish()
+        mesh.wait_synced()
+    for target in NODES:
+        counts = answers(None, ADDR[target], 30000, 40)
+        assert balanced(counts, web_ips(mesh)) and str(new.ips["ingress"]) not in counts
+
+
+def test_removing_a_backend_under_load_fails_no_request(mesh: MeshLab) -> None:
+    drained = task(mesh, "web.2")
+    gone = str(drained.ips["ingress"])
+    results: list[tuple[float, str]] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        def run() -> None:
+            while not stop.is_set():
+                try:
+                    results.append((time.monotonic(), micro.query("192.168.56.11", 30000, 2.0)))
+                except OSError as e:
+                    results.append((time.monotonic(), f"error: {e}"))
+
+        run_in_netns(None, run)
+
+    worker = threading.Thread(target=loop)
+    worker.start()
+    try:
+        time.sleep(0.5)
+        drained.serving = False
+        mesh.publish()
+        mesh.wait_synced()
+        applied = time.monotonic()
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        worker.join()
+        drained.serving = True
+        mesh.publish()
+        mesh.wait_synced()
+    after = [who for t, who in results if t > applied]
+    assert len(after) > 50
+    assert not [r for _, r in results if r.startswith("error")]
+    assert gone not in after
+
+
+def test_removed_udp_backend_gets_no_more_datagrams(mesh: MeshLab) -> None:
+    sport = 42424
+    first = udp_ask(None, "192.168.56.12", 30001, sport)
+    assert udp_ask(None, "192.168.56.12", 30001, sport) == first  # conntrack pins the flow
+    owner = next(t for t in mesh.tasks.values() if str(t.ips["ingress"]) == first)
+    owner.serving = False
+    try:
+        mesh.publish()
+        mesh.wait_synced()
+        assert udp_ask(None, "192.168.56.12", 30001, sport) != first
+    finally:
+        owner.serving = True
+        mesh.publish()
+        mesh.wait_synced()
+
+
+def _dns(netns: str, name: str, rdtype: str = "A", tcp: bool = False) -> dns.message.Message:
+    q = dns.message.make_query(name, rdtype)
+    ask = dns.query.tcp if tcp else dns.query.udp
+    return run_in_netns(netns, lambda: ask(q, "127.0.0.11", timeout=3))
+
+
+def _addresses(reply: dns.message.Message) -> set[str]:
+    return {r.to_text() for rrset in reply.answer for r in rrset}
+
+
+def test_dns_service_tasks_and_task_names(mesh: MeshLab) -> None:
+    ns = task(mesh, "web.1").netns
+    assert _addresses(_dns(ns, "web")) == {str(mesh.services["web"].vips["ingress"])}
+    assert _addresses(_dns(ns, "tasks.web")) == web_ips(mesh)
+    assert _addresses(_dns(ns, "web.3")) == {str(task(mesh, "web.3").ips["ingress"])}
+    assert _addresses(_dns(ns, "tasks.web", tcp=True)) == web_ips(mesh)
+
+
+def test_dns_srv_and_ptr(mesh: MeshLab) -> None:
+    ns = task(mesh, "web.1").netns
+    srv = _dns(ns, "_http._tcp.web", "SRV")
+    targets = {r.target.to_text() for rrset in srv.answer for r in rrset}
+    ports = {r.port for rrset in srv.answer for r in rrset}
+    assert targets == {f"web.{i}." for i in range(1, 5)} and ports == {8000}
+    assert {r.to_text() for rrset in srv.additional for r in rrset} == web_ips(mesh)
+    vip = str(mesh.services["web"].vips["ingress"])
+    ptr = _dns(ns, dns.reversename.from_address(vip).to_text(), "PTR")
+    assert {r.to_text() for rrset in ptr.answer for r in rrset} == {"web."}
+    task_ptr = _dns(
+        ns, dns.reversename.from_address(str(task(mesh, "web.2").ips["ingress"])).to_text(), "PTR"
+    )
+    assert {r.to_text() for rrset in task_ptr.answer for r in rrset} == {"web.2."}
+
+
+def test_dns_dnsrr_service_and_scoping(mesh: MeshLab, upstream: FakeUpstream) -> None:
+    db_ns = task(mesh, "db.1").netns
+    db_ips = {str(t.ips["backend"]) for t in mesh.tasks.values() if t.service == "db"}
+    assert _addresses(_dns(db_ns, "db")) == db_ips
+    # web is not on the backend network: db's view does not hold it, so the query goes
+    # upstream (which has never heard of it).
+    upstream.seen.clear()
+    assert _dns(db_ns, "web").rcode() == dns.rcode.NXDOMAIN
+    assert upstream.seen == ["web."]
+
+
+def test_dns_unknown_cluster_names_and_other_types(mesh: MeshLab) -> None:
+    ns = task(mesh, "web.1").netns
+    nx = _dns(ns, "tasks.nothing")
+    assert nx.rcode() == dns.rcode.NXDOMAIN and nx.flags & dns.flags.AA
+    nodata = _dns(ns, "web", "AAAA")
+    assert nodata.rcode() == dns.rcode.NOERROR and not nodata.answer
+    unknown_ip = dns.reversename.from_address("10.255.200.200").to_text()
+    assert _dns(ns, unknown_ip, "PTR").rcode() == dns.rcode.NXDOMAIN
+
+
+def test_dns_forwards_other_names(mesh: MeshLab, upstream: FakeUpstream) -> None:
+    ns = task(mesh, "web.1").netns
+    upstream.seen.clear()
+    assert _addresses(_dns(ns, "web")) == {str(mesh.services["web"].vips["ingress"])}
+    assert upstream.seen == []
+    assert _addresses(_dns(ns, "example.test")) == {UPSTREAM_ADDR}
+    assert _addresses(_dns(ns, "example.test", tcp=True)) == {UPSTREAM_ADDR}
+
+
+def test_restarting_the_mesh_keeps_established_connections(mesh: MeshLab) -> None:
+    def request(s: socket.socket) -> bytes:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while b"}" not in data:
+            chunk = s.recv(4096)
+            assert chunk, "connection closed"
+            data += chunk
+        return data.split(b"\r\n\r\n", 1)[1]
+
+    via_vip = task(mesh, "web.3")
+    vip = str(mesh.services["web"].vips["ingress"])
+    outside = run_in_netns(None, lambda: socket.create_connection(("192.168.56.12", 30000), 3))
+    inside = run_in_netns(via_vip.netns, lambda: socket.create_connection((vip, 8000), 3))
+    try:
+        before = (request(outside), request(inside))
+        for node in ("sw2", "sw1"):
+            mesh.stop_daemon(node)
+            mesh.start_daemon(node, "--resync-interval", "2")
+        mesh.wait_synced()
+        time.sleep(0.5)
+        assert (request(outside), request(inside)) == before
+    finally:
+        outside.close()
+        inside.close()
+
+
+def test_converges_after_its_kernel_objects_are_damaged(mesh: MeshLab) -> None:
+    sw1 = mesh.lab.node("sw1").netns
+    subprocess.run(["ip", "-n", sw1, "link", "del", "sh-vx4096"], check=True)
+    subprocess.run(
+        ["ip", "-n", sw1, "link", "add", "sh-vjunk", "type", "veth", "peer", "name", "sh-vjunkp"],
+        check=True,
+    )
+    subprocess.run(
+        ["ip", "netns", "exec", sw1, "nft", "delete", "table", "ip", "shoal"], check=True
+    )
+    subprocess.run(
+        ["ip", "netns", "exec", task(mesh, "web.1").netns, "nft", "flush", "table", "ip", "shoal"],
+        check=True,
+    )
+    mesh.signal_daemon("sw1", signal.SIGUSR1)
+    deadline = time.monotonic() + 20
+    while True:
+        links = subprocess.run(
+            ["ip", "-n", sw1, "-br", "link"], capture_output=True, text=True
+        ).stdout
+        try:
+            ok = (
+                "sh-vx4096" in links
+                and "sh-vjunk" not in links
+                and balanced(answers(None, ADDR["sw1"], 30000, 40), web_ips(mesh))
+                and balanced(
+                    answers(
+                        task(mesh, "web.1").netns,
+                        str(mesh.services["web"].vips["ingress"]),
+                        8000,
+                        40,
+                    ),
+                    web_ips(mesh),
+                )
+            )
+        except OSError:
+            ok = False
+        if ok:
+            break
+        assert time.monotonic() < deadline, links
+        time.sleep(0.3)
+
+
+def test_metrics_count_connections_and_pass_promtool(mesh: MeshLab) -> None:
+    def published_total() -> dict[str, float]:
+        out: dict[str, float] = {}
+        for line in mesh.metrics("sw2").splitlines():
+            if (
+                line.startswith("shoal_mesh_backend_connections_total{")
+                and 'frontend="published"' in line
+                and 'protocol="tcp"' in line
+            ):
+                backend = line.split('backend="')[1].split(":")[0]
+                out[backend] = float(line.rsplit(" ", 1)[1])
+        return out
+
+    before = published_total()
+    answers(None, ADDR["sw2"], 30000, 40)
+    after = published_total()
+    assert {ip: after[ip] - before.get(ip, 0) for ip in after} == {ip: 10.0 for ip in web_ips(mesh)}
+    text = mesh.metrics("sw1")
+    for name in (
+        "shoal_mesh_sync_duration_seconds_bucket",
+        "shoal_mesh_sync_errors_total",
+        "shoal_mesh_dns_queries_total",
+        "shoal_mesh_overlay_peers",
+    ):
+        assert name in text
+    check = subprocess.run(
+        ["promtool", "check", "metrics"], input=text, capture_output=True, text=True
+    )
+    assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), (
+        check.stdout + check.stderr
+    )
+
+
+@pytest.fixture(scope="module")
+def dns_sockets(mesh: MeshLab) -> Iterator[tuple[socket.socket, str]]:
+    ns = task(mesh, "web.1").netns
+    udp = run_in_netns(ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    udp.settimeout(0.05)
+    yield udp, ns
+    udp.close()
+
+
+VALID_QUERY = dns.message.make_query("tasks.web", "A").to_wire()
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    payload=st.one_of(
+        st.binary(max_size=600),
+        st.builds(
+            lambda q, i, b: q[:i] + bytes([b]) + q[i + 1 :],
+            st.just(VALID_QUERY),
+            st.integers(0, len(VALID_QUERY) - 1),
+            st.integers(0, 255),
+        ),
+        st.builds(lambda q, n: q[:n], st.just(VALID_QUERY), st.integers(0, len(VALID_QUERY))),
+    )
+)
+def test_dns_survives_malformed_udp_packets(
+    dns_sockets: tuple[socket.socket, str], payload: bytes
+) -> None:
+    udp, _ = dns_sockets
+    udp.sendto(payload, ("127.0.0.11", 53))
+    with contextlib.suppress(TimeoutError):
+        reply = udp.recv(65535)
+        assert len(reply) >= 12  # whatever it answers is at least a DNS header
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(payload=st.binary(max_size=300), declared=st.integers(0, 65535))
+def test_dns_survives_malformed_tcp_streams(
+    dns_sockets: tuple[socket.socket, str], payload: bytes, declared: int
+) -> None:
+    _, ns = dns_sockets
+    s = run_in_netns(ns, lambda: socket.create_connection(("127.0.0.11", 53), 2))
+    with s:
+        s.settimeout(0.05)
+        with contextlib.suppress(OSError):
+            s.sendall(declared.to_bytes(2, "big") + payload)
+            s.recv(65535)
+
+
+def test_dns_still_answers_after_the_fuzzing(mesh: MeshLab) -> None:
+    ns = task(mesh, "web.1").netns
+    assert _addresses(_dns(ns, "tasks.web")) == web_ips(mesh)
+    assert _addresses(_dns(ns, "tasks.web", tcp=True)) == web_ips(mesh)
+    for node in NODES:
+        assert mesh.daemons[node].poll() is None
+
+
+def test_a_bad_state_file_is_ignored_and_the_last_good_one_kept(mesh: MeshLab) -> None:
+    def errors() -> float:
+        line = next(
+            x
+            for x in mesh.metrics("sw2").splitlines()
+            if x.startswith("shoal_mesh_sync_errors_total")
+        )
+        return float(line.split()[1])
+
+    before = errors()
+    path = mesh.state_path("sw2")
+    good = path.read_text()
+    path.write_text('{"node": "sw2", "peers": ')
+    try:
+        deadline = time.monotonic() + 10
+        while errors() == before:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert balanced(answers(None, ADDR["sw2"], 30000, 20), web_ips(mesh))
+        assert mesh.daemons["sw2"].poll() is None
+        assert 'shoal_mesh_info{lb_backend="nftables"} 1.0' in mesh.metrics("sw2")
+    finally:
+        path.write_text(good)
+        mesh.publish()
+        mesh.wait_synced()
