@@ -15,8 +15,7 @@ def test_demo_reaches_every_task_from_every_node() -> None:
     env = dict(os.environ, SHOAL_LAB="tdemo")
     shoal = [sys.executable, "-m", "orchestrator.cli.main", "lab"]
     try:
-        out = subprocess.run([*shoal, "demo"], env=env, capture_output=True, text=True,
-                             timeout=300)
+        out = subprocess.run([*shoal, "demo"], env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stdout + out.stderr
         for node in ("192.168.56.11", "192.168.56.12", "192.168.56.13"):
             assert f"{node} answered by 10 of 10 tasks" in out.stdout

@@ -25,18 +25,23 @@ def readme_commands() -> list[str]:
 def test_readme_commands_run_as_written() -> None:
     commands = readme_commands()
     assert commands[0] == "shoal lab up --nodes 3" and commands[-1] == "shoal lab down"
-    env = dict(os.environ, SHOAL_LAB="treadme",
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env = dict(
+        os.environ, SHOAL_LAB="treadme", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    )
     try:
         for cmd in commands:
-            out = subprocess.run(cmd, shell=True, cwd=ROOT, env=env, capture_output=True,
-                                 text=True, timeout=120)
+            out = subprocess.run(
+                cmd, shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+            )
             assert out.returncode == 0, f"{cmd}\n{out.stdout}{out.stderr}"
             if cmd.endswith("nft list chain ip shoal prerouting"):
                 assert "@published" in out.stdout
     finally:
-        subprocess.run([sys.executable, "-m", "orchestrator.cli.main", "lab", "down"], env=env,
-                       capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli.main", "lab", "down"],
+            env=env,
+            capture_output=True,
+        )
 
 
 def test_make_targets_named_in_the_readme_exist() -> None:

@@ -193,13 +193,12 @@ def _ensure_node(lab: Lab, node: Node) -> None:
             stale = ipr.link_lookup(ifname=node.host_veth)
             if stale:
                 ipr.link("del", index=stale[0])
-            ipr.link(
-                "add", ifname=node.host_veth, kind="veth", peer={"ifname": f"{node.host_veth[:14]}p"}
-            )
-            peer = ipr.link_lookup(ifname=f"{node.host_veth[:14]}p")[0]
+            tmp = f"{node.host_veth[:14]}p"  # the node's end, until it is renamed eth0
+            ipr.link("add", ifname=node.host_veth, kind="veth", peer={"ifname": tmp})
+            peer = ipr.link_lookup(ifname=tmp)[0]
             with netns_fd(node.netns) as fd:
                 ipr.link("set", index=peer, net_ns_fd=fd)
-            index = nipr.link_lookup(ifname=f"{node.host_veth[:14]}p")[0]
+            index = nipr.link_lookup(ifname=tmp)[0]
             nipr.link("set", index=index, ifname="eth0")
         host = ipr.link_lookup(ifname=node.host_veth)[0]
         bridge = ipr.link_lookup(ifname=lab.bridge)[0]
