@@ -23,7 +23,6 @@ from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import ndmsg
 
 from mesh.naming import (
     VXLAN_PORT,
@@ -33,15 +32,12 @@ from mesh.naming import (
     vxlan_name,
 )
 from mesh.netns import netns_path, run_in_netns
+from mesh.rtnl import Neigh, RtnlError, RtnlSocket
 from mesh.state import VXLAN_OVERHEAD, Endpoint, MeshState, Network, mac_for_ip
 
 log = logging.getLogger("shoal.mesh.overlay")
 
-NUD_PERMANENT = ndmsg.states["permanent"]
-NUD_NOARP = ndmsg.states["noarp"]
-NTF_SELF = ndmsg.flags["self"]
 AF_INET = 2
-AF_BRIDGE = 7
 
 
 class OverlayError(RuntimeError):
@@ -123,6 +119,9 @@ class Overlay:
         # Endpoints applied and how: an unchanged one is not re-checked inside its namespace
         # (opening a namespace costs ~10 ms) unless the sync is full.
         self._applied: dict[str, tuple[Endpoint, str, int, int]] = {}
+        # Remote ARP/FDB entries applied per VNI, and the VXLAN device they are on.
+        self._entries: dict[int, set[Neigh]] = {}
+        self._vxlan_index: dict[int, int] = {}
 
     def reconcile(self, state: MeshState, full: bool = True) -> OverlayReport:
         report = OverlayReport()
@@ -144,8 +143,9 @@ class Overlay:
                 desired_links |= {bridge_name(net.vni), vxlan_name(net.vni)}
                 mtu = network_mtu(net, ul_mtu)
                 try:
-                    self._network(ipr, links, state, net, ul_index, mtu, report)
-                except (NetlinkError, OSError, OverlayError) as e:
+                    self._network(ipr, links, state, net, ul_index, mtu, full, report)
+                except (NetlinkError, OSError, OverlayError, RtnlError) as e:
+                    self._entries.pop(net.vni, None)
                     report.error(f"network {net.name}", str(e))
             for ep in local:
                 if ep.netns is None:
@@ -156,7 +156,7 @@ class Overlay:
                 host = veth_name(ep.netns, ep.network)
                 desired_links.add(host)
                 mtu = network_mtu(net, ul_mtu)
-                done = (ep, str(net.gateways[state.node]), mtu, self._position(state, ep))
+                done = (ep, str(net.gateways[state.node]), mtu, state.attachment_rank[ep])
                 if not full and host in links and self._applied.get(host) == done:
                     continue
                 self._applied.pop(host, None)
@@ -176,12 +176,6 @@ class Overlay:
                     except NetlinkError as e:
                         report.error(f"link {name}", f"cannot delete: {e}")
         return report
-
-    @staticmethod
-    def _position(state: MeshState, ep: Endpoint) -> int:
-        """The endpoint's rank among its task's attachments (eth0, eth1, ...)."""
-        attachments = [e for e in state.local_endpoints() if e.task == ep.task]
-        return attachments.index(ep)
 
     @staticmethod
     def _networks_here(state: MeshState) -> list[Network]:
@@ -205,6 +199,7 @@ class Overlay:
         net: Network,
         ul_index: int,
         mtu: int,
+        full: bool,
         report: OverlayReport,
     ) -> None:
         if net.encrypted:
@@ -278,44 +273,44 @@ class Overlay:
             report.changes += 1
         if not link["flags"] & 1:
             ipr.link("set", index=vx_index, state="up")
-        self._remote_entries(ipr, state, net, vx_index, report)
+        if self._vxlan_index.get(net.vni) != vx_index:
+            self._entries.pop(net.vni, None)  # a new device: what we knew is gone with the old
+            self._vxlan_index[net.vni] = vx_index
+        self._remote_entries(state, net, vx_index, full, report)
 
     def _remote_entries(
-        self, ipr: Any, state: MeshState, net: Network, vx_index: int, report: OverlayReport
+        self, state: MeshState, net: Network, vx_index: int, full: bool, report: OverlayReport
     ) -> None:
         """Static ARP and FDB entries for every endpoint of the network on other nodes."""
-        remote: dict[str, tuple[str, str]] = {}  # ip -> (mac, underlay)
+        peers = {node: int(ip) for node, ip in state.peers.items()}
+        here = state.node
+        want: set[Neigh] = set()
         for node, gw in net.gateways.items():
-            if node != state.node:
-                remote[str(gw)] = (mac_for_ip(gw), str(state.peers[node]))
-        for ep in state.endpoints:
-            if ep.network == net.name and ep.node != state.node:
-                remote[str(ep.ip)] = (ep.mac, str(state.peers[ep.node]))
-        want_neigh = {ip: mac for ip, (mac, _) in remote.items()}
-        want_fdb = {mac: dst for mac, dst in remote.values()}
-        have_neigh: dict[str, str] = {}
-        for n in ipr.get_neighbours(family=AF_INET, ifindex=vx_index):
-            have_neigh[n.get_attr("NDA_DST")] = n.get_attr("NDA_LLADDR")
-        have_fdb: dict[str, str | None] = {}
-        for f in ipr.fdb("dump", ifindex=vx_index):
-            if f["ifindex"] == vx_index and f["flags"] & NTF_SELF:
-                have_fdb[f.get_attr("NDA_LLADDR")] = f.get_attr("NDA_DST")
-        for ip, mac in have_neigh.items():
-            if want_neigh.get(ip) != mac:
-                ipr.neigh("del", ifindex=vx_index, dst=ip, lladdr=mac)
-                report.changes += 1
-        for mac, dst in have_fdb.items():
-            if mac == "00:00:00:00:00:00" or want_fdb.get(mac) != dst:
-                ipr.fdb("del", ifindex=vx_index, lladdr=mac, dst=dst)
-                report.changes += 1
-        for mac, dst in want_fdb.items():
-            if have_fdb.get(mac) != dst:
-                ipr.fdb("add", ifindex=vx_index, lladdr=mac, dst=dst)
-                report.changes += 1
-        for ip, mac in want_neigh.items():
-            if have_neigh.get(ip) != mac:
-                ipr.neigh("replace", ifindex=vx_index, dst=ip, lladdr=mac, state=NUD_PERMANENT)
-                report.changes += 1
+            if node != here:
+                mac = mac_for_ip(gw)
+                want.add(("arp", vx_index, int(gw), mac))
+                want.add(("fdb", vx_index, mac, peers[node]))
+        # One pass building tuples: this runs over every endpoint of the network on each sync.
+        remote = [
+            (int(ep.ip), ep.mac, peers[ep.node])
+            for ep in state.endpoints_on(net.name)
+            if ep.node != here
+        ]
+        want.update([("arp", vx_index, ip, mac) for ip, mac, _ in remote])
+        want.update([("fdb", vx_index, mac, dst) for _, mac, dst in remote])
+        have = self._entries.get(net.vni)
+        if have == want and not full:
+            return
+        with run_in_netns(self.netns, RtnlSocket) as rtnl:
+            if full or have is None:
+                have = rtnl.dump("arp", vx_index) | rtnl.dump("fdb", vx_index)
+            # FDB entries are keyed by MAC; a changed one is replaced, not deleted and re-added.
+            stale = have - want
+            wanted_keys = {(n[0], n[2]) for n in want}
+            stale = {n for n in stale if (n[0], n[2]) not in wanted_keys}
+            self._entries.pop(net.vni, None)
+            report.changes += rtnl.change(add=want - have, delete=stale)
+        self._entries[net.vni] = want
 
     def _endpoint(
         self,
@@ -332,7 +327,7 @@ class Overlay:
             raise OverlayError(f"network namespace {ep.netns} does not exist")
         net = state.networks_by_name[ep.network]
         br_index = ipr.link_lookup(ifname=bridge_name(net.vni))[0]
-        position = self._position(state, ep)
+        position = state.attachment_rank[ep]
         ifname = ep.ifname or f"eth{position}"
         gateway = net.gateways[state.node] if position == 0 else None
         link = links.get(host)

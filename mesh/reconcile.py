@@ -130,13 +130,12 @@ class Mesh:
             return []
         gone: list[Target] = []
         for key, fe in before.frontends.items():
-            now = (
-                {(b.ip, b.port) for b in desired.frontends[key].backends}
-                if key in desired.frontends
-                else set()
-            )
+            now = desired.frontends.get(key)
+            if now == fe:
+                continue  # tuples compare in C; most frontends are unchanged
+            kept = {(b.ip, b.port) for b in now.backends} if now is not None else set()
             gone += [
-                Target(b.ip, b.port, fe.protocol) for b in fe.backends if (b.ip, b.port) not in now
+                Target(b.ip, b.port, fe.protocol) for b in fe.backends if (b.ip, b.port) not in kept
             ]
         return gone
 

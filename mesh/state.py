@@ -95,8 +95,32 @@ class MeshState:
     def _endpoint_index(self) -> dict[tuple[str, str], Endpoint]:
         return {(e.network, e.task): e for e in self.endpoints}
 
-    def local_endpoints(self) -> list[Endpoint]:
+    @cached_property
+    def _endpoints_by_network(self) -> dict[str, list[Endpoint]]:
+        out: dict[str, list[Endpoint]] = {}
+        for e in self.endpoints:
+            out.setdefault(e.network, []).append(e)
+        return out
+
+    def endpoints_on(self, network: str) -> list[Endpoint]:
+        return self._endpoints_by_network.get(network, [])
+
+    @cached_property
+    def _local(self) -> list[Endpoint]:
         return [e for e in self.endpoints if e.node == self.node]
+
+    def local_endpoints(self) -> list[Endpoint]:
+        return self._local
+
+    @cached_property
+    def attachment_rank(self) -> dict[Endpoint, int]:
+        """A local endpoint's rank among its task's attachments: eth0, eth1, ..."""
+        seen: dict[str, int] = {}
+        out: dict[Endpoint, int] = {}
+        for e in self._local:
+            out[e] = seen.get(e.task, 0)
+            seen[e.task] = out[e] + 1
+        return out
 
     def backends(self, service: Service, network: str) -> list[Endpoint]:
         """The service's task endpoints on a network, in the service's task order."""

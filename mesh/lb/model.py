@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from mesh.state import MeshState, Network
 
 
-@dataclass(frozen=True)
-class Backend:
+class Backend(NamedTuple):
     ip: ipaddress.IPv4Address
     port: int
     task: str
 
 
-@dataclass(frozen=True)
-class Frontend:
+class Frontend(NamedTuple):
+    """Tuples, not dataclasses: a sync compares every frontend, and tuples compare in C."""
+
     service: str
     network: str
     protocol: str  # tcp | udp

@@ -176,7 +176,16 @@ def _ensure_bridge(lab: Lab) -> None:
     plen = ipaddress.IPv4Network(lab.subnet).prefixlen
     with iproute(None) as ipr:
         if not ipr.link_lookup(ifname=lab.bridge):
-            ipr.link("add", ifname=lab.bridge, kind="bridge", br_stp_state=0, br_forward_delay=0)
+            # nf_call_iptables off: the host's firewall (Docker's FORWARD policy DROP, say) must
+            # not filter traffic between lab nodes, whatever br_netfilter is set to globally.
+            ipr.link(
+                "add",
+                ifname=lab.bridge,
+                kind="bridge",
+                br_stp_state=0,
+                br_forward_delay=0,
+                br_nf_call_iptables=0,
+            )
         index = ipr.link_lookup(ifname=lab.bridge)[0]
         have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=2, index=index)}
         if lab.gateway not in have:
