@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 # Kernel tools the mesh and its tests use, the tools the tests compare against, and promtool.
 DEB_PACKAGES := iproute2 nftables conntrack iputils-ping procps curl bind9-dnsutils dnsperf \
 	prometheus python3-venv
+# What the benchmarks compare against or load with.
+BENCH_PACKAGES := wrk haproxy nginx-light util-linux
 
 .PHONY: all setup deb test lint typecheck unit demo bench clean
 
@@ -14,7 +16,7 @@ all: test
 setup: deb $(VENV)/.installed
 
 deb:
-	@missing=""; for p in $(DEB_PACKAGES); do \
+	@missing=""; for p in $(DEB_PACKAGES) $(EXTRA_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -42,8 +44,11 @@ test: lint typecheck
 demo: setup
 	$(BIN)/shoal lab demo
 
-bench: setup
-	$(BIN)/python -m bench.mesh
+bench:
+	$(MAKE) setup EXTRA_PACKAGES="$(BENCH_PACKAGES)"
+	$(BIN)/python -m bench.mesh data
+	$(BIN)/python -m bench.mesh sync
+	$(BIN)/python -m bench.dns
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache *.egg-info
