@@ -1,0 +1,281 @@
+"""The agent: every node's side of its session with the managers.
+
+It holds the session stream open (reconnecting with backoff when a manager goes away, without
+touching running tasks), heartbeats at the period the dispatcher asks for, runs the tasks it is
+assigned through the native executor, reports their states in batches, keeps the node's
+shoal-mesh fed, and answers log requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from orchestrator.agent import logs
+from orchestrator.agent.executor import Hooks, TaskRunner
+from orchestrator.agent.meshfeed import MeshFeed
+from orchestrator.rpc.jsonrpc import Client, Message
+from orchestrator.store.ids import now_rfc3339
+from orchestrator.store.objects import TaskState
+
+log = logging.getLogger("shoal.agent")
+
+DISPATCHER = "shoal.Dispatcher"
+STATUS_BATCH = 0.1
+MAX_BACKOFF = 8.0
+LOG_BATCH = 200
+
+
+@dataclass
+class AgentConfig:
+    node_id: str
+    manager: str  # host:port of a manager
+    addr: str  # this node's address
+    data_dir: Path
+    netns_prefix: str
+    description: dict[str, Any]
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, feed: MeshFeed):
+        self.cfg = cfg
+        self.feed = feed
+        self.runners: dict[str, TaskRunner] = {}
+        self.connected = False
+        self.period = 5.0
+        self._statuses: list[Message] = []
+        self._status_ready = asyncio.Event()
+        self._log_tasks: dict[str, asyncio.Task[None]] = {}
+        self._removals: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._client: Client | None = None
+        self.hooks = Hooks(
+            report=self.report,
+            network_ready=self.network_ready,
+            netns_prefix=cfg.netns_prefix,
+            data_dir=cfg.data_dir / "tasks",
+        )
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stop everything: tasks (gracefully), the session."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        await asyncio.gather(*(r.remove() for r in self.runners.values()), return_exceptions=True)
+        self.runners.clear()
+        for t in self._log_tasks.values():
+            t.cancel()
+        if self._client is not None:
+            await self._client.close()
+
+    # ---- the session --------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = 0.5
+        sender = asyncio.create_task(self._send_statuses())
+        try:
+            while True:
+                try:
+                    await self._session()
+                    backoff = 0.5
+                except (grpc.aio.AioRpcError, OSError) as e:
+                    self.connected = False
+                    code = e.code() if isinstance(e, grpc.aio.AioRpcError) else None
+                    if isinstance(e, grpc.aio.AioRpcError) and code == grpc.StatusCode.NOT_FOUND:
+                        log.error("the managers do not know this node: %s", e.details())
+                    else:
+                        log.warning(
+                            "session with %s lost: %s",
+                            self.cfg.manager,
+                            e.details() if isinstance(e, grpc.aio.AioRpcError) else e,
+                        )
+                self.connected = False
+                await asyncio.sleep(backoff + random.random() * backoff / 2)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+        finally:
+            sender.cancel()
+
+    async def _session(self) -> None:
+        if self._client is None:
+            self._client = Client(self.cfg.manager)
+        call = self._client.stream(
+            DISPATCHER,
+            "Session",
+            {
+                "node_id": self.cfg.node_id,
+                "addr": self.cfg.addr,
+                "description": self.cfg.description,
+            },
+        )
+        beat: asyncio.Task[None] | None = None
+        try:
+            async for msg in call:
+                if "period" in msg:
+                    self.period = float(msg["period"])
+                    self.connected = True
+                    log.info("session open with %s", self.cfg.manager)
+                    if beat is None:
+                        beat = asyncio.create_task(self._heartbeat())
+                elif "assignment" in msg:
+                    await self._assign(msg["assignment"])
+                elif "logs" in msg:
+                    req = msg["logs"]
+                    rid = str(req.get("request_id"))
+                    self._log_tasks[rid] = asyncio.create_task(self._send_logs(req))
+                elif "logs_cancel" in msg:
+                    task = self._log_tasks.pop(str(msg["logs_cancel"]), None)
+                    if task is not None:
+                        task.cancel()
+        finally:
+            if beat is not None:
+                beat.cancel()
+
+    async def _heartbeat(self) -> None:
+        assert self._client is not None
+        while True:
+            reply = await self._client.call(
+                DISPATCHER, "Heartbeat", {"node_id": self.cfg.node_id}, deadline=5
+            )
+            self.period = float(reply.get("period", self.period))
+            await asyncio.sleep(self.period * (0.9 + random.random() * 0.1))
+
+    # ---- assignments --------------------------------------------------------------------
+
+    async def _assign(self, assignment: Message) -> None:
+        tasks = {t["id"]: t for t in assignment.get("tasks", [])}
+        for tid in [t for t in self.runners if t not in tasks]:
+            gone = self.runners.pop(tid)
+            removal = asyncio.create_task(gone.remove())
+            self._removals.add(removal)  # a reference until it is done
+            removal.add_done_callback(self._removals.discard)
+        for tid, msg in tasks.items():
+            existing = self.runners.get(tid)
+            if existing is None:
+                runner = self.runners[tid] = TaskRunner(self.hooks, msg)
+                runner.start()
+            else:
+                existing.update(msg)
+        self.feed.update(assignment.get("mesh"), self._netns_of)
+
+    def _netns_of(self, task_id: str) -> str | None:
+        runner = self.runners.get(task_id)
+        return runner.netns if runner is not None and runner.netns_made else None
+
+    async def network_ready(self, task_id: str) -> str | None:
+        generation = self.feed.update(None, self._netns_of)
+        return await self.feed.wait(generation, task_id)
+
+    # ---- task status --------------------------------------------------------------------
+
+    def report(
+        self, task_id: str, state: TaskState, message: str, err: str, container: dict[str, Any]
+    ) -> None:
+        self._statuses.append(
+            {
+                "id": task_id,
+                "state": state.api,
+                "message": message,
+                "err": err,
+                "container": container,
+                "timestamp": now_rfc3339(),
+            }
+        )
+        self._status_ready.set()
+
+    async def _send_statuses(self) -> None:
+        while True:
+            await self._status_ready.wait()
+            await asyncio.sleep(STATUS_BATCH)
+            if not self.connected or self._client is None:
+                continue
+            batch, self._statuses = self._statuses, []
+            self._status_ready.clear()
+            try:
+                await self._client.call(
+                    DISPATCHER, "UpdateTaskStatus", {"node_id": self.cfg.node_id, "updates": batch}
+                )
+            except (grpc.aio.AioRpcError, OSError):
+                self._statuses = batch + self._statuses  # sent again once reconnected
+                self._status_ready.set()
+                await asyncio.sleep(0.5)
+
+    # ---- logs ---------------------------------------------------------------------------
+
+    async def _send_logs(self, req: Message) -> None:
+        """Frames for a log request: each task's lines (its tail), merged, then follow."""
+        assert self._client is not None
+        rid = str(req.get("request_id"))
+        tail = req.get("tail")
+        since = int(req.get("since_ns") or 0)
+        follow = bool(req.get("follow"))
+        frames: list[Message] = []
+
+        async def flush(done: bool = False) -> bool:
+            nonlocal frames
+            assert self._client is not None
+            batch, frames = frames, []
+            reply = await self._client.call(
+                DISPATCHER, "PublishLogs", {"request_id": rid, "frames": batch, "done": done}
+            )
+            return not reply.get("cancel")
+
+        try:
+            followers = []
+            for tid in req.get("task_ids", []):
+                path = self.hooks.data_dir / tid / "log.jsonl"
+                lines = logs.read_lines(path, tail if isinstance(tail, int) else None, since)
+                frames += [{"task_id": tid, **e} for e in lines]
+                if follow:
+                    runner = self.runners.get(tid)
+                    offset = len(logs.read_lines(path))
+                    followers.append(self._follow(tid, path, runner, offset, frames))
+                if len(frames) >= LOG_BATCH and not await flush():
+                    return
+            if followers:
+                pump = asyncio.gather(*followers)
+                while not pump.done():
+                    await asyncio.sleep(0.2)
+                    if frames and not await flush():
+                        pump.cancel()
+                        return
+            await flush(done=True)
+        except (grpc.aio.AioRpcError, OSError) as e:
+            log.warning("sending logs: %s", e)
+        except asyncio.CancelledError:
+            with contextlib.suppress(grpc.aio.AioRpcError, OSError):
+                await flush(done=True)
+            raise
+        finally:
+            self._log_tasks.pop(rid, None)
+
+    @staticmethod
+    async def _follow(
+        tid: str, path: Path, runner: TaskRunner | None, offset: int, frames: list[Message]
+    ) -> None:
+        async for entry in logs.follow(path, runner.log if runner else None, offset):
+            frames.append({"task_id": tid, **entry})
+
+
+def node_description(hostname: str, engine_version: str) -> dict[str, Any]:
+    mem = 0
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    return {
+        "hostname": hostname,
+        "engine_version": engine_version,
+        "nano_cpus": (os.cpu_count() or 1) * 1_000_000_000,
+        "memory_bytes": mem,
+    }

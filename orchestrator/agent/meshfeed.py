@@ -1,0 +1,70 @@
+"""Feeding the node's shoal-mesh: the mesh state from the managers plus where local tasks live.
+
+The dispatcher sends the node's mesh state (docs/mesh-state.md) without local namespaces; the
+agent adds the namespace of each local task whose namespace exists, writes the file atomically,
+and can wait until shoal-mesh reports that generation applied (`<run-dir>/applied`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mesh.daemon import read_applied
+
+POLL = 0.05
+
+
+class MeshFeed:
+    def __init__(self, state_path: Path, run_dir: Path, node_id: str, addr: str):
+        self.state_path = state_path
+        self.run_dir = run_dir
+        self._view: dict[str, Any] = {
+            "version": 1,
+            "node": node_id,
+            "generation": 0,
+            "peers": {node_id: addr},
+        }
+        # Generations only grow, across restarts too: they start at the clock in ms.
+        self._generation = time.time_ns() // 1_000_000
+        self._written: dict[str, Any] | None = None
+
+    def update(self, view: dict[str, Any] | None, netns_of: Callable[[str], str | None]) -> int:
+        """Write the state (the latest view, with local namespaces); returns its generation."""
+        if view is not None:
+            self._view = view
+        endpoints = []
+        for given in self._view.get("endpoints", []):
+            ep = {k: v for k, v in given.items() if k != "netns"}
+            if ep.get("node") == self._view["node"]:
+                netns = netns_of(str(ep.get("task", "")).rsplit(".", 1)[-1])
+                if netns is not None:
+                    ep["netns"] = netns
+            endpoints.append(ep)
+        doc = {**self._view, "endpoints": endpoints}
+        comparable = {k: v for k, v in doc.items() if k != "generation"}
+        if self._written == comparable:
+            return self._generation
+        self._generation += 1
+        doc["generation"] = self._generation
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        tmp.replace(self.state_path)
+        self._written = comparable
+        return self._generation
+
+    async def wait(self, generation: int, task_id: str, within: float = 30.0) -> str | None:
+        """None once shoal-mesh applied the generation without an error about the task."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            applied, errors = read_applied(self.run_dir)
+            if applied >= generation:
+                mine = [f"{k}: {v}" for k, v in errors.items() if task_id in k or task_id[:12] in k]
+                return "; ".join(mine) or None
+            await asyncio.sleep(POLL)
+        return f"the node's mesh did not apply the task's network within {within:.0f} s"

@@ -1,0 +1,231 @@
+"""Store objects in the shapes the Docker Engine API returns (moby api/types/swarm)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from orchestrator.manager.spec import DEFAULT_RESTART_DELAY, DEFAULT_STOP_GRACE, view
+from orchestrator.store.objects import Cluster, Network, Node, Service, Task, TaskState
+
+SECOND = 1_000_000_000
+
+
+def _meta(obj: Node | Service | Task | Network | Cluster) -> dict[str, Any]:
+    return {
+        "ID": obj.id,
+        "Version": {"Index": obj.meta.version},
+        "CreatedAt": obj.meta.created_at,
+        "UpdatedAt": obj.meta.updated_at,
+    }
+
+
+def node_json(node: Node, leader_id: str, engine_version: str) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "Labels": dict(node.labels),
+        "Role": node.role,
+        "Availability": node.availability,
+    }
+    if node.name:
+        spec["Name"] = node.name
+    out: dict[str, Any] = {
+        **_meta(node),
+        "Spec": spec,
+        "Description": {
+            "Hostname": node.hostname,
+            "Platform": {"Architecture": node.arch, "OS": node.os},
+            "Resources": {"NanoCPUs": node.nano_cpus, "MemoryBytes": node.memory_bytes},
+            "Engine": {
+                "EngineVersion": node.engine_version or engine_version,
+                "Plugins": [{"Type": "Network", "Name": "overlay"}],
+            },
+        },
+        "Status": {
+            "State": node.state,
+            "Addr": node.addr,
+            **({"Message": node.message} if node.message else {}),
+        },
+    }
+    if node.role == "manager":
+        out["ManagerStatus"] = {
+            "Leader": node.id == leader_id,
+            "Reachability": "reachable" if node.state != "down" else "unreachable",
+            "Addr": node.manager_addr,
+        }
+    return out
+
+
+def with_defaults(spec: dict[str, Any]) -> dict[str, Any]:
+    """What `insertDefaults=true` shows: the values the managers use when a field is unset."""
+    out = copy.deepcopy(spec)
+    tt = out.setdefault("TaskTemplate", {})
+    cs = tt.setdefault("ContainerSpec", {})
+    cs.setdefault("StopGracePeriod", DEFAULT_STOP_GRACE)
+    rp = tt.setdefault("RestartPolicy", {})
+    rp.setdefault("Condition", "any")
+    rp.setdefault("Delay", DEFAULT_RESTART_DELAY)
+    rp.setdefault("MaxAttempts", 0)
+    tt.setdefault("Runtime", "container")
+    for key in ("UpdateConfig", "RollbackConfig"):
+        cfg = out.setdefault(key, {})
+        for k, v in (
+            ("Parallelism", 1),
+            ("FailureAction", "pause"),
+            ("Monitor", 5 * SECOND),
+            ("MaxFailureRatio", 0),
+            ("Order", "stop-first"),
+        ):
+            cfg.setdefault(k, v)
+    return out
+
+
+def service_json(
+    svc: Service, tasks: list[Task] | None, nodes: dict[str, Node], insert_defaults: bool = False
+) -> dict[str, Any]:
+    spec = with_defaults(svc.spec) if insert_defaults else svc.spec
+    ep_spec = svc.spec.get("EndpointSpec", {"Mode": "vip"})
+    endpoint: dict[str, Any] = {"Spec": ep_spec}
+    if svc.ports:
+        endpoint["Ports"] = svc.ports
+    if svc.vips:
+        endpoint["VirtualIPs"] = [
+            {"NetworkID": nid, "Addr": addr} for nid, addr in svc.vips.items()
+        ]
+    out: dict[str, Any] = {**_meta(svc), "Spec": spec, "Endpoint": endpoint}
+    if svc.previous_spec is not None:
+        out["PreviousSpec"] = svc.previous_spec
+    if svc.update_status:
+        out["UpdateStatus"] = svc.update_status
+    if tasks is not None:
+        v = view(svc.spec)
+        mine = [t for t in tasks if t.service_id == svc.id]
+        running = sum(
+            1
+            for t in mine
+            if t.state == TaskState.RUNNING
+            and t.desired_state == TaskState.RUNNING
+            and nodes.get(t.node_id) is not None
+            and nodes[t.node_id].state != "down"
+        )
+        desired = (
+            v.replicas
+            if v.mode == "replicated"
+            else sum(1 for t in mine if t.desired_state == TaskState.RUNNING)
+        )
+        completed = sum(1 for t in mine if t.state == TaskState.COMPLETE)
+        out["ServiceStatus"] = {
+            "RunningTasks": running,
+            "DesiredTasks": desired,
+            "CompletedTasks": completed,
+        }
+    return out
+
+
+def task_json(task: Task, networks: dict[str, Network]) -> dict[str, Any]:
+    status: dict[str, Any] = {
+        "Timestamp": task.timestamp,
+        "State": task.state.api,
+        "Message": task.message,
+        "PortStatus": {},
+    }
+    if task.err:
+        status["Err"] = task.err
+    if task.container:
+        status["ContainerStatus"] = {
+            "ContainerID": task.container.get("ContainerID", ""),
+            "PID": task.container.get("PID", 0),
+            "ExitCode": task.container.get("ExitCode", 0),
+        }
+    attachments = []
+    for nid in task.networks:
+        net = networks.get(nid)
+        if net is not None and nid in task.addresses:
+            attachments.append(
+                {
+                    "Network": {"ID": net.id, "Spec": net.spec, "DriverState": {"Name": "overlay"}},
+                    "Addresses": [task.addresses[nid]],
+                }
+            )
+    out: dict[str, Any] = {
+        **_meta(task),
+        "Labels": {},
+        "Spec": task.spec,
+        "ServiceID": task.service_id,
+        "Slot": task.slot,
+        "Status": status,
+        "DesiredState": task.desired_state.api,
+    }
+    if task.node_id:
+        out["NodeID"] = task.node_id
+    if attachments:
+        out["NetworksAttachments"] = attachments
+    return out
+
+
+def network_json(net: Network) -> dict[str, Any]:
+    spec = net.spec
+    return {
+        "Name": net.name,
+        "Id": net.id,
+        "Created": net.meta.created_at,
+        "Scope": "swarm",
+        "Driver": "overlay",
+        "EnableIPv6": False,
+        "IPAM": {
+            "Driver": "default",
+            "Options": None,
+            "Config": [{"Subnet": net.subnet, "Gateway": net.gateway}],
+        },
+        "Internal": bool(spec.get("Internal")),
+        "Attachable": bool(spec.get("Attachable")),
+        "Ingress": net.ingress,
+        "ConfigFrom": {"Network": ""},
+        "ConfigOnly": False,
+        "Containers": None,
+        "Options": {
+            "com.docker.network.driver.overlay.vxlanid_list": str(net.vni),
+            **spec.get("DriverConfiguration", {}).get("Options", {}),
+        },
+        "Labels": spec.get("Labels") or None,
+    }
+
+
+def swarm_json(cluster: Cluster, with_tokens: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        **_meta(cluster),
+        "Spec": cluster.spec,
+        "RootRotationInProgress": False,
+        "DefaultAddrPool": ["10.0.0.0/8"],
+        "SubnetSize": 24,
+        "DataPathPort": 4789,
+        "TLSInfo": {"TrustRoot": cluster.root_ca_cert},
+    }
+    if with_tokens:
+        out["JoinTokens"] = {"Worker": cluster.worker_token, "Manager": cluster.manager_token}
+    return out
+
+
+def default_cluster_spec(requested: dict[str, Any]) -> dict[str, Any]:
+    """Docker's defaults for zero values in a swarm spec."""
+    spec = copy.deepcopy(requested or {})
+    spec["Name"] = spec.get("Name") or "default"
+    spec["Labels"] = spec.get("Labels") or {}
+    orch = spec.setdefault("Orchestration", {}) or {}
+    orch["TaskHistoryRetentionLimit"] = orch.get("TaskHistoryRetentionLimit") or 5
+    spec["Orchestration"] = orch
+    raft = spec.setdefault("Raft", {}) or {}
+    raft["SnapshotInterval"] = raft.get("SnapshotInterval") or 10000
+    raft["KeepOldSnapshots"] = raft.get("KeepOldSnapshots") or 0
+    raft["LogEntriesForSlowFollowers"] = raft.get("LogEntriesForSlowFollowers") or 500
+    raft["ElectionTick"] = raft.get("ElectionTick") or 10
+    raft["HeartbeatTick"] = raft.get("HeartbeatTick") or 1
+    spec["Raft"] = raft
+    disp = spec.setdefault("Dispatcher", {}) or {}
+    disp["HeartbeatPeriod"] = disp.get("HeartbeatPeriod") or 5 * SECOND
+    spec["Dispatcher"] = disp
+    ca = spec.setdefault("CAConfig", {}) or {}
+    ca["NodeCertExpiry"] = ca.get("NodeCertExpiry") or 90 * 24 * 3600 * SECOND
+    spec["CAConfig"] = ca
+    spec.setdefault("TaskDefaults", {})
+    spec["EncryptionConfig"] = spec.get("EncryptionConfig") or {"AutoLockManagers": False}
+    return spec

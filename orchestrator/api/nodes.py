@@ -1,0 +1,141 @@
+"""/nodes: list, inspect, update (availability, labels, role), remove."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from aiohttp import web
+
+from orchestrator.api.context import API, manager_or_503
+from orchestrator.api.convert import node_json
+from orchestrator.api.docker import (
+    ENGINE_VERSION,
+    ApiError,
+    body,
+    bool_value,
+    filters,
+    json_response,
+)
+from orchestrator.api.resolve import resolve
+from orchestrator.store.objects import Node
+from orchestrator.store.store import Tx
+
+FILTERS = {"id", "label", "membership", "name", "node.label", "role"}
+
+
+def leader(request: web.Request) -> str:
+    m = API.of(request).node.membership
+    return m.node_id if m is not None and m.role == "manager" else ""
+
+
+def find(request: web.Request, ref: str) -> Node:
+    store = manager_or_503(request).store
+    node: Node = resolve(
+        store.list(Node), ref, "node", lambda n: n.name or n.hostname, lambda n: n.id
+    )
+    return node
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    store = manager_or_503(request).store
+    f = filters(request, FILTERS)
+    out = []
+    for n in sorted(store.list(Node), key=lambda n: (n.hostname, n.id)):
+        if "id" in f and not any(n.id.startswith(v) for v in f["id"]):
+            continue
+        if "name" in f and not any(v in (n.name or n.hostname) for v in f["name"]):
+            continue
+        if "role" in f and n.role not in f["role"]:
+            continue
+        if "membership" in f and "accepted" not in f["membership"]:
+            continue
+        labels = [*f.get("label", []), *f.get("node.label", [])]
+        if not all(_has_label(n.labels, lab) for lab in labels):
+            continue
+        out.append(node_json(n, leader(request), ENGINE_VERSION))
+    return json_response(out)
+
+
+def _has_label(labels: dict[str, str], spec: str) -> bool:
+    key, eq, value = spec.partition("=")
+    return key in labels and (not eq or labels[key] == value)
+
+
+async def inspect(request: web.Request) -> web.Response:
+    return json_response(
+        node_json(find(request, request.match_info["id"]), leader(request), ENGINE_VERSION)
+    )
+
+
+async def update(request: web.Request) -> web.Response:
+    store = manager_or_503(request).store
+    node = find(request, request.match_info["id"])
+    spec = await body(request)
+    version = request.query.get("version", "")
+    role = spec.get("Role", node.role)
+    availability = spec.get("Availability", node.availability)
+    if availability not in ("active", "pause", "drain"):
+        raise ApiError(400, f"invalid availability {availability!r}: use active, pause or drain")
+    if role not in ("manager", "worker"):
+        raise ApiError(400, f"invalid role {role!r}: use manager or worker")
+    if role != node.role:
+        raise ApiError(
+            400,
+            "promoting or demoting nodes needs replicated managers (Raft), "
+            "which this version does not have yet",
+        )
+    labels = spec.get("Labels") or {}
+    if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+        raise ApiError(400, "Labels: expected an object of strings")
+
+    def fn(tx: Tx) -> None:
+        current = tx.get(Node, node.id)
+        if current is None:
+            raise ApiError(404, f"node {node.id} not found")
+        if str(current.meta.version) != version:
+            raise ApiError(500, "rpc error: code = Unknown desc = update out of sequence")
+        tx.put(
+            dataclasses.replace(
+                current,
+                availability=availability,
+                labels=dict(labels),
+                name=str(spec.get("Name") or ""),
+            )
+        )
+
+    await store.update(fn)
+    return web.Response(status=200)
+
+
+async def remove(request: web.Request) -> web.Response:
+    store = manager_or_503(request).store
+    node = find(request, request.match_info["id"])
+    force = bool_value(request.query.get("force"))
+    me = API.of(request).node.membership
+    if me is not None and node.id == me.node_id:
+        raise ApiError(
+            400,
+            f"rpc error: code = FailedPrecondition desc = node {node.id} is a "
+            "cluster manager and is a member of the raft cluster. It must be "
+            "demoted to worker before removal",
+        )
+    if node.state != "down" and not force:
+        raise ApiError(
+            400,
+            f"rpc error: code = FailedPrecondition desc = node {node.id} is not "
+            "down and can't be removed",
+        )
+
+    def fn(tx: Tx) -> None:
+        tx.delete(Node, node.id)
+
+    await store.update(fn)
+    return web.Response(status=200)
+
+
+ROUTES = [
+    ("GET", "/nodes", list_nodes),
+    ("GET", "/nodes/{id}", inspect),
+    ("POST", "/nodes/{id}/update", update),
+    ("DELETE", "/nodes/{id}", remove),
+]

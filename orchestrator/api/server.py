@@ -1,0 +1,291 @@
+"""shoald's HTTP API: a subset of the Docker Engine API, so the docker CLI and SDK drive it.
+
+Every route answers with and without a /vX.Y prefix. Errors are {"message": ...} with the
+engine's status codes; manager-only routes answer 503 on a node that is not a manager.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import os
+import platform
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from orchestrator.api import networks, nodes, services, tasks
+from orchestrator.api.context import API, manager_or_503
+from orchestrator.api.convert import default_cluster_spec, swarm_json
+from orchestrator.api.docker import (
+    API_VERSION,
+    ENGINE_VERSION,
+    MIN_API_VERSION,
+    ApiError,
+    body,
+    bool_value,
+    check_version,
+    error_response,
+    json_response,
+)
+from orchestrator.node import DEFAULT_PORT, NodeRuntime, SwarmError, join_token
+from orchestrator.store.objects import Cluster, Node
+from orchestrator.store.store import Tx
+
+log = logging.getLogger("shoal.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        check_version(request.match_info.get("ver"))
+        return await handler(request)
+    except ApiError as e:
+        return error_response(e.status, e.message)
+    except SwarmError as e:
+        return error_response(e.status, str(e))
+    except web.HTTPNotFound:
+        return error_response(404, "page not found")
+    except web.HTTPMethodNotAllowed:
+        return error_response(405, f"{request.method} is not allowed here")
+    except web.HTTPException:
+        raise
+    except Exception as e:
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(500, f"internal error: {e}")
+
+
+def headers() -> dict[str, str]:
+    return {
+        "Api-Version": API_VERSION,
+        "Ostype": "linux",
+        "Docker-Experimental": "false",
+        "Server": f"Docker/{ENGINE_VERSION} (linux)",
+        "Cache-Control": "no-cache, no-store, must-revalidate",
+        "Pragma": "no-cache",
+    }
+
+
+async def ping(request: web.Request) -> web.Response:
+    api = API.of(request)
+    h = {
+        **headers(),
+        "Swarm": f"{api.node.state}/{'manager' if api.node.manager else 'worker'}"
+        if api.node.membership
+        else "inactive",
+        "Content-Type": "text/plain; charset=utf-8",
+    }
+    return web.Response(text="" if request.method == "HEAD" else "OK", headers=h)
+
+
+async def version(request: web.Request) -> web.Response:
+    v = {
+        "Version": ENGINE_VERSION,
+        "ApiVersion": API_VERSION,
+        "MinAPIVersion": MIN_API_VERSION,
+        "GitCommit": "shoal",
+        "GoVersion": f"python{platform.python_version()}",
+        "Os": "linux",
+        "Arch": "amd64",
+        "KernelVersion": platform.release(),
+        "BuildTime": "",
+        "Platform": {"Name": "Shoal"},
+        "Components": [
+            {
+                "Name": "Engine",
+                "Version": ENGINE_VERSION,
+                "Details": {
+                    "ApiVersion": API_VERSION,
+                    "MinAPIVersion": MIN_API_VERSION,
+                    "Os": "linux",
+                },
+            }
+        ],
+    }
+    return json_response(v)
+
+
+async def info(request: web.Request) -> web.Response:
+    api = API.of(request)
+    m = api.node.membership
+    swarm: dict[str, Any] = {
+        "NodeID": "",
+        "NodeAddr": "",
+        "LocalNodeState": "inactive",
+        "ControlAvailable": False,
+        "Error": "",
+        "RemoteManagers": None,
+    }
+    if m is not None:
+        swarm = {
+            "NodeID": m.node_id,
+            "NodeAddr": m.addr,
+            "LocalNodeState": api.node.state,
+            "ControlAvailable": api.node.manager is not None,
+            "Error": "",
+            "RemoteManagers": [{"NodeID": "", "Addr": m.manager}],
+        }
+        if api.node.manager is not None:
+            store = api.node.manager.store
+            all_nodes = store.list(Node)
+            cluster = next(iter(store.list(Cluster)), None)
+            swarm["Nodes"] = len(all_nodes)
+            swarm["Managers"] = sum(1 for n in all_nodes if n.role == "manager")
+            swarm["RemoteManagers"] = [
+                {"NodeID": n.id, "Addr": n.manager_addr} for n in all_nodes if n.role == "manager"
+            ]
+            if cluster is not None:
+                swarm["Cluster"] = swarm_json(cluster, with_tokens=False)
+    out = {
+        "ID": m.node_id if m else "",
+        "Name": api.node.cfg.hostname,
+        "ServerVersion": ENGINE_VERSION,
+        "OperatingSystem": "Shoal (native executor)",
+        "OSType": "linux",
+        "Architecture": platform.machine(),
+        "KernelVersion": platform.release(),
+        "NCPU": len(os.sched_getaffinity(0)),
+        "Driver": "native",
+        "Containers": 0,
+        "Images": 0,
+        "Swarm": swarm,
+        "DockerRootDir": str(api.node.cfg.data_root),
+        "Warnings": None,
+    }
+    return json_response(out)
+
+
+def _advertise(listen: str, requested: str) -> str:
+    """The address other nodes reach this one at: host:port."""
+    host, _, port = (
+        (requested or listen).rpartition(":")
+        if ":" in (requested or listen)
+        else (requested or listen, "", "")
+    )
+    port = port or str(DEFAULT_PORT)
+    if host and host not in ("0.0.0.0", "::"):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ApiError(
+                400, f"advertise address must be an IPv4 address, not {host!r}"
+            ) from None
+        return f"{host}:{port}"
+    # Like Docker: the address we would use to reach the outside, else the only one we have.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks a route
+            return f"{s.getsockname()[0]}:{port}"
+        except OSError:
+            raise ApiError(
+                400,
+                "could not choose an IP address to advertise since this system "
+                "has no default route - specify one with --advertise-addr",
+            ) from None
+
+
+async def swarm_init(request: web.Request) -> web.Response:
+    api = API.of(request)
+    req = await body(request)
+    listen = str(req.get("ListenAddr") or f"0.0.0.0:{DEFAULT_PORT}")
+    if ":" not in listen:
+        listen = f"{listen}:{DEFAULT_PORT}"
+    advertise = _advertise(listen, str(req.get("AdvertiseAddr") or ""))
+    node_id = await api.node.init(listen, advertise, req.get("Spec") or {})
+    return json_response(node_id)
+
+
+async def swarm_join(request: web.Request) -> web.Response:
+    api = API.of(request)
+    req = await body(request)
+    remotes = req.get("RemoteAddrs") or []
+    if not remotes:
+        raise ApiError(400, "a manager address to join is required")
+    remote = str(remotes[0])
+    if ":" not in remote:
+        remote = f"{remote}:{DEFAULT_PORT}"
+    token = str(req.get("JoinToken") or "")
+    if not token.startswith("SWMTKN-1-"):
+        raise ApiError(400, "invalid join token: it should start with SWMTKN-1-")
+    listen = str(req.get("ListenAddr") or f"0.0.0.0:{DEFAULT_PORT}")
+    advertise = _advertise(listen, str(req.get("AdvertiseAddr") or ""))
+    await api.node.join(remote, token, advertise.rsplit(":", 1)[0])
+    return web.Response(status=200)
+
+
+async def swarm_leave(request: web.Request) -> web.Response:
+    await API.of(request).node.leave(bool_value(request.query.get("force")))
+    return web.Response(status=200)
+
+
+async def swarm_get(request: web.Request) -> web.Response:
+    store = manager_or_503(request).store
+    cluster = next(iter(store.list(Cluster)))
+    return json_response(swarm_json(cluster, with_tokens=True))
+
+
+async def swarm_update(request: web.Request) -> web.Response:
+    store = manager_or_503(request).store
+    req = await body(request)
+    version_q = request.query.get("version", "")
+    rotate_w = bool_value(request.query.get("rotateWorkerToken"))
+    rotate_m = bool_value(request.query.get("rotateManagerToken"))
+
+    def fn(tx: Tx) -> None:
+        cluster = next(iter(tx.list(Cluster)))
+        if str(cluster.meta.version) != version_q:
+            raise ApiError(500, "rpc error: code = Unknown desc = update out of sequence")
+        tx.put(
+            dataclasses.replace(
+                cluster,
+                spec=default_cluster_spec(req),
+                worker_token=join_token(cluster.id) if rotate_w else cluster.worker_token,
+                manager_token=join_token(cluster.id) if rotate_m else cluster.manager_token,
+            )
+        )
+
+    await store.update(fn)
+    return web.Response(status=200)
+
+
+async def empty_list(request: web.Request) -> web.Response:
+    manager_or_503(request)
+    return json_response([])
+
+
+async def distribution(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    raise ApiError(404, f"image {name}: the native executor has no registry; nodes run it by name")
+
+
+def build(node: NodeRuntime) -> web.Application:
+    app = web.Application(middlewares=[errors], client_max_size=16 << 20)
+    app[API.key] = API(node)
+    routes: list[tuple[str, str, Handler]] = [
+        ("HEAD", "/_ping", ping),
+        ("GET", "/_ping", ping),
+        ("GET", "/version", version),
+        ("GET", "/info", info),
+        ("GET", "/swarm", swarm_get),
+        ("POST", "/swarm/init", swarm_init),
+        ("POST", "/swarm/join", swarm_join),
+        ("POST", "/swarm/leave", swarm_leave),
+        ("POST", "/swarm/update", swarm_update),
+        ("GET", "/secrets", empty_list),
+        ("GET", "/configs", empty_list),
+        ("GET", "/distribution/{name:.+}/json", distribution),
+        *nodes.ROUTES,
+        *services.ROUTES,
+        *tasks.ROUTES,
+        *networks.ROUTES,
+    ]
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler)
+        if path != "/_ping":
+            app.router.add_route(method, "/v{ver:[0-9]+\\.[0-9]+}" + path, handler)
+    return app

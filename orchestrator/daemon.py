@@ -1,0 +1,103 @@
+"""shoald: the node daemon.
+
+It serves a subset of the Docker Engine API on a unix socket (so `docker -H unix://...` and the
+docker SDK drive it), and once the node is in a swarm it runs the agent, the node's shoal-mesh
+and, on managers, the manager (store, control loops, dispatcher on --listen-addr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import uvloop
+from aiohttp import web
+
+from mesh.cli import setup_logging
+from orchestrator.api.server import build
+from orchestrator.node import NodeConfig, NodeRuntime, default_hostname
+
+log = logging.getLogger("shoal.daemon")
+
+DEFAULT_HOST = "unix:///run/shoal/shoal.sock"
+DEFAULT_DATA_ROOT = Path("/var/lib/shoal")
+
+
+def parse_host(host: str) -> Path:
+    if not host.startswith("unix://"):
+        raise SystemExit(f"shoald: --host {host!r}: only unix:///path/to/socket is supported")
+    return Path(host[len("unix://") :])
+
+
+async def serve(args: argparse.Namespace) -> None:
+    sock = parse_host(args.host)
+    node = NodeRuntime(
+        NodeConfig(
+            data_root=args.data_root,
+            hostname=args.hostname,
+            netns_prefix=args.netns_prefix,
+            lb_backend=args.lb_backend,
+        )
+    )
+    await node.resume()
+    app = build(node)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    sock.parent.mkdir(parents=True, exist_ok=True)
+    if sock.exists():
+        sock.unlink()
+    site = web.UnixSite(runner, str(sock))
+    await site.start()
+    os.chmod(sock, 0o660)
+    log.info("shoald listening on unix://%s (data root %s)", sock, args.data_root)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: tasks stop, the data plane stays")
+    await node.shutdown()
+    await runner.cleanup()
+    sock.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="shoald", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"API socket (default {DEFAULT_HOST})")
+    p.add_argument(
+        "--data-root",
+        type=Path,
+        default=DEFAULT_DATA_ROOT,
+        help=f"state directory (default {DEFAULT_DATA_ROOT})",
+    )
+    p.add_argument(
+        "--hostname",
+        default=default_hostname(),
+        help="this node's name in the swarm (default: the machine's hostname)",
+    )
+    p.add_argument(
+        "--netns-prefix", default="shoal", help="prefix of task network namespaces (default shoal)"
+    )
+    p.add_argument("--lb-backend", choices=("auto", "nftables", "ipvs"), default="auto")
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    setup_logging(args.log_format, args.verbose)
+    if os.geteuid() != 0:
+        print(
+            "shoald: needs root (it creates network namespaces and nftables rules)", file=sys.stderr
+        )
+        return 1
+    uvloop.run(serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""The dispatcher: the managers' side of every node's session.
+
+gRPC service `shoal.Dispatcher`:
+  Join(token, description)      -> a node ID (the token says worker or manager)
+  Session(node_id, description) -> a stream: the node's assignments (its tasks and its mesh
+                                   state) whenever they change, and log requests
+  Heartbeat(node_id)            -> the period to the next one; 3 missed and the node is DOWN
+  UpdateTaskStatus(updates)     -> task states reported by the agent (never backwards)
+  PublishLogs(request, frames)  -> log lines answering a log request
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from orchestrator.manager.meshview import mesh_state
+from orchestrator.manager.orchestrator.tasks import task_name
+from orchestrator.rpc.jsonrpc import Context, Message, service
+from orchestrator.store.ids import new_id, now_rfc3339
+from orchestrator.store.objects import Cluster, Network, Node, Service, Task, TaskState
+from orchestrator.store.store import Store, Tx
+
+log = logging.getLogger("shoal.dispatcher")
+
+SERVICE = "shoal.Dispatcher"
+DEFAULT_PERIOD = 5.0
+MISSED_BEATS = 3
+STATUS_BATCH = 0.1
+
+
+def heartbeat_period(store: Store) -> float:
+    cluster = next(iter(store.list(Cluster)), None)
+    ns = (cluster.spec.get("Dispatcher", {}).get("HeartbeatPeriod") if cluster else None) or 0
+    return ns / 1e9 if ns else DEFAULT_PERIOD
+
+
+class Dispatcher:
+    def __init__(self, store: Store):
+        self.store = store
+        self._sessions: dict[str, asyncio.Queue[Message]] = {}
+        self._beats: dict[str, float] = {}
+        self._updates: list[tuple[str, Message]] = []
+        self._log_streams: dict[str, asyncio.Queue[Message | None]] = {}
+        self._dirty = asyncio.Event()
+        self._started = time.monotonic()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return service(
+            SERVICE,
+            unary={
+                "Join": self.join,
+                "Heartbeat": self.heartbeat,
+                "UpdateTaskStatus": self.update_task_status,
+                "PublishLogs": self.publish_logs,
+            },
+            streaming={"Session": self.session},
+        )
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._watch()),
+            asyncio.create_task(self._monitor()),
+            asyncio.create_task(self._write_statuses()),
+        ]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for q in self._sessions.values():
+            q.put_nowait({"closing": True})
+
+    # ---- joining ------------------------------------------------------------------------
+
+    async def join(self, req: Message, ctx: Context) -> Message:
+        cluster = next(iter(self.store.list(Cluster)), None)
+        token = str(req.get("token", ""))
+        if cluster is None:
+            await ctx.abort(grpc.StatusCode.UNAVAILABLE, "this manager has no swarm")
+        assert cluster is not None
+        if token == cluster.manager_token:
+            role = "manager"
+            await ctx.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "joining as a manager needs replicated managers (Raft), which this "
+                "version does not have yet; join with the worker token",
+            )
+        elif token == cluster.worker_token:
+            role = "worker"
+        else:
+            await ctx.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "invalid join token: check `swarm join-token worker` on a manager",
+            )
+        desc = req.get("description") or {}
+        node = Node(
+            id=new_id(),
+            role=role,
+            hostname=str(desc.get("hostname", "")),
+            addr=str(req.get("addr", "")),
+            state="unknown",
+            engine_version=str(desc.get("engine_version", "")),
+            nano_cpus=int(desc.get("nano_cpus", 0)),
+            memory_bytes=int(desc.get("memory_bytes", 0)),
+        )
+        await self.store.update(lambda tx: tx.put(node))
+        log.info("node %s (%s, %s) joined as %s", node.id, node.hostname, node.addr, role)
+        return {"node_id": node.id, "cluster_id": cluster.id, "role": role}
+
+    # ---- sessions -----------------------------------------------------------------------
+
+    async def session(self, req: Message, ctx: Context) -> AsyncIterator[Message]:
+        node_id = str(req.get("node_id", ""))
+        node = self.store.get(Node, node_id)
+        if node is None:
+            await ctx.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"node {node_id} is not part of this swarm (removed?); leave and join again",
+            )
+        desc = req.get("description") or {}
+
+        def ready(tx: Tx) -> None:
+            current = tx.get(Node, node_id)
+            if current is not None:
+                tx.put(
+                    dataclasses.replace(
+                        current,
+                        state="ready",
+                        message="",
+                        addr=str(req.get("addr") or current.addr),
+                        hostname=str(desc.get("hostname") or current.hostname),
+                        engine_version=str(desc.get("engine_version") or current.engine_version),
+                    )
+                )
+
+        await self.store.update(ready)
+        self._beats[node_id] = time.monotonic()
+        queue: asyncio.Queue[Message] = asyncio.Queue()
+        old = self._sessions.get(node_id)
+        if old is not None:
+            old.put_nowait({"closing": True})
+        self._sessions[node_id] = queue
+        log.info("session opened for node %s", node_id)
+        last = ""
+        try:
+            yield {"period": heartbeat_period(self.store)}
+            queue.put_nowait({"recompute": True})
+            while True:
+                msg = await queue.get()
+                if msg.get("closing"):
+                    return
+                if msg.get("recompute"):
+                    assignment = self.assignment(node_id)
+                    encoded = json.dumps(assignment, sort_keys=True)
+                    if encoded != last:
+                        last = encoded
+                        yield {"assignment": assignment}
+                    continue
+                yield msg
+        finally:
+            if self._sessions.get(node_id) is queue:
+                del self._sessions[node_id]
+
+    def assignment(self, node_id: str) -> Message:
+        nodes, services = self.store.list(Node), self.store.list(Service)
+        tasks, networks = self.store.list(Task), self.store.list(Network)
+        names = {s.id: s.name for s in services}
+        net_names = {n.id: n.name for n in networks}
+        mine = []
+        for t in tasks:
+            if t.node_id != node_id or t.state < TaskState.ASSIGNED:
+                continue
+            if t.desired_state > TaskState.RUNNING and t.state.terminal:
+                continue  # nothing left to do for it
+            mine.append(
+                {
+                    "id": t.id,
+                    "service_id": t.service_id,
+                    "name": task_name(names.get(t.service_id, "unknown"), t),
+                    "slot": t.slot,
+                    "spec": t.spec,
+                    "desired_state": t.desired_state.api,
+                    "state": t.state.api,
+                    "networks": [net_names.get(n, n) for n in t.networks],
+                    "addresses": {net_names.get(k, k): v for k, v in t.addresses.items()},
+                }
+            )
+        generation = self.store.index
+        return {
+            "tasks": sorted(mine, key=lambda m: m["id"]),
+            "mesh": mesh_state(node_id, nodes, services, tasks, networks, generation),
+        }
+
+    async def _watch(self) -> None:
+        q = self.store.watch()
+        try:
+            while True:
+                await q.get()
+                while not q.empty():
+                    q.get_nowait()
+                for sq in self._sessions.values():
+                    sq.put_nowait({"recompute": True})
+                await asyncio.sleep(0.05)  # batch bursts of changes into one assignment
+        finally:
+            self.store.unwatch(q)
+
+    # ---- health -------------------------------------------------------------------------
+
+    async def heartbeat(self, req: Message, ctx: Context) -> Message:
+        node_id = str(req.get("node_id", ""))
+        node = self.store.get(Node, node_id)
+        if node is None:
+            await ctx.abort(grpc.StatusCode.NOT_FOUND, f"node {node_id} is not in this swarm")
+        self._beats[node_id] = time.monotonic()
+        if node is not None and node.state != "ready" and node_id in self._sessions:
+            await self.store.update(lambda tx: self._mark(tx, node_id, "ready", ""))
+        return {"period": heartbeat_period(self.store)}
+
+    @staticmethod
+    def _mark(tx: Tx, node_id: str, state: str, message: str) -> None:
+        node = tx.get(Node, node_id)
+        if node is not None and node.state != state:
+            tx.put(dataclasses.replace(node, state=state, message=message))
+
+    async def _monitor(self) -> None:
+        while True:
+            period = heartbeat_period(self.store)
+            await asyncio.sleep(period / 2)
+            now = time.monotonic()
+            late = []
+            for node in self.store.list(Node):
+                last = self._beats.get(node.id, self._started)
+                if node.state != "down" and now - last > period * MISSED_BEATS:
+                    late.append(node.id)
+            if late:
+                log.warning("nodes %s missed %d heartbeats: down", late, MISSED_BEATS)
+
+                def down(tx: Tx, late: list[str] = late) -> None:
+                    for nid in late:
+                        self._mark(tx, nid, "down", "heartbeat failure")
+
+                await self.store.update(down)
+
+    # ---- task status --------------------------------------------------------------------
+
+    async def update_task_status(self, req: Message, ctx: Context) -> Message:
+        node_id = str(req.get("node_id", ""))
+        for u in req.get("updates", []):
+            if isinstance(u, dict):
+                self._updates.append((node_id, u))
+        return {}
+
+    async def _write_statuses(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_BATCH)
+            if not self._updates:
+                continue
+            batch, self._updates = self._updates, []
+            await self.store.update(functools.partial(apply_statuses, batch=batch))
+
+    # ---- logs ---------------------------------------------------------------------------
+
+    def request_logs(self, node_id: str, request: Message) -> asyncio.Queue[Message | None]:
+        """Ask a node for task logs; frames arrive on the returned queue, None at the end."""
+        rid = new_id()
+        q: asyncio.Queue[Message | None] = asyncio.Queue()
+        self._log_streams[rid] = q
+        session = self._sessions.get(node_id)
+        if session is None:
+            q.put_nowait(None)
+        else:
+            session.put_nowait({"logs": {**request, "request_id": rid}})
+        return q
+
+    def cancel_logs(self, q: asyncio.Queue[Message | None]) -> None:
+        for rid, stream in list(self._log_streams.items()):
+            if stream is q:
+                del self._log_streams[rid]
+                for session in self._sessions.values():
+                    session.put_nowait({"logs_cancel": rid})
+
+    async def publish_logs(self, req: Message, ctx: Context) -> Message:
+        q = self._log_streams.get(str(req.get("request_id", "")))
+        if q is None:
+            return {"cancel": True}
+        for frame in req.get("frames", []):
+            q.put_nowait(frame)
+        if req.get("done"):
+            q.put_nowait(None)
+            self._log_streams.pop(str(req.get("request_id")), None)
+        return {}
+
+    def connected(self, node_id: str) -> bool:
+        return node_id in self._sessions
+
+
+def apply_statuses(tx: Tx, batch: list[tuple[str, Message]]) -> None:
+    """Agents' reports, kept only when they move a task forward, on the node that runs it."""
+    for node_id, u in batch:
+        task = tx.get(Task, str(u.get("id", "")))
+        if task is None or task.node_id != node_id:
+            continue
+        try:
+            state = TaskState.parse(str(u.get("state", "")))
+        except KeyError:
+            continue
+        if state <= task.state:
+            continue
+        container = u.get("container") if isinstance(u.get("container"), dict) else {}
+        tx.put(
+            dataclasses.replace(
+                task,
+                state=state,
+                timestamp=str(u.get("timestamp") or now_rfc3339()),
+                message=str(u.get("message", "")),
+                err=str(u.get("err", "")),
+                container={**task.container, **(container or {})},
+            )
+        )

@@ -1,0 +1,49 @@
+"""Creating tasks and naming them."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+from orchestrator.store.ids import new_id, now_rfc3339
+from orchestrator.store.objects import Node, Service, Task, TaskState
+
+
+def new_task(svc: Service, slot: int, node_id: str = "") -> Task:
+    return Task(
+        id=new_id(),
+        service_id=svc.id,
+        slot=slot,
+        node_id=node_id,
+        spec=copy.deepcopy(svc.spec.get("TaskTemplate", {})),
+        spec_version=svc.spec_version,
+        desired_state=TaskState.RUNNING,
+        state=TaskState.NEW,
+        timestamp=now_rfc3339(),
+        message="created",
+    )
+
+
+def task_name(service_name: str, task: Task) -> str:
+    """The container name Docker gives a task: <service>.<slot or node>.<task id>."""
+    return f"{service_name}.{task.slot or task.node_id}.{task.id}"
+
+
+def runnable(task: Task) -> bool:
+    return task.desired_state <= TaskState.RUNNING
+
+
+def dirty(svc: Service, task: Task) -> bool:
+    """Runs an older spec than the service's."""
+    return bool(task.spec != svc.spec.get("TaskTemplate", {}))
+
+
+def node_usable(node: Node | None) -> bool:
+    """A node that may keep running tasks: known, not down, not drained."""
+    return node is not None and node.state != "down" and node.availability != "drain"
+
+
+def stop(task: Task, desired: TaskState = TaskState.SHUTDOWN, message: str = "") -> Task:
+    return dataclasses.replace(
+        task, desired_state=max(task.desired_state, desired), message=message or task.message
+    )

@@ -1,0 +1,1 @@
+"""The control plane's RPC layer (gRPC)."""

@@ -1,0 +1,191 @@
+"""The objects of the cluster store: nodes, services, tasks, networks, the cluster.
+
+They are plain dataclasses. Specs the user writes (ServiceSpec, NetworkSpec, ...) are kept as the
+Docker-shaped dicts the API accepted, normalised, so they round-trip exactly (the docker CLI posts
+back the Spec it read); the fields the managers act on are typed attributes next to them.
+
+Objects in the store are shared and must not be mutated: make a changed copy
+(`dataclasses.replace`, and a copy of any dict you change) and put it in a transaction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+
+class TaskState(enum.IntEnum):
+    """Task states in swarmkit's order; a task's state only ever increases."""
+
+    NEW = 0
+    PENDING = 64
+    ASSIGNED = 192
+    ACCEPTED = 256
+    PREPARING = 320
+    READY = 384
+    STARTING = 448
+    RUNNING = 512
+    COMPLETE = 576
+    SHUTDOWN = 640
+    FAILED = 704
+    REJECTED = 768
+    REMOVE = 800
+    ORPHANED = 832
+
+    @property
+    def api(self) -> str:
+        return self.name.lower()
+
+    @property
+    def terminal(self) -> bool:
+        return self >= TaskState.COMPLETE
+
+    @classmethod
+    def parse(cls, text: str) -> TaskState:
+        return cls[text.upper()]
+
+
+@dataclass
+class Meta:
+    version: int = 0  # the log index of the last write (Version.Index)
+    created_at: str = ""
+    updated_at: str = ""
+
+
+@dataclass
+class Node:
+    KIND: ClassVar[str] = "node"
+    id: str
+    meta: Meta = field(default_factory=Meta)
+    role: str = "worker"  # desired role: manager | worker
+    availability: str = "active"  # active | pause | drain
+    labels: dict[str, str] = field(default_factory=dict)
+    name: str = ""  # Spec.Name
+    hostname: str = ""
+    addr: str = ""  # the node's address as managers see it
+    engine_version: str = ""
+    os: str = "linux"
+    arch: str = "x86_64"
+    nano_cpus: int = 0
+    memory_bytes: int = 0
+    state: str = "unknown"  # unknown | down | ready | disconnected
+    message: str = ""
+    manager_addr: str = ""  # ip:port of its manager listener, for managers
+    gateways: dict[str, str] = field(default_factory=dict)  # network id -> this node's address
+
+
+@dataclass
+class Service:
+    KIND: ClassVar[str] = "service"
+    id: str
+    meta: Meta = field(default_factory=Meta)
+    spec: dict[str, Any] = field(default_factory=dict)  # ServiceSpec, normalised
+    spec_version: int = 1  # bumped on every spec change; tasks record the one they run
+    previous_spec: dict[str, Any] | None = None
+    ports: list[dict[str, Any]] = field(default_factory=list)  # Endpoint.Ports, allocated
+    vips: dict[str, str] = field(default_factory=dict)  # network id -> "a.b.c.d/len"
+    update_status: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        name: str = self.spec.get("Name", "")
+        return name
+
+
+@dataclass
+class Task:
+    KIND: ClassVar[str] = "task"
+    id: str
+    meta: Meta = field(default_factory=Meta)
+    service_id: str = ""
+    slot: int = 0  # 1..N for replicated services, 0 for global ones
+    node_id: str = ""
+    spec: dict[str, Any] = field(default_factory=dict)  # the service's TaskTemplate
+    spec_version: int = 0
+    desired_state: TaskState = TaskState.RUNNING
+    state: TaskState = TaskState.NEW
+    timestamp: str = ""  # of the last state change
+    message: str = ""
+    err: str = ""
+    container: dict[str, Any] = field(default_factory=dict)  # ContainerID, PID, ExitCode
+    addresses: dict[str, str] = field(default_factory=dict)  # network id -> "a.b.c.d/len"
+    networks: list[str] = field(default_factory=list)  # network ids, in attachment order
+
+
+@dataclass
+class Network:
+    KIND: ClassVar[str] = "network"
+    id: str
+    meta: Meta = field(default_factory=Meta)
+    spec: dict[str, Any] = field(default_factory=dict)  # Name, Labels, DriverConfiguration, ...
+    subnet: str = ""
+    gateway: str = ""
+    vni: int = 0
+    ingress: bool = False
+    encrypted: bool = False
+
+    @property
+    def name(self) -> str:
+        name: str = self.spec.get("Name", "")
+        return name
+
+
+@dataclass
+class Cluster:
+    KIND: ClassVar[str] = "cluster"
+    id: str
+    meta: Meta = field(default_factory=Meta)
+    spec: dict[str, Any] = field(default_factory=dict)
+    worker_token: str = ""
+    manager_token: str = ""
+    root_ca_cert: str = ""
+
+
+Object = Node | Service | Task | Network | Cluster
+KINDS: dict[str, type[Any]] = {c.KIND: c for c in (Node, Service, Task, Network, Cluster)}
+T = TypeVar("T")
+
+
+# ---- encoding (for the log and snapshots) --------------------------------------------------
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = to_dict(value)
+        elif isinstance(value, enum.Enum):
+            value = value.value
+        out[f.name] = value
+    return out
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = from_dict(hint, value)  # type: ignore[arg-type]
+        elif isinstance(hint, type) and issubclass(hint, enum.Enum):
+            value = hint(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def encode(obj: Object) -> dict[str, Any]:
+    return {"kind": obj.KIND, **to_dict(obj)}
+
+
+def decode(data: dict[str, Any]) -> Object:
+    data = dict(data)
+    cls = KINDS[data.pop("kind")]
+    obj: Object = from_dict(cls, data)
+    return obj
