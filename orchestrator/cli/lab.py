@@ -7,7 +7,7 @@ import ipaddress
 import os
 import sys
 
-from orchestrator.lab import demo
+from orchestrator.lab import daemons, demo
 from orchestrator.lab import lab as labmod
 from orchestrator.lab.lab import LabError
 
@@ -37,7 +37,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=labmod.DEFAULT_SUBNET,
         help=f"underlay subnet (default {labmod.DEFAULT_SUBNET})",
     )
+    up.add_argument(
+        "--no-daemons",
+        action="store_true",
+        help="do not start shoald in the nodes (for driving shoal-mesh by hand)",
+    )
     up.set_defaults(func=cmd_up)
+
+    env = named(lab_sub.add_parser("env", help="print the DOCKER_HOST line for a node"))
+    env.add_argument("node", metavar="NODE", help="sw1, sw2, ...")
+    env.set_defaults(func=cmd_env)
 
     named(lab_sub.add_parser("down", help="remove the lab and everything it made")).set_defaults(
         func=cmd_down
@@ -68,6 +77,8 @@ def _require(name: str) -> labmod.Lab:
 
 def cmd_up(args: argparse.Namespace) -> int:
     lab = labmod.up(args.name, args.nodes, args.subnet)
+    if not args.no_daemons:
+        daemons.start_all(lab)
     print(
         f"lab {lab.name}: {len(lab.nodes)} node(s) on {lab.subnet} (bridge {lab.bridge}, "
         f"{lab.gateway})"
@@ -102,9 +113,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.run(args.name)
 
 
+def cmd_env(args: argparse.Namespace) -> int:
+    lab = _require(args.name)
+    print(f"export DOCKER_HOST={daemons.docker_host(lab, args.node)}")
+    print(f"# run this command to point docker and shoal at {args.node}:")
+    print(f"# eval $(shoal lab env {args.node})")
+    return 0
+
+
 def cmd_exec(args: argparse.Namespace) -> int:
     lab = _require(args.name)
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     cmd = labmod.exec_argv(lab, args.node, argv)
+    if daemons.socket_path(lab, args.node).exists():
+        os.environ["DOCKER_HOST"] = daemons.docker_host(lab, args.node)
+    # the project's commands (shoal, shoal-mesh) on PATH even outside an activated virtualenv
+    bindir = os.path.dirname(sys.executable)
+    os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     sys.stdout.flush()
     os.execvp(cmd[0], cmd)

@@ -1,23 +1,30 @@
-"""`shoal lab demo`: the routing mesh, shown step by step in a 3-node lab.
+"""`shoal lab demo`: Docker 1.12's swarm-mode blog post, replayed on Shoal in a 3-node lab.
 
-It plays the control plane's part by hand (the orchestrator arrives with issue #3): it writes
-each node's desired mesh state, starts shoal-mesh on every node and the demo app `micro` as 10
-tasks on sw1 and sw3, then curls every node's published port to show the answering task rotate.
-The lab stays up afterwards, to play with; `shoal lab down` removes it.
+Each step prints the command as a user would type it on a node, then its real output:
+init a swarm on sw1, join sw2 and sw3 with the token, list the nodes, run `helloworld`
+(alpine pinging a lab address: there is no internet here), scale it to 10, inspect a task,
+publish `micro` on the routing mesh, then curl every node's port 30000 until every one of the
+10 tasks has answered through each node. The lab stays up afterwards, to play with.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import os
 import shlex
 import subprocess
 import sys
+import time
 from collections import Counter
+from collections.abc import Callable
 
-from mesh.netns import run_in_netns
-from orchestrator.apps import micro
+from orchestrator.lab import daemons
 from orchestrator.lab import lab as labmod
-from orchestrator.lab.meshlab import MeshLab
+from orchestrator.lab.lab import Lab, LabError
+from orchestrator.node import DEFAULT_PORT
 
+REPLICAS = 10
 PUBLISHED = 30000
 
 
@@ -25,102 +32,152 @@ def _say(text: str) -> None:
     print(f"\n# {text}", flush=True)
 
 
-def _run(argv: list[str], shown: str | None = None) -> str:
-    print(f"$ {shown or shlex.join(argv)}", flush=True)
-    out = subprocess.run(argv, capture_output=True, text=True)
-    text = (out.stdout + out.stderr).rstrip()
-    if text:
+def _shoal(lab: Lab, node: str, *args: str, show: bool = True, check: bool = True) -> str:
+    """Run `shoal ARGS` inside a node, against its shoald, printing it like a terminal."""
+    if show:
+        print(f"[{node}] $ shoal {shlex.join(args)}", flush=True)
+    env = dict(
+        os.environ,
+        DOCKER_HOST=daemons.docker_host(lab, node),
+        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+    )
+    out = subprocess.run(
+        labmod.exec_argv(lab, node, [sys.executable, "-m", "orchestrator.cli.main", *args]),
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    text = out.stdout.rstrip()
+    if show and text:
         print(text, flush=True)
-    if out.returncode != 0:
-        raise labmod.LabError(f"`{shown or shlex.join(argv)}` failed")
+    if out.returncode != 0 and check:
+        raise LabError(f"`shoal {shlex.join(args)}` on {node} failed: {out.stderr.strip()}")
     return text
 
 
-def run(name: str = labmod.DEFAULT_LAB, replicas: int = 10, rounds: int = 2) -> int:
-    shoal = [sys.executable, "-m", "orchestrator.cli.main"]
-    _say("A lab of three nodes: network namespaces sw1..sw3 on 192.168.56.0/24")
+def run(
+    name: str = labmod.DEFAULT_LAB, subnet: ipaddress.IPv4Network = labmod.DEFAULT_SUBNET
+) -> int:
+    _say("Three hosts, sw1..sw3, on the 192.168.56.0/24 host-only network; shoald on each")
+    print("$ shoal lab up --nodes 3")
     if labmod.load(name) is not None:
-        _run([*shoal, "lab", "down", "--name", name], f"shoal lab down --name {name}")
-    _run([*shoal, "lab", "up", "--nodes", "3", "--name", name], "shoal lab up --nodes 3")
-    lab = labmod.load(name)
-    assert lab is not None
-    mesh = MeshLab(lab)
-    mesh.add_network("ingress", 4096, "10.255.0.0/16", ingress=True)
-    mesh.add_service(
+        labmod.down(name)
+    lab = labmod.up(name, 3, subnet)
+    daemons.start_all(lab)
+    for n in lab.nodes:
+        print(f"  {n.name:6} {n.address}")
+    sw1 = lab.node("sw1")
+
+    _say("Create the swarm on sw1, the first manager")
+    _shoal(lab, "sw1", "swarm", "init", "--listen-addr", f"{sw1.address}:{DEFAULT_PORT}")
+    token = _shoal(lab, "sw1", "swarm", "join-token", "-q", "worker")
+
+    _say("Join sw2 and sw3 as workers, with the worker token")
+    for worker in ("sw2", "sw3"):
+        _shoal(lab, worker, "swarm", "join", "--token", token, f"{sw1.address}:{DEFAULT_PORT}")
+    _wait(
+        lambda: (
+            _shoal(lab, "sw1", "node", "ls", "--format", "STATUS", show=False).count("Ready") == 3
+        ),
+        "the nodes to be ready",
+    )
+    _shoal(lab, "sw1", "node", "ls")
+
+    _say("A first service: one task pinging a lab address (the blog pinged docker.com)")
+    _shoal(
+        lab,
+        "sw1",
+        "service",
+        "create",
+        "--name",
+        "helloworld",
+        "--replicas",
+        "1",
+        "alpine",
+        "ping",
+        lab.gateway,
+    )
+    _shoal(lab, "sw1", "service", "ls")
+    print("[sw1] $ shoal service inspect helloworld   (excerpt)")
+    spec = json.loads(_shoal(lab, "sw1", "service", "inspect", "helloworld", show=False))[0]
+    print(
+        json.dumps(
+            {
+                "ID": spec["ID"],
+                "Spec": {
+                    "Name": spec["Spec"]["Name"],
+                    "Mode": spec["Spec"]["Mode"],
+                    "TaskTemplate": spec["Spec"]["TaskTemplate"],
+                },
+            },
+            indent=4,
+        )
+    )
+    _shoal(lab, "sw1", "service", "ps", "helloworld")
+
+    _say("Scale it to 10 tasks: they spread over the three nodes")
+    _shoal(lab, "sw1", "service", "scale", "helloworld=10")
+    _shoal(lab, "sw1", "service", "ps", "helloworld")
+    task = _shoal(lab, "sw1", "service", "ps", "-q", "helloworld", show=False).split()[0]
+    _say("A task, in detail")
+    _shoal(lab, "sw1", "inspect", task)
+
+    _say("micro answers with its IP and hostname; publish it on the routing mesh")
+    _shoal(
+        lab,
+        "sw1",
+        "service",
+        "create",
+        "--name",
         "micro",
-        [{"protocol": "tcp", "target": 8000, "published": PUBLISHED, "name": "http"}],
-        ["ingress"],
+        "--replicas",
+        str(REPLICAS),
+        "--publish",
+        "8000/tcp",
+        "micro",
     )
-    for i in range(replicas):
-        mesh.add_task("micro", "sw1" if i % 2 == 0 else "sw3")
-    mesh.publish()
+    svc = json.loads(_shoal(lab, "sw1", "service", "inspect", "micro", show=False))[0]
+    print("[sw1] $ shoal service inspect micro   (the endpoint)")
+    print(json.dumps(svc["Endpoint"], indent=4))
+    port = svc["Endpoint"]["Ports"][0]["PublishedPort"]
+    vip = svc["Endpoint"]["VirtualIPs"][0]["Addr"]
+    if port != PUBLISHED or ipaddress.IPv4Interface(vip).network != ipaddress.IPv4Network(
+        "10.255.0.0/16"
+    ):
+        raise LabError(f"unexpected endpoint: port {port}, VIP {vip}")
+    _shoal(lab, "sw1", "service", "ps", "micro")
 
-    _say("Each node's desired mesh state (what the orchestrator will write); sw2's:")
-    _run(["sed", "-n", "1,20p", str(mesh.state_path("sw2"))], f"head -20 {mesh.state_path('sw2')}")
-    _say("Start the mesh daemon on every node, and micro as 10 tasks on sw1 and sw3")
-    for name_ in ("sw1", "sw2", "sw3"):
-        print(f"$ shoal lab exec {name_} -- shoal-mesh run --state {mesh.state_path(name_)} &")
-        mesh.start_daemon(name_)
-    mesh.wait_synced()
-    for t in mesh.tasks.values():
-        mesh.start_workload(t)
-    for t in mesh.tasks.values():
-        mesh.wait_listening(t)
-
-    _say("What shoal-mesh made on sw2 (no task runs there): the overlay and the published port")
-    _run(
-        ["ip", "netns", "exec", lab.node("sw2").netns, "ip", "-br", "link"],
-        "shoal lab exec sw2 -- ip -br link",
-    )
-    _run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            lab.node("sw2").netns,
-            "nft",
-            "list",
-            "chain",
-            "ip",
-            "shoal",
-            "prerouting",
-        ],
-        "shoal lab exec sw2 -- nft list chain ip shoal prerouting",
-    )
-
-    _say(f"curl every node's :{PUBLISHED}: any node reaches any task, round-robin")
-    tasks = {str(t.ips["ingress"]): t.name for t in mesh.tasks.values()}
+    _say(f"Any node's port {PUBLISHED} reaches any task, round-robin")
     for node in lab.nodes:
         seen: Counter[str] = Counter()
-        for _ in range(rounds * replicas):
-            body = _run(["curl", "-s", f"{node.address}:{PUBLISHED}"])
-            seen[body.split('"ip": "')[1].split('"')[0]] += 1
-        print(
-            f"  -> {node.address} answered by {len(seen)} of {replicas} tasks "
-            f"({', '.join(sorted(tasks[ip] for ip in seen))})",
-            flush=True,
-        )
-        if len(seen) != replicas:
-            raise labmod.LabError(f"{node.name} did not reach every task: {dict(seen)}")
-
-    _say("Inside a task: the service's VIP and DNS name (embedded DNS at 127.0.0.11)")
-    first = next(iter(mesh.tasks.values()))
-    shown = f"shoal lab exec sw1 -- ip netns exec {first.netns}"
-    _run(
-        ["ip", "netns", "exec", first.netns, "dig", "+short", "@127.0.0.11", "micro"],
-        f"{shown} dig +short micro",
+        print(f"$ for i in $(seq {2 * REPLICAS}); do curl -s {node.address}:{PUBLISHED}; done")
+        for _ in range(2 * REPLICAS):
+            body = _curl(node.address)
+            seen[body] += 1
+            print(f"  {body}")
+        hosts = {json.loads(b)["hostname"] for b in seen}
+        print(f"  -> {node.name} ({node.address}) answered by {len(hosts)} of {REPLICAS} tasks")
+        if len(hosts) != REPLICAS:
+            raise LabError(f"{node.name} did not reach every task: {sorted(hosts)}")
+    _say(
+        "The lab stays up. Point docker or shoal at a node with `eval $(shoal lab env sw1)`; "
+        "`shoal lab down` removes everything."
     )
-    _run(
-        ["ip", "netns", "exec", first.netns, "dig", "+short", "@127.0.0.11", "tasks.micro"],
-        f"{shown} dig +short tasks.micro",
-    )
-    vip = str(mesh.services["micro"].vips["ingress"])
-    answers = run_in_netns(first.netns, lambda: [micro.query(vip) for _ in range(replicas)])
-    print(f"$ {shown} curl {vip}:8000   (x{replicas})\n  -> {len(set(answers))} tasks answered")
-
-    _say("Prometheus metrics of each node (connections per backend, sync times, DNS)")
-    metrics = mesh.metrics("sw2").splitlines()
-    print("$ curl -s 192.168.56.12:9323/metrics | grep backend_connections_total | head -3")
-    print("\n".join([m for m in metrics if m.startswith("shoal_mesh_backend_connections")][:3]))
-    _say(f"The lab stays up: try `curl 192.168.56.11:{PUBLISHED}`; `shoal lab down` removes it.")
     return 0
+
+
+def _curl(address: str) -> str:
+    out = subprocess.run(
+        ["curl", "-s", "-m", "3", f"http://{address}:{PUBLISHED}/"], capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise LabError(f"curl {address}:{PUBLISHED} failed ({out.returncode})")
+    return out.stdout.strip()
+
+
+def _wait(ok: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ok():
+        if time.monotonic() > deadline:
+            raise LabError(f"timed out waiting for {what}")
+        time.sleep(0.3)

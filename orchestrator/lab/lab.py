@@ -14,6 +14,7 @@ import ipaddress
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -237,6 +238,12 @@ def _remove_node(lab: Lab, node: Node) -> None:
     _kill(lab.processes.pop(node.name, []))
     for ns in node_namespaces(lab, node):
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    # what `ip netns exec` binds into task namespaces (nameserver, hostname)
+    etc = Path("/etc/netns")
+    if etc.is_dir():
+        for d in etc.iterdir():
+            if d.name == node.netns or d.name.startswith(node.netns + "-"):
+                shutil.rmtree(d, ignore_errors=True)
     with iproute(None) as ipr:
         for index in ipr.link_lookup(ifname=node.host_veth):
             ipr.link("del", index=index)
@@ -249,7 +256,7 @@ def node_namespaces(lab: Lab, node: Node) -> list[str]:
     return sorted(n for n in names if n == node.netns or n.startswith(node.netns + "-"))
 
 
-def _start_time(pid: int) -> int | None:
+def start_time(pid: int) -> int | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -258,7 +265,7 @@ def _start_time(pid: int) -> int | None:
 
 
 def _kill(procs: list[list[int]]) -> None:
-    pids = [pid for pid, started in procs if _start_time(pid) == started]
+    pids = [pid for pid, started in procs if start_time(pid) == started]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         alive = []
         for pid in pids:
@@ -308,7 +315,7 @@ def down(name: str = DEFAULT_LAB) -> bool:
 
 def add_process(lab_name: str, node: str, pid: int) -> None:
     """Remember a process started in a node, so `down` stops it."""
-    started = _start_time(pid)
+    started = start_time(pid)
     if started is None:
         return
     with locked():
@@ -320,7 +327,7 @@ def add_process(lab_name: str, node: str, pid: int) -> None:
 
 
 def running(lab: Lab, node: str) -> list[int]:
-    return [pid for pid, started in lab.processes.get(node, []) if _start_time(pid) == started]
+    return [pid for pid, started in lab.processes.get(node, []) if start_time(pid) == started]
 
 
 def exec_argv(lab: Lab, node: str, argv: list[str]) -> list[str]:
