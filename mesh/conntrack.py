@@ -100,6 +100,7 @@ def _encode_tuple(t: _Tuple) -> bytes:
 
 def delete_stale(netns: str | None, targets: Iterable[Target]) -> int:
     """Delete entries whose traffic goes to a removed backend; returns how many."""
+    # Port 0 is a VIP backend that takes every port: match the address and protocol only.
     wanted = {(str(t.ip), t.port, _PROTO[t.protocol]) for t in targets}
     if not wanted:
         return 0
@@ -114,7 +115,11 @@ def delete_stale(netns: str | None, targets: Iterable[Target]) -> int:
                 if orig is None or reply is None:
                     continue
                 # After DNAT the reply comes from the backend: reply.src is where traffic goes.
-                if (reply.src, reply.sport, reply.proto) not in wanted:
+                if (reply.src, reply.sport, reply.proto) not in wanted and (
+                    reply.src,
+                    0,
+                    reply.proto,
+                ) not in wanted:
                     continue
                 if (
                     reply.proto == socket.IPPROTO_TCP

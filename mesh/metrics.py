@@ -55,9 +55,9 @@ class MeshCollector(Collector):
                 fe.service,
                 fe.network,
                 fe.protocol,
-                str(fe.published or fe.target_port),
+                str(fe.published or fe.target_port or "any"),
                 kind,
-                f"{b.ip}:{b.port}",
+                f"{b.ip}:{b.port}" if b.port else str(b.ip),
                 b.task,
             )
             totals[key] = totals.get(key, 0) + c.connections

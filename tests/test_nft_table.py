@@ -64,7 +64,10 @@ def kernel_view(netns: str) -> dict[str, Any]:
             continue
         mod = int(re.search(r'"mod": (\d+)', rule).group(1))  # type: ignore[union-attr]
         backend_map = re.search(r'"@(be-[^"]+)"', rule).group(1)  # type: ignore[union-attr]
-        backends = {k: f"{v['concat'][0]}:{v['concat'][1]}" for k, v in maps[backend_map]}
+        backends = {
+            k: f"{v['concat'][0]}:{v['concat'][1]}" if isinstance(v, dict) else v
+            for k, v in maps[backend_map]
+        }
         chains[chain] = (mod, [backends[i] for i in range(mod)])
     counters = sorted(i["counter"]["name"] for i in items if "counter" in i)
     referenced = sorted(v for _, v in maps.get("backend-counters", []))
@@ -80,9 +83,9 @@ def expected_view(lb: NamespaceLB) -> dict[str, Any]:
         if fe.published is not None:
             entries[f"{fe.protocol}/{fe.published}"] = chain
         if fe.vip is not None:
-            entries[f"{fe.vip}/{fe.protocol}/{fe.target_port}"] = chain
+            entries[f"{fe.vip}/{fe.protocol}"] = chain
         chains[chain] = (
-            (len(fe.backends), [f"{b.ip}:{b.port}" for b in fe.backends])
+            (len(fe.backends), [f"{b.ip}:{b.port}" if b.port else str(b.ip) for b in fe.backends])
             if fe.backends
             else "reject"
         )
@@ -106,11 +109,13 @@ def desired(draw: st.DrawFn, node: bool) -> NamespaceLB:
         if not draw(st.booleans()):
             continue
         backends = draw(st.lists(st.sampled_from(POOL), unique=True, max_size=5))
+        if not node:  # a VIP takes every port and keeps it
+            backends = [b._replace(port=0) for b in backends]
         fe = Frontend(
             svc,
             "ingress",
             draw(st.sampled_from(["tcp", "udp"])),
-            8000,
+            8000 if node else 0,
             None if node else ipaddress.IPv4Address(f"10.255.1.{i + 1}"),
             draw(st.sampled_from([30000 + i, 31000 + i])) if node else None,
             tuple(backends),

@@ -1,8 +1,10 @@
 """What a namespace's load balancer must do, derived from the mesh state.
 
-A Frontend is one (service, network, protocol, target port): connections to the service's VIP
-on that network (and, on an ingress network, to the published port on any local address) are
-spread round-robin over the service's task endpoints on that network.
+A Frontend spreads connections round-robin over a service's task endpoints on one network:
+- in the node's namespace, one per published port: protocol and published port on any local
+  address, DNATed to the target port of a task on the ingress network;
+- in a task's namespace, one per (service, network, protocol): any port of the service's VIP
+  there, DNATed to a task's address with the port kept (target_port 0), as Docker's VIPs do.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class Frontend(NamedTuple):
     service: str
     network: str
     protocol: str  # tcp | udp
-    target_port: int
+    target_port: int  # 0: every port, kept as it is (VIP frontends)
     vip: ipaddress.IPv4Address | None
     published: int | None
     backends: tuple[Backend, ...]
@@ -36,8 +38,12 @@ class Frontend(NamedTuple):
         return f"{self.service}/{self.network}/{self.protocol}/{self.target_port}"
 
     def describe(self) -> str:
-        pub = f", published {self.published}" if self.published else ""
-        return f"{self.service} {self.protocol}/{self.target_port} on {self.network}{pub}"
+        if self.published:
+            return (
+                f"{self.service} {self.protocol}/{self.target_port} on {self.network}, "
+                f"published {self.published}"
+            )
+        return f"{self.service} VIP {self.vip} {self.protocol}, every port, on {self.network}"
 
 
 @dataclass(frozen=True)
@@ -65,18 +71,24 @@ def frontends_for(state: MeshState, networks: set[str], node: bool) -> dict[str,
             if net_name not in networks or (node and not net.ingress):
                 continue
             endpoints = state.backends(svc, net_name)
-            for port in svc.ports:
-                if node and port.published is None:
-                    continue
-                fe = Frontend(
-                    service=svc.name,
-                    network=net_name,
-                    protocol=port.protocol,
-                    target_port=port.target,
-                    vip=None if node else vip,
-                    published=port.published if node else None,
-                    backends=tuple(Backend(e.ip, port.target, e.task) for e in endpoints),
-                )
+            if node:
+                for port in svc.ports:
+                    if port.published is None:
+                        continue
+                    fe = Frontend(
+                        svc.name,
+                        net_name,
+                        port.protocol,
+                        port.target,
+                        None,
+                        port.published,
+                        tuple(Backend(e.ip, port.target, e.task) for e in endpoints),
+                    )
+                    out[fe.key] = fe
+                continue
+            backends = tuple(Backend(e.ip, 0, e.task) for e in endpoints)
+            for proto in ("tcp", "udp"):
+                fe = Frontend(svc.name, net_name, proto, 0, vip, None, backends)
                 out[fe.key] = fe
     return out
 

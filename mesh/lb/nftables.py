@@ -37,7 +37,7 @@ _PROTO = {"tcp": 6, "udp": 17}
 
 
 def counter_name(fe: Frontend, b: Backend) -> str:
-    return f"{fe.key}/{b.ip}:{b.port}"
+    return f"{fe.key}/{b.ip}:{b.port}" if b.port else f"{fe.key}/{b.ip}"
 
 
 def _counter_key(fid: int, index: int) -> bytes:
@@ -49,7 +49,8 @@ def _index_key(index: int) -> bytes:
 
 
 def _backend_value(b: Backend) -> bytes:
-    return E.ipv4(str(b.ip)) + E.port_reg(b.port)
+    """Address and port in register layout; address alone when the port is kept."""
+    return E.ipv4(str(b.ip)) + (E.port_reg(b.port) if b.port else b"")
 
 
 class NftablesBalancer(Balancer):
@@ -63,15 +64,12 @@ class NftablesBalancer(Balancer):
         )
 
     def add_frontend(self, tx: Transaction, fe: Frontend, slot: FrontendSlot) -> None:
+        if fe.target_port:
+            data_type, data_len = concat_type(TYPE_IPADDR, TYPE_INET_SERVICE), 8
+        else:  # the port is kept: the map gives the address alone
+            data_type, data_len = TYPE_IPADDR, 4
         tx.add_set(
-            SetSpec(
-                slot.backend_map,
-                TYPE_MARK,
-                4,
-                concat_type(TYPE_IPADDR, TYPE_INET_SERVICE),
-                8,
-                host_order_key=True,
-            )
+            SetSpec(slot.backend_map, TYPE_MARK, 4, data_type, data_len, host_order_key=True)
         )
         for b in fe.backends:
             tx.add_counter(counter_name(fe, b))
@@ -112,7 +110,7 @@ class NftablesBalancer(Balancer):
                 E.numgen_inc(E.REG32_01, n),
                 E.objref_map(E.REG32_00, COUNTER_MAP),
                 E.lookup(slot.backend_map, E.REG32_01, E.REG32_00),
-                E.nat(E.NAT_DNAT, E.REG32_00, E.REG32_01),
+                E.nat(E.NAT_DNAT, E.REG32_00, E.REG32_01 if fe.target_port else None),
             ],
             comment=fe.describe(),
         )

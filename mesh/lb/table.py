@@ -58,7 +58,7 @@ def _published_key(fe: Frontend) -> bytes:
 
 def _vip_key(fe: Frontend) -> bytes:
     assert fe.vip is not None
-    return E.ipv4(str(fe.vip)) + E.proto_reg(_PROTO[fe.protocol]) + E.port_reg(fe.target_port)
+    return E.ipv4(str(fe.vip)) + E.proto_reg(_PROTO[fe.protocol])
 
 
 class NamespaceTable:
@@ -113,8 +113,8 @@ class NamespaceTable:
             tx.add_set(
                 SetSpec(
                     VIP_MAP,
-                    concat_type(TYPE_IPADDR, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE),
-                    12,
+                    concat_type(TYPE_IPADDR, TYPE_INET_PROTOCOL),
+                    8,
                     NFT_DATA_VERDICT,
                 )
             )
@@ -129,7 +129,7 @@ class NamespaceTable:
         if not lb.node:
             tx.add_rule(
                 "output",
-                [*E.key_daddr_l4proto_dport(), E.lookup(VIP_MAP, E.REG32_00, E.REG_VERDICT)],
+                [*E.key_daddr_l4proto(), E.lookup(VIP_MAP, E.REG32_00, E.REG_VERDICT)],
                 comment="service VIPs",
             )
             return

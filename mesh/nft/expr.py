@@ -236,12 +236,11 @@ def key_l4proto_dport() -> list[Expr]:
     return [meta_load(META_L4PROTO, REG32_00), payload(TRANSPORT_HEADER, 2, 2, REG32_01)]
 
 
-def key_daddr_l4proto_dport() -> list[Expr]:
-    """Load `ip daddr . meta l4proto . th dport` into REG32_00..02."""
+def key_daddr_l4proto() -> list[Expr]:
+    """Load `ip daddr . meta l4proto` into REG32_00, REG32_01."""
     return [
         payload(NETWORK_HEADER, IP_DADDR_OFFSET, 4, REG32_00),
         meta_load(META_L4PROTO, REG32_01),
-        payload(TRANSPORT_HEADER, 2, 2, REG32_02),
     ]
 
 

@@ -38,11 +38,12 @@ def start(lab: Lab, node: Node) -> int | None:
     log = open(d / "shoald.log", "ab")  # noqa: SIM115 - handed to the child
     try:
         proc = subprocess.Popen(
+            # nsenter, not `ip netns exec`: that gives the process a mount namespace of its
+            # own, and the task namespaces shoald creates (bind mounts in /run/netns) would be
+            # invisible to the host: `ip netns exec <task>` from the host would fail.
             [
-                "ip",
-                "netns",
-                "exec",
-                node.netns,
+                "nsenter",
+                f"--net=/run/netns/{node.netns}",
                 sys.executable,
                 "-m",
                 "orchestrator.daemon",
