@@ -534,3 +534,59 @@ def test_a_lost_node_goes_down_and_its_tasks_move(swarm: Lab, sdk: Any) -> None:
         shoal(swarm, "sw1", "service", "rm", "survivor")
         daemons.start_all(swarm)  # sw2's shoald comes back with its membership
         wait(lambda: sdk.nodes.get(sw2.id).attrs["Status"]["State"] == "ready", "sw2 back")
+
+
+def test_cli_objects_env_and_a_worker_that_leaves(swarm: Lab, sdk: Any) -> None:
+    shoal(
+        swarm,
+        "sw1",
+        "service",
+        "create",
+        "--name",
+        "envy",
+        "--env",
+        "GREETING=hi there",
+        "--constraint",
+        "node.hostname==sw3",
+        "alpine",
+        "sh",
+        "-c",
+        'echo "$GREETING"; sleep 60',
+    )
+    try:
+        wait(lambda: "hi there" in shoal(swarm, "sw1", "service", "logs", "envy").stdout, "env")
+        (task_id,) = shoal(swarm, "sw1", "service", "ps", "-q", "envy").stdout.split()
+        task = json.loads(shoal(swarm, "sw1", "inspect", task_id).stdout)[0]
+        for key in ("ID", "Version", "CreatedAt", "UpdatedAt", "Spec", "ServiceID", "Slot"):
+            assert key in task, key
+        assert task["Status"]["State"] == "running" and task["DesiredState"] == "running"
+        assert task["Status"]["ContainerStatus"]["PID"] > 0
+        assert task["Version"]["Index"] > 0 and task["Slot"] == 1
+        on_sw3 = shoal(swarm, "sw1", "node", "ps", "sw3").stdout
+        assert "envy.1" in on_sw3 and "Running" in on_sw3
+        assert "envy.1" not in shoal(swarm, "sw1", "node", "ps", "sw2").stdout
+        nets = shoal(swarm, "sw1", "network", "ls").stdout
+        assert "ingress" in nets and "overlay" in nets and "swarm" in nets
+        ingress = json.loads(shoal(swarm, "sw1", "network", "inspect", "ingress").stdout)[0]
+        assert ingress["IPAM"]["Config"][0]["Subnet"] == "10.255.0.0/16"
+        me = json.loads(shoal(swarm, "sw1", "node", "inspect", "self").stdout)[0]
+        assert me["Description"]["Hostname"] == "sw1" and me["ManagerStatus"]["Leader"] is True
+    finally:
+        shoal(swarm, "sw1", "service", "rm", "envy")
+
+    # sw3 leaves: it is Down in the list until removed, and can join again
+    shoal(swarm, "sw3", "swarm", "leave")
+    wait(
+        lambda: any(
+            "sw3" in line and "Down" in line
+            for line in shoal(swarm, "sw1", "node", "ls").stdout.splitlines()
+        ),
+        "sw3 down after leaving",
+        15,
+    )
+    sw3 = next(n for n in sdk.nodes.list() if n.attrs["Description"]["Hostname"] == "sw3")
+    shoal(swarm, "sw1", "node", "rm", sw3.id)
+    assert "sw3" not in shoal(swarm, "sw1", "node", "ls").stdout
+    token = shoal(swarm, "sw1", "swarm", "join-token", "-q", "worker").stdout.strip()
+    shoal(swarm, "sw3", "swarm", "join", "--token", token, f"{swarm.node('sw1').address}:2377")
+    wait(lambda: shoal(swarm, "sw1", "node", "ls").stdout.count("Ready") == 3, "sw3 back")
