@@ -83,29 +83,28 @@ async def ping(request: web.Request) -> web.Response:
     return web.Response(text="" if request.method == "HEAD" else "OK", headers=h)
 
 
+_GO_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}
+
+
 async def version(request: web.Request) -> web.Response:
-    v = {
-        "Version": ENGINE_VERSION,
+    machine = platform.machine()
+    details = {
         "ApiVersion": API_VERSION,
         "MinAPIVersion": MIN_API_VERSION,
         "GitCommit": "shoal",
+        # the docker CLI prints this as "Go version": say what runs instead
         "GoVersion": f"python{platform.python_version()}",
         "Os": "linux",
-        "Arch": "amd64",
+        "Arch": _GO_ARCH.get(machine, machine),
         "KernelVersion": platform.release(),
         "BuildTime": "",
+        "Experimental": "false",
+    }
+    v = {
+        "Version": ENGINE_VERSION,
+        **{k: val for k, val in details.items() if k != "Experimental"},
         "Platform": {"Name": "Shoal"},
-        "Components": [
-            {
-                "Name": "Engine",
-                "Version": ENGINE_VERSION,
-                "Details": {
-                    "ApiVersion": API_VERSION,
-                    "MinAPIVersion": MIN_API_VERSION,
-                    "Os": "linux",
-                },
-            }
-        ],
+        "Components": [{"Name": "Engine", "Version": ENGINE_VERSION, "Details": details}],
     }
     return json_response(v)
 
