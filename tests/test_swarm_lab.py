@@ -433,6 +433,47 @@ def test_restart_policy(swarm: Lab, sdk: Any) -> None:
         shoal(swarm, "sw1", "service", "rm", "flaky", "once")
 
 
+def test_service_update_rolls_tasks_and_ports_do_not(swarm: Lab, sdk: Any) -> None:
+    shoal(
+        swarm,
+        "sw1",
+        "service",
+        "create",
+        "--name",
+        "rolling",
+        "--replicas",
+        "3",
+        "--update-parallelism",
+        "1",
+        "micro",
+    )
+    try:
+        first = {t["ID"] for t in sdk_tasks(sdk, "rolling")}
+        shoal(swarm, "sw1", "service", "update", "--env-add", "COLOR=blue", "rolling")
+        running = sdk_tasks(sdk, "rolling")
+        assert len(running) == 3 and not first & {t["ID"] for t in running}
+        assert all(t["Spec"]["ContainerSpec"]["Env"] == ["COLOR=blue"] for t in running)
+        shut = [t for t in sdk.services.get("rolling").tasks() if t["DesiredState"] == "shutdown"]
+        assert {t["ID"] for t in shut} == first
+        spec = sdk.services.get("rolling").attrs
+        assert spec["UpdateStatus"]["State"] == "completed"
+        assert spec["Spec"]["UpdateConfig"]["Parallelism"] == 1
+
+        # a port is the service's endpoint, not the tasks': nothing restarts
+        second = {t["ID"] for t in running}
+        shoal(swarm, "sw1", "service", "update", "--publish-add", "30530:8000", "rolling")
+        counts = answers(None, swarm.node("sw2").address, 30530, 30)
+        assert len(counts) == 3
+        assert {t["ID"] for t in sdk_tasks(sdk, "rolling")} == second
+        shoal(swarm, "sw1", "service", "update", "--replicas", "4", "--force", "rolling")
+        assert len(sdk_tasks(sdk, "rolling")) == 4
+        assert not second & {t["ID"] for t in sdk_tasks(sdk, "rolling")}
+        bad = shoal(swarm, "sw1", "service", "update", "--publish-rm", "x", "rolling", check=False)
+        assert bad.returncode == 1 and "invalid --publish-rm" in bad.stderr
+    finally:
+        shoal(swarm, "sw1", "service", "rm", "rolling")
+
+
 def test_logs_of_a_service(swarm: Lab) -> None:
     shoal(
         swarm,

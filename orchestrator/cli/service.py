@@ -1,8 +1,9 @@
-"""`shoal service create | ls | inspect | ps | scale | logs | rm`."""
+"""`shoal service create | ls | inspect | ps | scale | update | logs | rm`."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from typing import Any
@@ -37,6 +38,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     c.add_argument("--restart-condition", choices=("any", "on-failure", "none"))
     c.add_argument("--restart-delay", type=float, help="seconds")
     c.add_argument("--restart-max-attempts", type=int)
+    c.add_argument("--update-parallelism", type=int, help="tasks updated at once (0: all)")
     c.add_argument(
         "-d",
         "--detach",
@@ -62,6 +64,27 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     sc.add_argument("pairs", nargs="+", metavar="SERVICE=REPLICAS")
     sc.add_argument("-d", "--detach", action="store_true")
     sc.set_defaults(func=cmd_scale)
+    up = s.add_parser(
+        "update",
+        help="change a service (task changes roll out --update-parallelism at a time)",
+        usage="shoal service update [OPTIONS] SERVICE",
+    )
+    up.add_argument("--image")
+    up.add_argument("--args", help="the command's arguments, as one shell-quoted string")
+    up.add_argument("--replicas", type=int)
+    up.add_argument("--env-add", action="append", default=[], metavar="KEY=VALUE")
+    up.add_argument("--env-rm", action="append", default=[], metavar="KEY")
+    up.add_argument("--publish-add", action="append", default=[], metavar="[PUB:]TARGET[/PROTO]")
+    up.add_argument("--publish-rm", action="append", default=[], metavar="TARGET[/PROTO]")
+    up.add_argument("--constraint-add", action="append", default=[], metavar="EXPR")
+    up.add_argument("--constraint-rm", action="append", default=[], metavar="EXPR")
+    up.add_argument("--update-parallelism", type=int)
+    up.add_argument(
+        "--force", action="store_true", help="replace the tasks even if nothing changed"
+    )
+    up.add_argument("-d", "--detach", action="store_true")
+    up.add_argument("service", metavar="SERVICE")
+    up.set_defaults(func=cmd_update)
     lg = s.add_parser("logs", help="a service's logs")
     lg.add_argument("service", metavar="SERVICE")
     lg.add_argument("-f", "--follow", action="store_true")
@@ -121,6 +144,9 @@ def cmd_create(args: argparse.Namespace) -> int:
         template["RestartPolicy"] = restart
     if args.network:
         template["Networks"] = [{"Target": n} for n in args.network]
+    update_config = (
+        {"Parallelism": args.update_parallelism} if args.update_parallelism is not None else None
+    )
     mode = (
         {"Global": {}}
         if args.mode == "global"
@@ -130,7 +156,9 @@ def cmd_create(args: argparse.Namespace) -> int:
     ports = [parse_publish(p) for p in args.publish]
     if ports:
         endpoint["Ports"] = ports
-    result = client.create_service(template, name=args.name, mode=mode, endpoint_spec=endpoint)
+    result = client.create_service(
+        template, name=args.name, mode=mode, endpoint_spec=endpoint, update_config=update_config
+    )
     service_id = result["ID"]
     print(service_id)
     if not args.detach:
@@ -231,6 +259,21 @@ def cmd_ps(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push(client: Any, svc: dict[str, Any], spec: dict[str, Any]) -> None:
+    """Send a changed spec, as of the version read (a concurrent change is refused)."""
+    client.update_service(
+        svc["ID"],
+        svc["Version"]["Index"],
+        task_template=spec["TaskTemplate"],
+        name=spec["Name"],
+        labels=spec.get("Labels"),
+        mode=spec["Mode"],
+        update_config=spec.get("UpdateConfig"),
+        endpoint_spec=spec.get("EndpointSpec"),
+        fetch_current_spec=False,
+    )
+
+
 def cmd_scale(args: argparse.Namespace) -> int:
     client = connect(args.host)
     failed = False
@@ -244,16 +287,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
                 raise CliError(f"scale can only be used with replicated mode ({name} is global)")
             spec = svc["Spec"]
             spec["Mode"] = {"Replicated": {"Replicas": int(count)}}
-            client.update_service(
-                svc["ID"],
-                svc["Version"]["Index"],
-                task_template=spec["TaskTemplate"],
-                name=spec["Name"],
-                labels=spec.get("Labels"),
-                mode=spec["Mode"],
-                endpoint_spec=spec.get("EndpointSpec"),
-                fetch_current_spec=False,
-            )
+            _push(client, svc, spec)
             print(f"{name} scaled to {count}")
             if not args.detach:
                 converge(client, svc["ID"])
@@ -261,6 +295,58 @@ def cmd_scale(args: argparse.Namespace) -> int:
             print(f"shoal: {name}: {api_message(e)}", file=sys.stderr)
             failed = True
     return 1 if failed else 0
+
+
+def _updated_spec(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
+    """The service's spec with the command line's changes applied (docker's semantics)."""
+    template = spec["TaskTemplate"]
+    container = template["ContainerSpec"]
+    if args.image:
+        container["Image"] = args.image
+    if args.args is not None:
+        container["Args"] = shlex.split(args.args)
+    if args.env_add or args.env_rm:
+        added = {e.split("=", 1)[0] for e in args.env_add}
+        gone = set(args.env_rm) | added
+        env = [e for e in container.get("Env") or [] if e.split("=", 1)[0] not in gone]
+        container["Env"] = env + args.env_add
+    if args.constraint_add or args.constraint_rm:
+        placement = template.setdefault("Placement", {})
+        kept = [c for c in placement.get("Constraints") or [] if c not in args.constraint_rm]
+        placement["Constraints"] = kept + [c for c in args.constraint_add if c not in kept]
+    if args.replicas is not None:
+        if "Replicated" not in spec["Mode"]:
+            raise CliError("replicas can only be used with replicated mode")
+        spec["Mode"] = {"Replicated": {"Replicas": args.replicas}}
+    if args.publish_add or args.publish_rm:
+        endpoint = spec.setdefault("EndpointSpec", {})
+        ports = endpoint.get("Ports") or []
+        for text in args.publish_rm:
+            target, _, proto = text.partition("/")
+            if not target.isdigit():
+                raise CliError(f"invalid --publish-rm {text!r}: expected TARGET[/tcp|udp]")
+            ports = [
+                p
+                for p in ports
+                if not (p["TargetPort"] == int(target) and p["Protocol"] == (proto or "tcp"))
+            ]
+        endpoint["Ports"] = ports + [parse_publish(p) for p in args.publish_add]
+    if args.update_parallelism is not None:
+        spec.setdefault("UpdateConfig", {})["Parallelism"] = args.update_parallelism
+    if args.force:
+        template["ForceUpdate"] = int(template.get("ForceUpdate") or 0) + 1
+    return spec
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    client = connect(args.host)
+    svc = client.inspect_service(args.service)
+    spec = _updated_spec(args, svc["Spec"])
+    _push(client, svc, spec)
+    print(args.service)
+    if not args.detach:
+        converge(client, svc["ID"])
+    return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
