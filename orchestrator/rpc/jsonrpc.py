@@ -59,9 +59,9 @@ def service(
 class Client:
     """Calls on one channel: `await client.call("shoal.Dispatcher", "Heartbeat", {...})`."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, channel: aio.Channel | None = None):
         self.target = target
-        self.channel = aio.insecure_channel(target, options=OPTIONS)
+        self.channel = channel or aio.insecure_channel(target, options=OPTIONS)
 
     async def call(self, svc: str, method: str, msg: Message, deadline: float = 10.0) -> Message:
         fn = self.channel.unary_unary(

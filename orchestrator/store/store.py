@@ -15,6 +15,7 @@ import asyncio
 import builtins
 import json
 import logging
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -133,7 +134,7 @@ class Store:
         once the writes are committed. Raises the exception fn raises (nothing is written),
         NotLeader when the log refuses, or Conflict after many retries.
         """
-        for _ in range(MAX_RETRIES):
+        for attempt in range(MAX_RETRIES):
             tx = Tx(self)
             result = fn(tx)
             if tx.empty:
@@ -141,7 +142,8 @@ class Store:
             outcome = await self.log.propose(tx.entry())
             if outcome == "ok":
                 return result
-            await asyncio.sleep(0)
+            # writers that collided spread out, so one of them wins each round
+            await asyncio.sleep(random.uniform(0, 0.002 * 2 ** min(attempt, 6)))
         raise Conflict("too many concurrent changes; try again")
 
     def _apply(self, index: int, data: bytes) -> str:

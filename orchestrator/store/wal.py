@@ -110,5 +110,36 @@ class Wal:
         tmp.replace(self.path)
         self._file = open(self.path, "ab")  # noqa: SIM115
 
+    def rewrite(self, records: list[Record]) -> None:
+        """Atomically replace the whole log by `records` (compaction keeps only what is live).
+
+        Written to a temporary file, fsynced, renamed over the log, and the directory fsynced:
+        a crash leaves either the old log or the new one, never a mix.
+        """
+        self._file.close()
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(MAGIC)
+            f.write(
+                b"".join(
+                    _HEAD.pack(len(r.data), _crc(r.index, r.data), r.index) + r.data
+                    for r in records
+                )
+            )
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.path)
+        fsync_dir(self.path.parent)
+        self._file = open(self.path, "ab")  # noqa: SIM115
+
     def close(self) -> None:
         self._file.close()
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

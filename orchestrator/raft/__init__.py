@@ -1,0 +1,23 @@
+"""Raft consensus for the manager store, built the way etcd-io/raft is.
+
+- `messages`: the values that go in and out (Message, Entry, HardState, Snapshot, Ready, ...).
+- `log`: a node's log in memory (compaction point, stable/unstable, commit and apply indexes).
+- `progress`: what a leader knows of each follower, and flow control (probe/replicate/snapshot).
+- `core`: the state machine itself (`Raft`): step/tick/propose/read_index/... in, Ready out.
+- `storage`: durable storage on the write-ahead log (`RaftStorage`), and `MemoryStorage`.
+- `sim`: a deterministic simulator running real cores under faults, with safety checks.
+- `linearizability`: a Porcupine-style checker for key-value histories.
+
+A driver loop (see core.Raft and messages.Ready for the exact contract):
+
+    node = Raft(Config(id=1), random.Random(), storage.initial_state())
+    every tick interval:  node.tick()
+    on a message:         node.step(msg)
+    on a client write:    index = node.propose(data)
+    whenever node.has_ready():
+        rd = node.ready()
+        storage.save_ready(rd)           # snapshot, entries, hard state; one fsync
+        send(rd.messages)                # only after they are durable
+        apply(rd.snapshot, rd.committed_entries); serve(rd.read_states)
+        node.advance(rd)
+"""

@@ -1,0 +1,262 @@
+"""Durable storage for a Raft node: its log and hard state in the WAL, plus one snapshot file.
+
+`RaftStorage(directory)` recovers what is on disk (`initial_state()`, to build the `Raft` from)
+and then persists each Ready with `save(...)`: one WAL append, one fsync. Compaction writes the
+snapshot file and rewrites the WAL with only the entries after it.
+
+On disk, in `directory`:
+
+- `raft.wal`: orchestrator.store.wal records (length, CRC, index, payload), one per
+    - entry ("E" + term + type + data; the record index is the entry's) — an entry at index i
+      replaces any earlier-written entries from i on, so a conflicting suffix is cut simply by
+      writing the new entries;
+    - hard state ("H" + term + vote + commit; record index 0);
+    - snapshot marker ("S" + term; record index = snapshot index): the log restarts after it.
+- `snapshot`: magic, CRC-32, length, then a JSON header (index, term, membership) and the
+  application's data. Written to a temporary file, fsynced, renamed, directory fsynced.
+
+Recovery reuses the WAL's rules: a torn last record is cut off; a corrupt record with good
+ones after it stops the node with an error naming the file and offset. A snapshot file that
+fails its checksum is refused the same way.
+
+`MemoryStorage` is the same contract in memory (for tests and the simulator).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchestrator.raft.messages import (
+    ConfState,
+    Entry,
+    EntryType,
+    HardState,
+    Ready,
+    Snapshot,
+    SnapshotMeta,
+    StorageState,
+)
+from orchestrator.store.wal import Record, Wal, WalCorrupt, fsync_dir
+
+_ENTRY = struct.Struct("<QB")  # term, type
+_HARD = struct.Struct("<QQQ")  # term, vote, commit
+_SNAPMARK = struct.Struct("<Q")  # term
+_SNAPHEAD = struct.Struct("<IQ")  # crc32 of the rest, length of the rest
+SNAP_MAGIC = b"SHOALSNAP1\n"
+_TYPES = [EntryType.NORMAL, EntryType.CONF_CHANGE]
+
+
+class StorageError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Durable:
+    """The log as the storage holds it: the snapshot, the entries after it, the hard state."""
+
+    snapshot: Snapshot = field(default_factory=Snapshot)
+    offset: int = 0  # index just before entries[0]
+    entries: list[Entry] = field(default_factory=list)
+    hard_state: HardState = field(default_factory=HardState)
+
+    def put_entries(self, entries: list[Entry]) -> None:
+        if not entries:
+            return
+        first = entries[0].index
+        last = self.offset + len(self.entries)
+        if first > last + 1 or first <= self.offset:
+            raise StorageError(
+                f"entries from {first} do not follow the log ({self.offset}, {last}]"
+            )
+        del self.entries[first - self.offset - 1 :]
+        self.entries.extend(entries)
+
+    def restart_at(self, index: int) -> None:
+        self.offset = index
+        self.entries = []
+
+    def install(self, snap: Snapshot) -> None:
+        """Adopt `snap`: keep our entries after it only if our log agrees with it there."""
+        i = snap.meta.index
+        last = self.offset + len(self.entries)
+        if self.offset < i <= last and self.entries[i - self.offset - 1].term == snap.meta.term:
+            del self.entries[: i - self.offset]
+            self.offset = i
+        elif i != self.offset:
+            self.restart_at(i)
+        self.snapshot = snap
+        hs = self.hard_state
+        self.hard_state = HardState(hs.term, hs.vote, max(hs.commit, i))
+
+    def state(self) -> StorageState:
+        return StorageState(self.hard_state, self.snapshot, tuple(self.entries))
+
+
+class MemoryStorage:
+    """In-memory storage with the same contract as RaftStorage (nothing survives the process)."""
+
+    def __init__(self, initial: StorageState | None = None):
+        initial = initial if initial is not None else StorageState()
+        self._d = _Durable(
+            initial.snapshot,
+            initial.snapshot.meta.index,
+            list(initial.entries),
+            initial.hard_state,
+        )
+
+    def initial_state(self) -> StorageState:
+        return self._d.state()
+
+    def save(
+        self,
+        hard_state: HardState | None,
+        entries: list[Entry],
+        snapshot: Snapshot | None = None,
+    ) -> None:
+        if snapshot is not None:
+            self._d.restart_at(snapshot.meta.index)
+            self._d.install(snapshot)
+        self._d.put_entries(entries)
+        if hard_state is not None:
+            self._d.hard_state = hard_state
+
+    def save_ready(self, rd: Ready) -> None:
+        self.save(rd.hard_state, rd.entries, rd.snapshot)
+
+    def compact(self, snapshot: Snapshot) -> None:
+        self._d.install(snapshot)
+
+    def last_index(self) -> int:
+        return self._d.offset + len(self._d.entries)
+
+
+def _encode_snapshot(snap: Snapshot) -> bytes:
+    head = json.dumps(
+        {
+            "index": snap.meta.index,
+            "term": snap.meta.term,
+            "conf_state": snap.meta.conf_state.to_json(),
+        },
+        sort_keys=True,
+    ).encode()
+    body = struct.pack("<I", len(head)) + head + snap.data
+    return SNAP_MAGIC + _SNAPHEAD.pack(zlib.crc32(body), len(body)) + body
+
+
+def _decode_snapshot(raw: bytes, path: Path) -> Snapshot:
+    if not raw.startswith(SNAP_MAGIC) or len(raw) < len(SNAP_MAGIC) + _SNAPHEAD.size:
+        raise WalCorrupt(f"{path}: not a Shoal snapshot (bad header at offset 0)")
+    crc, length = _SNAPHEAD.unpack_from(raw, len(SNAP_MAGIC))
+    start = len(SNAP_MAGIC) + _SNAPHEAD.size
+    body = raw[start:]
+    if len(body) != length or zlib.crc32(body) != crc:
+        raise WalCorrupt(
+            f"{path}: snapshot fails its checksum (body at offset {start}); refusing to start"
+        )
+    (hlen,) = struct.unpack_from("<I", body)
+    head = json.loads(body[4 : 4 + hlen])
+    meta = SnapshotMeta(head["index"], head["term"], ConfState.from_json(head["conf_state"]))
+    return Snapshot(meta, bytes(body[4 + hlen :]))
+
+
+class RaftStorage:
+    """A node's Raft state on disk (see the module docstring for the layout)."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._snap_path = directory / "snapshot"
+        d = _Durable()
+        if self._snap_path.exists():
+            snap = _decode_snapshot(self._snap_path.read_bytes(), self._snap_path)
+        else:
+            snap = Snapshot()
+        self._wal = Wal(directory / "raft.wal")
+        for rec in self._wal.records():
+            kind, body = rec.data[:1], rec.data[1:]
+            if kind == b"E":
+                term, t = _ENTRY.unpack_from(body)
+                e = Entry(term, rec.index, bytes(body[_ENTRY.size :]), _TYPES[t])
+                try:
+                    d.put_entries([e])
+                except StorageError as exc:
+                    raise WalCorrupt(f"{self._wal.path}: {exc}") from exc
+            elif kind == b"H":
+                d.hard_state = HardState(*_HARD.unpack(body))
+            elif kind == b"S":
+                d.restart_at(rec.index)
+            else:
+                raise WalCorrupt(f"{self._wal.path}: unknown record kind {kind!r}")
+        if snap.meta.index < d.offset:
+            raise WalCorrupt(
+                f"{self._snap_path}: snapshot at {snap.meta.index} is older than the log, "
+                f"which starts after {d.offset}"
+            )
+        # The snapshot file is written before the marker: a crash in between leaves a newer
+        # snapshot than the log says, and install() sorts that out.
+        d.install(snap)
+        self._d = d
+
+    def initial_state(self) -> StorageState:
+        return self._d.state()
+
+    def save(
+        self,
+        hard_state: HardState | None,
+        entries: list[Entry],
+        snapshot: Snapshot | None = None,
+    ) -> None:
+        """Persist a Ready's snapshot, entries and hard state; returns once durable."""
+        records: list[Record] = []
+        if snapshot is not None:
+            self._write_snapshot(snapshot)
+            records.append(Record(snapshot.meta.index, b"S" + _SNAPMARK.pack(snapshot.meta.term)))
+            self._d.restart_at(snapshot.meta.index)
+            self._d.install(snapshot)
+        self._d.put_entries(entries)
+        records += [
+            Record(e.index, b"E" + _ENTRY.pack(e.term, _TYPES.index(e.type)) + e.data)
+            for e in entries
+        ]
+        if hard_state is not None:
+            self._d.hard_state = hard_state
+            hs = hard_state
+            records.append(Record(0, b"H" + _HARD.pack(hs.term, hs.vote, hs.commit)))
+        if records:
+            self._wal.append(records)
+
+    def save_ready(self, rd: Ready) -> None:
+        self.save(rd.hard_state, rd.entries, rd.snapshot)
+
+    def compact(self, snapshot: Snapshot) -> None:
+        """The application made `snapshot` (from Raft.compact): store it, shrink the WAL."""
+        if snapshot.meta.index <= self._d.snapshot.meta.index:
+            return
+        self._write_snapshot(snapshot)
+        self._d.install(snapshot)
+        d = self._d
+        records = [Record(d.offset, b"S" + _SNAPMARK.pack(snapshot.meta.term))]
+        records += [
+            Record(e.index, b"E" + _ENTRY.pack(e.term, _TYPES.index(e.type)) + e.data)
+            for e in d.entries
+        ]
+        hs = d.hard_state
+        records.append(Record(0, b"H" + _HARD.pack(hs.term, hs.vote, hs.commit)))
+        self._wal.rewrite(records)
+
+    def _write_snapshot(self, snap: Snapshot) -> None:
+        tmp = self._snap_path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(_encode_snapshot(snap))
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self._snap_path)
+        fsync_dir(self.dir)
+
+    def close(self) -> None:
+        self._wal.close()

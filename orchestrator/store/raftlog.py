@@ -1,0 +1,580 @@
+"""The store's log replicated by Raft across the managers (issue #4).
+
+`RaftLog` drives the sans-I/O core (`orchestrator.raft.core.Raft`): a tick task, messages
+from peers stepped in as they arrive, and one loop taking each Ready: persist (one fsync, in a
+thread, while the core keeps taking messages and proposals, so writes batch up), send, apply,
+advance.
+
+Proposals carry a random 16-byte id before the store's entry. The proposer remembers which
+index its entry got; when that index is applied it gets the apply result if the entry there is
+its own, or NotLeader if another leader's entry took the place (the write did not happen).
+A follower forwards the entry to the leader (`shoal.RaftControl/Propose`), learns the index,
+and waits for its own store to apply it, so a caller always reads its own writes. Writes
+fail with NoQuorum after `propose_timeout` without a commit.
+
+Linearizable reads: `read_barrier()` runs ReadIndex and waits until the store has applied up
+to the leader's commit index at the time of the request.
+
+Members' addresses ride in the context of the membership entries and in snapshots, so every
+manager knows where every other is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import random
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from orchestrator.raft import codec
+from orchestrator.raft.core import Config, ProposalDropped, Raft
+from orchestrator.raft.core import NotLeader as RaftNotLeader
+from orchestrator.raft.messages import (
+    NONE,
+    ConfChange,
+    ConfChangeType,
+    Entry,
+    EntryType,
+    HardState,
+    Ready,
+    Snapshot,
+    StorageState,
+)
+from orchestrator.raft.progress import ProgressState
+from orchestrator.raft.storage import RaftStorage
+from orchestrator.rpc import jsonrpc, peers
+from orchestrator.store.log import NotLeader, ReplicatedLog
+
+log = logging.getLogger("shoal.raft")
+
+ID_LEN = 16
+RAFT_SERVICE = "shoal.Raft"
+CONTROL_SERVICE = "shoal.RaftControl"
+RECENT_RESULTS = 4096
+
+
+class NoQuorum(NotLeader):
+    """The write (or read) could not be committed in time: no leader, or no quorum."""
+
+
+@dataclass(frozen=True)
+class RaftSettings:
+    tick: float = 0.1  # seconds per tick
+    election_tick: int = 10  # an election timeout is 1-2 s
+    heartbeat_tick: int = 1
+    snapshot_every: int = 10_000  # entries applied between snapshots
+    keep_entries: int = 500  # entries kept behind a snapshot for slow followers
+    propose_timeout: float = 5.0
+
+    @property
+    def leaderless_wait(self) -> float:
+        """How long a request waits for a leader to be elected before giving up."""
+        return 2 * self.election_tick * self.tick
+
+
+@dataclass
+class _Pending:
+    pid: bytes
+    future: asyncio.Future[Any]
+
+
+def member_context(addr: str) -> bytes:
+    return json.dumps({"addr": addr}).encode()
+
+
+def _context_addr(context: bytes) -> str:
+    try:
+        doc = json.loads(context)
+        return str(doc["addr"]) if isinstance(doc, dict) else ""
+    except (ValueError, KeyError):
+        return ""
+
+
+class RaftLog(ReplicatedLog):
+    def __init__(
+        self,
+        directory: Path,
+        raft_id: int,
+        addr: str,
+        settings: RaftSettings | None = None,
+        rng: random.Random | None = None,
+        channel_factory: peers.ChannelFactory = peers.insecure_channel,
+        bootstrap: bool = False,
+        known: dict[int, str] | None = None,
+    ):
+        """`bootstrap`: this is the first manager of a new cluster (empty storage only).
+        `known`: members' addresses to start with (a joining manager has no log yet to learn
+        them from, and must be able to answer the leader)."""
+        super().__init__()
+        self.dir = directory
+        self.id = raft_id
+        self.addr = addr
+        self.settings = settings or RaftSettings()
+        self._rng = rng or random.Random()
+        self._bootstrap = bootstrap
+        self._channel_factory = channel_factory
+        self.transport = peers.Peers(RAFT_SERVICE, channel_factory=channel_factory)
+        self.members: dict[int, str] = {}
+        self._known = dict(known or {})
+        self.raft: Raft | None = None
+        self._storage: RaftStorage | None = None
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pending: dict[int, _Pending] = {}
+        self._recent: OrderedDict[int, tuple[bytes, Any, BaseException | None]] = OrderedDict()
+        self._reads: dict[bytes, asyncio.Future[None]] = {}
+        self._read_waits: list[tuple[int, asyncio.Future[None]]] = []
+        self._applied_waits: list[tuple[int, asyncio.Future[None]]] = []
+        self._applied = 0
+        self._snapshot_index = 0
+        self._leader_seen: tuple[bool, int] = (False, 0)
+        self._leadership_listeners: list[Callable[[bool, int], None]] = []
+        self._controls: dict[str, jsonrpc.Client] = {}
+
+    # ---- ReplicatedLog ------------------------------------------------------------------
+
+    @property
+    def is_leader(self) -> bool:
+        return self.raft is not None and self.raft.is_leader
+
+    @property
+    def term(self) -> int:
+        return self.raft.term if self.raft is not None else 0
+
+    @property
+    def leader(self) -> int:
+        return self.raft.lead if self.raft is not None else NONE
+
+    @property
+    def applied(self) -> int:
+        return self._applied
+
+    def on_leadership(self, fn: Callable[[bool, int], None]) -> None:
+        """fn(is_leader, term) on every change of leadership as this manager sees it."""
+        self._leadership_listeners.append(fn)
+
+    async def start(self) -> None:
+        assert self._apply and self._restore
+        storage = await asyncio.to_thread(RaftStorage, self.dir)
+        state = storage.initial_state()
+        if self._bootstrap and _empty(state):
+            cc = ConfChange(ConfChangeType.ADD_NODE, self.id, member_context(self.addr))
+            entry = Entry(1, 1, cc.encode(), EntryType.CONF_CHANGE)
+            hs = HardState(term=1, commit=1)
+            await asyncio.to_thread(storage.save, hs, [entry])
+            state = storage.initial_state()
+        self._storage = storage
+        if not state.snapshot.is_empty():
+            self._install(state.snapshot)
+        cfg = Config(
+            id=self.id,
+            election_tick=self.settings.election_tick,
+            heartbeat_tick=self.settings.heartbeat_tick,
+        )
+        self.raft = Raft(cfg, self._rng, state)
+        self._update_peers()
+        self._tasks = [
+            asyncio.create_task(self._ready_loop(), name="raft-ready"),
+            asyncio.create_task(self._tick_loop(), name="raft-tick"),
+        ]
+        self._wake.set()
+
+    async def propose(self, entry: bytes, term: int | None = None) -> Any:
+        """Commit an entry; `term`: only as the leader of that term (leader-only loops)."""
+        if self.raft is None:
+            raise NotLeader("the store is not open")
+        if term is not None and (not self.raft.is_leader or self.raft.term != term):
+            raise NotLeader(f"no longer the leader of term {term}")
+        pid = os.urandom(ID_LEN)
+        data = pid + entry
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.propose_timeout
+        # an election normally ends within two timeouts; past that, there is no quorum to find
+        find_leader_by = loop.time() + self.settings.leaderless_wait
+        while True:
+            try:
+                if self.raft.is_leader:
+                    index = self._propose_local(data)
+                else:
+                    index = await self._forward(data, deadline)
+                break
+            except (RaftNotLeader, ProposalDropped, NotLeader) as e:
+                if loop.time() >= min(deadline, find_leader_by) or isinstance(e, NoQuorum):
+                    raise NoQuorum(
+                        "the managers have no leader or no quorum: the write was not made"
+                    ) from e
+                await asyncio.sleep(self.settings.tick)
+        return await self._wait_result(index, pid, deadline)
+
+    async def read_barrier(self) -> None:
+        """Return once this manager's store holds every write committed before the call."""
+        if self.raft is None:
+            raise NotLeader("the store is not open")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.propose_timeout
+        find_leader_by = loop.time() + self.settings.leaderless_wait
+        while True:
+            ctx = os.urandom(8)
+            fut: asyncio.Future[None] = loop.create_future()
+            self._reads[ctx] = fut
+            try:
+                self.raft.read_index(ctx)
+                self._wake.set()
+                await asyncio.wait_for(asyncio.shield(fut), min(1.0, deadline - loop.time()))
+                return
+            except RaftNotLeader:
+                if loop.time() >= min(deadline, find_leader_by):
+                    raise NoQuorum(
+                        "the managers have no leader or no quorum: cannot read the latest state"
+                    ) from None
+                await asyncio.sleep(self.settings.tick)
+            except TimeoutError:
+                if loop.time() >= deadline:
+                    raise NoQuorum(
+                        "the managers have no leader or no quorum: cannot read the latest state"
+                    ) from None
+                await asyncio.sleep(self.settings.tick)
+            finally:
+                self._reads.pop(ctx, None)
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+        await self.transport.close()
+        for c in self._controls.values():
+            await c.close()
+        self._controls = {}
+        for p in self._pending.values():
+            if not p.future.done():
+                p.future.set_exception(NotLeader("the manager is shutting down"))
+        if self._storage is not None:
+            self._storage.close()
+            self._storage = None
+
+    # ---- membership ---------------------------------------------------------------------
+
+    async def add_learner(self, raft_id: int, addr: str) -> None:
+        await self._conf_change(
+            ConfChange(ConfChangeType.ADD_LEARNER, raft_id, member_context(addr))
+        )
+
+    async def promote(self, raft_id: int) -> None:
+        addr = self.members.get(raft_id, "")
+        await self._conf_change(ConfChange(ConfChangeType.ADD_NODE, raft_id, member_context(addr)))
+
+    async def remove(self, raft_id: int) -> None:
+        await self._conf_change(ConfChange(ConfChangeType.REMOVE_NODE, raft_id))
+
+    def caught_up(self, raft_id: int, slack: int = 50) -> bool:
+        """Leader only: the member's log is within `slack` entries of the leader's."""
+        if self.raft is None or not self.raft.is_leader:
+            return False
+        pr = self.raft.prs.get(raft_id)
+        # REPLICATE: the follower acknowledged appends in a row (not merely probed)
+        return (
+            pr is not None
+            and pr.state is ProgressState.REPLICATE
+            and pr.match + slack >= self.raft.log.last_index()
+        )
+
+    def reachable(self, raft_id: int) -> bool | None:
+        """Leader only: the member answered within an election timeout (None: unknown here)."""
+        if self.raft is None or not self.raft.is_leader:
+            return None
+        if raft_id == self.id:
+            return True
+        pr = self.raft.prs.get(raft_id)
+        return pr is not None and pr.inactive_ticks < self.settings.election_tick
+
+    def voters(self) -> set[int]:
+        return set(self.raft.conf.voters) if self.raft is not None else set()
+
+    def learners(self) -> set[int]:
+        return set(self.raft.conf.learners) if self.raft is not None else set()
+
+    async def transfer_leadership(self, target: int) -> None:
+        if self.raft is None:
+            raise NotLeader("the store is not open")
+        self.raft.transfer_leadership(target)
+        self._wake.set()
+
+    async def _conf_change(self, cc: ConfChange) -> None:
+        if self.raft is None:
+            raise NotLeader("the store is not open")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.propose_timeout
+        while True:
+            try:
+                index = self.raft.propose_conf_change(cc)
+                break
+            except ProposalDropped:
+                if loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(self.settings.tick)
+        self._wake.set()
+        await self._wait_applied(index, deadline)
+
+    # ---- the RPC side -------------------------------------------------------------------
+
+    def handlers(self) -> list[grpc.GenericRpcHandler]:
+        """What the manager's gRPC server must serve for this log."""
+        return [
+            peers.handler(RAFT_SERVICE, self.receive),
+            jsonrpc.service(CONTROL_SERVICE, unary={"Propose": self._rpc_propose}),
+        ]
+
+    def receive(self, frame: bytes) -> None:
+        """A frame from a peer's stream."""
+        if self.raft is None:
+            return
+        try:
+            m = codec.decode(frame)
+        except codec.CodecError as e:
+            log.warning("dropping a malformed Raft message: %s", e)
+            return
+        if m.to != self.id:
+            return
+        try:
+            self.raft.step(m)
+        except Exception:  # a bad message must not take the manager down
+            log.exception("Raft refused a message from %d", m.frm)
+            return
+        self._wake.set()
+
+    async def _rpc_propose(self, msg: jsonrpc.Message, context: jsonrpc.Context) -> jsonrpc.Message:
+        if self.raft is None or not self.raft.is_leader:
+            return {"error": "not the leader", "leader": self.leader}
+        try:
+            data = base64.b64decode(str(msg.get("data", "")), validate=True)
+        except ValueError:
+            return {"error": "bad data"}
+        if len(data) < ID_LEN:
+            return {"error": "bad data"}
+        try:
+            index = self._propose_local(data)
+        except (RaftNotLeader, ProposalDropped) as e:
+            return {"error": str(e), "leader": self.leader}
+        return {"index": index}
+
+    # ---- internals ----------------------------------------------------------------------
+
+    def _propose_local(self, data: bytes) -> int:
+        assert self.raft is not None
+        index = self.raft.propose(data)
+        self._wake.set()
+        return index
+
+    async def _forward(self, data: bytes, deadline: float) -> int:
+        loop = asyncio.get_running_loop()
+        lead = self.leader
+        addr = self.members.get(lead)
+        if lead == NONE or not addr:
+            raise NotLeader("no leader known")
+        client = self._controls.get(addr)
+        if client is None:
+            client = jsonrpc.Client(addr, self._channel_factory(addr))
+            self._controls[addr] = client
+        try:
+            reply = await client.call(
+                CONTROL_SERVICE,
+                "Propose",
+                {"data": base64.b64encode(data).decode()},
+                deadline=max(0.1, deadline - loop.time()),
+            )
+        except grpc.RpcError as e:
+            raise NotLeader(f"cannot reach the leader at {addr}") from e
+        if "index" not in reply:
+            raise NotLeader(str(reply.get("error", "the leader refused the write")))
+        return int(reply["index"])
+
+    async def _wait_result(self, index: int, pid: bytes, deadline: float) -> Any:
+        recent = self._recent.get(index)
+        if recent is not None or index <= self._applied:
+            if recent is None:
+                raise NotLeader("the write's outcome is unknown: it was applied long ago")
+            return self._outcome(index, pid, recent)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[index] = _Pending(pid, fut)
+        try:
+            remaining = deadline - asyncio.get_running_loop().time()
+            return await asyncio.wait_for(asyncio.shield(fut), max(remaining, 0.01))
+        except TimeoutError:
+            raise NoQuorum(
+                "the write was not committed in time: the managers may have lost their quorum; "
+                "it may still be made once they recover"
+            ) from None
+        finally:
+            if self._pending.get(index) is not None and self._pending[index].future is fut:
+                del self._pending[index]
+
+    @staticmethod
+    def _outcome(index: int, pid: bytes, recent: tuple[bytes, Any, BaseException | None]) -> Any:
+        applied_pid, result, error = recent
+        if applied_pid != pid:
+            raise NotLeader("leadership changed before the write committed: it was not made")
+        if error is not None:
+            raise error
+        return result
+
+    async def _wait_applied(self, index: int, deadline: float) -> None:
+        if self._applied >= index:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._applied_waits.append((index, fut))
+        try:
+            remaining = deadline - asyncio.get_running_loop().time()
+            await asyncio.wait_for(asyncio.shield(fut), max(remaining, 0.01))
+        except TimeoutError:
+            raise NoQuorum("the change was not committed in time") from None
+
+    async def _tick_loop(self) -> None:
+        assert self.raft is not None
+        while True:
+            await asyncio.sleep(self.settings.tick)
+            self.raft.tick()
+            self._wake.set()
+
+    async def _ready_loop(self) -> None:
+        assert self.raft is not None and self._storage is not None
+        raft, storage = self.raft, self._storage
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while raft.has_ready():
+                rd = raft.ready()
+                if rd.entries or rd.hard_state is not None or rd.snapshot is not None:
+                    await asyncio.to_thread(storage.save_ready, rd)
+                for m in rd.messages:
+                    self.transport.send(str(m.to), codec.encode(m))
+                self._handle_applies(rd)
+                raft.advance(rd)
+                self._notify_leadership()
+            await self._maybe_snapshot()
+
+    def _handle_applies(self, rd: Ready) -> None:
+        if rd.snapshot is not None:
+            self._install(rd.snapshot)
+        for e in rd.committed_entries:
+            self._apply_entry(e)
+        for rs in rd.read_states:
+            fut = self._reads.get(rs.context)
+            if fut is None or fut.done():
+                continue
+            if rs.index <= self._applied:
+                fut.set_result(None)
+            else:
+                self._read_waits.append((rs.index, fut))
+        self._release_waits()
+
+    def _apply_entry(self, e: Entry) -> None:
+        self._applied = e.index
+        if e.type is EntryType.CONF_CHANGE:
+            cc = ConfChange.decode(e.data)
+            if cc.type is ConfChangeType.REMOVE_NODE:
+                self.members.pop(cc.node_id, None)
+            else:
+                addr = _context_addr(cc.context) or self.members.get(cc.node_id, "")
+                self.members[cc.node_id] = addr
+            self._update_peers()
+            return
+        if len(e.data) < ID_LEN:  # a new leader's empty entry
+            self._resolve(e.index, b"", None, None)
+            return
+        assert self._apply is not None
+        pid, payload = e.data[:ID_LEN], e.data[ID_LEN:]
+        try:
+            result, error = self._apply(e.index, payload), None
+        except Exception as exc:  # deterministic: every manager fails the same entry alike
+            log.warning("entry %d could not be applied: %s", e.index, exc)
+            result, error = None, exc
+        self._resolve(e.index, pid, result, error)
+
+    def _resolve(self, index: int, pid: bytes, result: Any, error: BaseException | None) -> None:
+        self._recent[index] = (pid, result, error)
+        while len(self._recent) > RECENT_RESULTS:
+            self._recent.popitem(last=False)
+        pending = self._pending.pop(index, None)
+        if pending is None or pending.future.done():
+            return
+        try:
+            pending.future.set_result(self._outcome(index, pending.pid, (pid, result, error)))
+        except Exception as exc:  # handed to the waiter
+            pending.future.set_exception(exc)
+
+    def _release_waits(self) -> None:
+        for waits in (self._read_waits, self._applied_waits):
+            keep = []
+            for index, fut in waits:
+                if fut.done():
+                    continue
+                if index <= self._applied:
+                    fut.set_result(None)
+                else:
+                    keep.append((index, fut))
+            waits[:] = keep
+
+    def _install(self, snap: Snapshot) -> None:
+        assert self._restore is not None
+        doc = json.loads(snap.data) if snap.data else {"members": {}, "store": None}
+        self.members = {int(k): str(v) for k, v in doc["members"].items()}
+        if doc["store"] is not None:
+            self._restore(snap.meta.index, doc["store"])
+        self._applied = snap.meta.index
+        self._snapshot_index = snap.meta.index
+        self._update_peers()
+        for index in [i for i in self._pending if i <= snap.meta.index]:
+            # the entries came as a snapshot: whose write sits at that index is not known here
+            pending = self._pending.pop(index)
+            if not pending.future.done():
+                pending.future.set_exception(
+                    NotLeader("the write's outcome is unknown (this manager caught up by snapshot)")
+                )
+
+    async def _maybe_snapshot(self) -> None:
+        if self._applied - self._snapshot_index < self.settings.snapshot_every:
+            return
+        assert self.raft is not None and self._storage is not None and self._snapshot
+        index = self._applied
+        data = json.dumps(
+            {"members": {str(k): v for k, v in self.members.items()}, "store": self._snapshot()},
+            separators=(",", ":"),
+        ).encode()
+        snap = self.raft.compact(index, data, keep=self.settings.keep_entries)
+        await asyncio.to_thread(self._storage.compact, snap)
+        self._snapshot_index = index
+
+    def _update_peers(self) -> None:
+        addrs = {**self._known, **self.members}
+        self.transport.set_peers(
+            {str(rid): addr for rid, addr in addrs.items() if rid != self.id and addr}
+        )
+
+    def _notify_leadership(self) -> None:
+        assert self.raft is not None
+        now = (self.raft.is_leader, self.raft.term)
+        if now == self._leader_seen:
+            return
+        was_leader = self._leader_seen[0]
+        self._leader_seen = now
+        if now[0] != was_leader:
+            log.info("raft %d: %s in term %d", self.id, "leader" if now[0] else "follower", now[1])
+            for fn in self._leadership_listeners:
+                fn(*now)
+
+
+def _empty(state: StorageState) -> bool:
+    return state.snapshot.is_empty() and not state.entries and state.hard_state == HardState()
