@@ -49,6 +49,7 @@ bench:
 	$(BIN)/python -m bench.mesh data
 	$(BIN)/python -m bench.mesh sync
 	$(BIN)/python -m bench.dns
+	$(BIN)/python -m bench.control
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache *.egg-info

@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -116,9 +117,24 @@ class MeshProcess:
         ]
         self.proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
+        self._started_at = 0.0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._supervise())
+
+    def nudge(self) -> None:
+        """Wake shoal-mesh now for a new state (SIGHUP) rather than at its next poll of the
+        file. Only once it has synced since it started: before, SIGHUP would kill it."""
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        try:
+            if (self.run_dir / "applied").stat().st_mtime < self._started_at:
+                return
+        except OSError:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGHUP)
 
     async def _supervise(self) -> None:
         backoff = 0.5
@@ -127,6 +143,7 @@ class MeshProcess:
         while True:
             out = await asyncio.to_thread(open, log_path, "ab")
             with out:
+                self._started_at = time.time()
                 self.proc = await asyncio.create_subprocess_exec(
                     *self.cmd, stdout=out, stderr=out, start_new_session=True
                 )
@@ -225,6 +242,7 @@ class NodeRuntime:
             self.cfg.lb_backend,
         )
         self.mesh.start()
+        feed.on_write = self.mesh.nudge
         self.agent = Agent(
             AgentConfig(
                 node_id=m.node_id,

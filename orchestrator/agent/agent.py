@@ -30,6 +30,9 @@ log = logging.getLogger("shoal.agent")
 
 DISPATCHER = "shoal.Dispatcher"
 STATUS_BATCH = 0.1
+# Tasks making their namespaces together hand them to shoal-mesh in one state (one sync for
+# all of them rather than one per task), waiting at most this long for the slowest.
+FEED_BATCH = 0.25
 MAX_BACKOFF = 8.0
 LOG_BATCH = 200
 
@@ -57,6 +60,8 @@ class Agent:
         self._removals: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._client: Client | None = None
+        self._feed_flush: asyncio.Future[int] | None = None
+        self._netns_done = asyncio.Event()  # a task has made its namespace
         self.hooks = Hooks(
             report=self.report,
             network_ready=self.network_ready,
@@ -173,8 +178,25 @@ class Agent:
         return runner.netns if runner is not None and runner.netns_made else None
 
     async def network_ready(self, task_id: str) -> str | None:
-        generation = self.feed.update(None, self._netns_of)
+        self._netns_done.set()
+        if self._feed_flush is None or self._feed_flush.done():
+            self._feed_flush = asyncio.ensure_future(self._flush_feed())
+        generation = await asyncio.shield(self._feed_flush)
         return await self.feed.wait(generation, task_id)
+
+    async def _flush_feed(self) -> int:
+        """Write the state once every namespace being made is there (or FEED_BATCH passed):
+        its generation is the one the tasks waiting on it wait for."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FEED_BATCH
+        while any(r.making_netns for r in self.runners.values()):
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            self._netns_done.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._netns_done.wait(), left)
+        return self.feed.update(None, self._netns_of)
 
     # ---- task status --------------------------------------------------------------------
 

@@ -32,6 +32,9 @@ class MeshFeed:
         # Generations only grow, across restarts too: they start at the clock in ms.
         self._generation = time.time_ns() // 1_000_000
         self._written: dict[str, Any] | None = None
+        # Called after each new state is written (the node wakes shoal-mesh with it rather
+        # than leaving the change to its next poll of the file).
+        self.on_write: Callable[[], None] | None = None
 
     def update(self, view: dict[str, Any] | None, netns_of: Callable[[str], str | None]) -> int:
         """Write the state (the latest view, with local namespaces); returns its generation."""
@@ -56,6 +59,8 @@ class MeshFeed:
         tmp.write_text(json.dumps(doc, indent=1))
         tmp.replace(self.state_path)
         self._written = comparable
+        if self.on_write is not None:
+            self.on_write()
         return self._generation
 
     async def wait(self, generation: int, task_id: str, within: float = 30.0) -> str | None:
