@@ -166,8 +166,10 @@ def test_the_docker_sdk_creates_scales_and_reads_logs(sdk: Any) -> None:
         wait(lambda: len(sdk_tasks(sdk, "sdkweb")) == 2, "2 running tasks")
         # docker-py sends "replicated" in lower case: stored as Docker stores it
         assert sdk.services.get("sdkweb").attrs["Spec"]["Mode"] == {"Replicated": {"Replicas": 2}}
-        svc.scale(4)
+        first = {t["ID"] for t in sdk_tasks(sdk, "sdkweb")}
+        svc.scale(4)  # docker-py posts back the spec read with defaults inserted
         wait(lambda: len(sdk_tasks(sdk, "sdkweb")) == 4, "4 running tasks")
+        assert first <= {t["ID"] for t in sdk_tasks(sdk, "sdkweb")}, "scaling restarted tasks"
         assert {n.attrs["Description"]["Hostname"] for n in sdk.nodes.list()} == {
             "sw1",
             "sw2",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from orchestrator.manager.spec import DEFAULT_RESTART_DELAY, DEFAULT_STOP_GRACE, view
+from orchestrator.manager.spec import task_template_with_defaults, view
 from orchestrator.store.objects import Cluster, Network, Node, Service, Task, TaskState
 
 SECOND = 1_000_000_000
@@ -58,14 +58,7 @@ def node_json(node: Node, leader_id: str, engine_version: str) -> dict[str, Any]
 def with_defaults(spec: dict[str, Any]) -> dict[str, Any]:
     """What `insertDefaults=true` shows: the values the managers use when a field is unset."""
     out = copy.deepcopy(spec)
-    tt = out.setdefault("TaskTemplate", {})
-    cs = tt.setdefault("ContainerSpec", {})
-    cs.setdefault("StopGracePeriod", DEFAULT_STOP_GRACE)
-    rp = tt.setdefault("RestartPolicy", {})
-    rp.setdefault("Condition", "any")
-    rp.setdefault("Delay", DEFAULT_RESTART_DELAY)
-    rp.setdefault("MaxAttempts", 0)
-    tt.setdefault("Runtime", "container")
+    out["TaskTemplate"] = task_template_with_defaults(out.get("TaskTemplate", {}))
     for key in ("UpdateConfig", "RollbackConfig"):
         cfg = out.setdefault(key, {})
         for k, v in (

@@ -29,7 +29,7 @@ from orchestrator.api.docker import (
 from orchestrator.api.resolve import resolve
 from orchestrator.manager.allocator import AddressBook, AllocationError, allocate_service
 from orchestrator.manager.orchestrator.tasks import stop
-from orchestrator.manager.spec import SpecError, normalize_service_spec, view
+from orchestrator.manager.spec import SpecError, normalize_service_spec, same_task_template, view
 from orchestrator.store.ids import new_id
 from orchestrator.store.objects import Node, Service, Task, TaskState
 from orchestrator.store.store import Store, Tx
@@ -131,7 +131,9 @@ async def update(request: web.Request) -> web.Response:
         if current.meta.version != int(raw_version):
             raise ApiError(500, "rpc error: code = Unknown desc = update out of sequence")
         _name_taken(tx, spec["Name"], current.id)
-        changed = spec.get("TaskTemplate") != current.spec.get("TaskTemplate")
+        changed = not same_task_template(
+            spec.get("TaskTemplate", {}), current.spec.get("TaskTemplate", {})
+        )
         updated = dataclasses.replace(
             current,
             spec=spec,

@@ -119,6 +119,38 @@ def parse_constraint(text: str) -> Constraint:
     return Constraint(key, m.group(2) == "==", m.group(3))
 
 
+def task_template_with_defaults(template: dict[str, Any]) -> dict[str, Any]:
+    """A TaskTemplate with the values the managers use where a field is unset (what the API's
+    `insertDefaults=true` shows)."""
+    tt = copy.deepcopy(template)
+    cs = tt.setdefault("ContainerSpec", {})
+    cs.setdefault("StopGracePeriod", DEFAULT_STOP_GRACE)
+    rp = tt.setdefault("RestartPolicy", {})
+    rp.setdefault("Condition", "any")
+    rp.setdefault("Delay", DEFAULT_RESTART_DELAY)
+    rp.setdefault("MaxAttempts", 0)
+    tt.setdefault("Runtime", "container")
+    return tt
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def same_task_template(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two TaskTemplates run the same: defaults written out or left unset, null or
+    absent fields are all one (clients post back specs read with insertDefaults, as docker-py's
+    scale does; that must not restart every task)."""
+    return bool(
+        _without_nulls(task_template_with_defaults(a))
+        == _without_nulls(task_template_with_defaults(b))
+    )
+
+
 def normalize_service_spec(raw: Any) -> dict[str, Any]:
     """Apply Docker's defaults to a ServiceSpec and check it; raises SpecError."""
     spec: dict[str, Any] = copy.deepcopy(_obj(raw, "Spec"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+from orchestrator.manager.spec import same_task_template
 from orchestrator.store.ids import new_id, now_rfc3339
 from orchestrator.store.objects import Node, Service, Task, TaskState
 
@@ -35,7 +36,7 @@ def runnable(task: Task) -> bool:
 
 def dirty(svc: Service, task: Task) -> bool:
     """Runs an older spec than the service's."""
-    return bool(task.spec != svc.spec.get("TaskTemplate", {}))
+    return not same_task_template(task.spec, svc.spec.get("TaskTemplate", {}))
 
 
 def node_usable(node: Node | None) -> bool:
