@@ -1,25 +1,24 @@
 """A node's swarm membership: what shoald runs once it is part of a swarm.
 
-Every node runs an agent and a shoal-mesh; a manager also runs the store, the control loops and
-the dispatcher behind its gRPC listener. The membership (node ID, role, how to reach a manager)
-is kept in <data-root>/node.json, so a restarted shoald picks up where it was.
+Every node runs an agent and a shoal-mesh; a manager also runs a member of the managers' Raft
+group with the store, and while it leads the control loops (orchestrator/manager/runtime.py).
+The membership (node ID, role, Raft ID, the managers' addresses) is kept in
+<data-root>/node.json, so a restarted shoald picks up where it was.
+
+A role can change under a running node (`node promote`, `node demote`): the managers say so in
+the node's assignments, and the node starts or stops its manager runtime.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import secrets
 import shutil
-import signal
-import subprocess
-import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,20 +26,22 @@ from grpc import aio
 
 from orchestrator.agent.agent import Agent, AgentConfig, node_description
 from orchestrator.agent.meshfeed import MeshFeed
+from orchestrator.agent.meshprocess import MeshProcess
 from orchestrator.api.convert import default_cluster_spec
 from orchestrator.api.docker import ENGINE_VERSION
 from orchestrator.manager import allocator
-from orchestrator.manager.dispatcher import Dispatcher
-from orchestrator.manager.manager import Manager
+from orchestrator.manager.dispatcher import new_raft_id
+from orchestrator.manager.runtime import ManagerRuntime
 from orchestrator.rpc import jsonrpc
+from orchestrator.rpc.jsonrpc import Message
 from orchestrator.store.ids import new_id
-from orchestrator.store.log import LocalLog
 from orchestrator.store.objects import Cluster, Node
-from orchestrator.store.store import Store, Tx
+from orchestrator.store.store import Tx
 
 log = logging.getLogger("shoal.node")
 
 DEFAULT_PORT = 2377
+JOIN_CATCH_UP = 30.0  # seconds a joining manager may take to receive the store
 _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
@@ -64,119 +65,19 @@ class Membership:
     node_id: str
     cluster_id: str
     role: str  # manager | worker
-    manager: str  # host:port the agent dials
+    managers: list[str]  # host:port of the managers it knows, the one to try first first
     addr: str  # this node's advertised address
-    listen: str  # host:port managers listen on
+    listen: str  # host:port its manager listens on ("": the default, when promoted)
+    raft_id: int = 0  # its member ID in the managers' Raft group (managers)
+    advertise: str = ""  # host:port other managers reach its listener at (managers)
 
-
-class ManagerRuntime:
-    """The store, the control loops and the gRPC listener of a manager."""
-
-    def __init__(self, data_dir: Path):
-        self.store = Store(LocalLog(data_dir / "raft"))
-        self.manager = Manager(self.store)
-        self.dispatcher = Dispatcher(self.store)
-        self.server: aio.Server | None = None
-
-    async def start(self, listen: str) -> None:
-        await self.store.log.start()
-        self.server = jsonrpc.server()
-        self.server.add_generic_rpc_handlers([self.dispatcher.handler()])
-        if self.server.add_insecure_port(listen) == 0:
-            raise OSError(f"cannot listen on {listen}")
-        await self.server.start()
-        self.dispatcher.start()
-        self.manager.start()
-
-    async def stop(self) -> None:
-        await self.manager.stop()
-        await self.dispatcher.stop()
-        if self.server is not None:
-            await self.server.stop(grace=1)
-        await self.store.log.close()
-
-
-class MeshProcess:
-    """The node's shoal-mesh, restarted if it dies."""
-
-    def __init__(self, state: Path, run_dir: Path, metrics_addr: str, lb_backend: str):
-        self.state, self.run_dir = state, run_dir
-        self.cmd = [
-            sys.executable,
-            "-m",
-            "mesh.cli",
-            "run",
-            "--state",
-            str(state),
-            "--run-dir",
-            str(run_dir),
-            "--metrics-addr",
-            metrics_addr,
-            "--lb-backend",
-            lb_backend,
-        ]
-        self.proc: asyncio.subprocess.Process | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._started_at = 0.0
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._supervise())
-
-    def nudge(self) -> None:
-        """Wake shoal-mesh now for a new state (SIGHUP) rather than at its next poll of the
-        file. Only once it has synced since it started: before, SIGHUP would kill it."""
-        proc = self.proc
-        if proc is None or proc.returncode is not None:
-            return
-        try:
-            if (self.run_dir / "applied").stat().st_mtime < self._started_at:
-                return
-        except OSError:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGHUP)
-
-    async def _supervise(self) -> None:
-        backoff = 0.5
-        log_path = self.run_dir / "shoal-mesh.log"
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        while True:
-            out = await asyncio.to_thread(open, log_path, "ab")
-            with out:
-                self._started_at = time.time()
-                self.proc = await asyncio.create_subprocess_exec(
-                    *self.cmd, stdout=out, stderr=out, start_new_session=True
-                )
-            code = await self.proc.wait()
-            log.warning(
-                "shoal-mesh exited with %s; restarting in %.1f s (log: %s)", code, backoff, log_path
-            )
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 10)
-
-    async def stop(self, cleanup: bool) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.proc.wait(), 10)
-        if cleanup:
-            await asyncio.to_thread(
-                subprocess.run,
-                [
-                    sys.executable,
-                    "-m",
-                    "mesh.cli",
-                    "cleanup",
-                    "--state",
-                    str(self.state),
-                    "--run-dir",
-                    str(self.run_dir),
-                ],
-                capture_output=True,
-            )
+    @staticmethod
+    def load(path: Path) -> Membership:
+        doc = json.loads(path.read_text())
+        if "manager" in doc:  # written before managers were replicated
+            doc.setdefault("managers", [doc.pop("manager")])
+        names = {f.name for f in fields(Membership)}
+        return Membership(**{k: v for k, v in doc.items() if k in names})
 
 
 class SwarmError(RuntimeError):
@@ -196,6 +97,13 @@ class NodeConfig:
     metrics_port: int = 9323
 
 
+@dataclass
+class _RoleChange:
+    role: str
+    raft_id: int = 0
+    raft_members: dict[int, str] = field(default_factory=dict)
+
+
 class NodeRuntime:
     """A node's membership and everything it runs."""
 
@@ -206,10 +114,15 @@ class NodeRuntime:
         self.agent: Agent | None = None
         self.mesh: MeshProcess | None = None
         self._lock = asyncio.Lock()
+        self._role_task: asyncio.Task[None] | None = None
 
     @property
     def path(self) -> Path:
         return self.cfg.data_root / "node.json"
+
+    @property
+    def manager_dir(self) -> Path:
+        return self.cfg.data_root / "manager"
 
     @property
     def state(self) -> str:
@@ -223,15 +136,21 @@ class NodeRuntime:
         """Rejoin what node.json says we are part of (after a restart)."""
         if not self.path.exists():
             return
-        m = Membership(**json.loads(self.path.read_text()))
+        m = Membership.load(self.path)
+        if m.role == "manager":
+            await self._start_manager(m, bootstrap=False, known={})
         await self._run(m)
         log.info("resumed as %s %s of cluster %s", m.role, m.node_id, m.cluster_id)
 
+    async def _start_manager(self, m: Membership, bootstrap: bool, known: dict[int, str]) -> None:
+        runtime = ManagerRuntime(
+            self.manager_dir, m.raft_id, m.advertise, bootstrap=bootstrap, known=known
+        )
+        await runtime.start(m.listen or f"0.0.0.0:{DEFAULT_PORT}")
+        self.manager = runtime
+
     async def _run(self, m: Membership) -> None:
         self.membership = m
-        if m.role == "manager":
-            self.manager = ManagerRuntime(self.cfg.data_root / "manager")
-            await self.manager.start(m.listen)
         mesh_dir = self.cfg.data_root / "mesh"
         feed = MeshFeed(mesh_dir / "state.json", mesh_dir / "run", m.node_id, m.addr)
         feed.update(None, lambda _: None)
@@ -246,11 +165,13 @@ class NodeRuntime:
         self.agent = Agent(
             AgentConfig(
                 node_id=m.node_id,
-                manager=m.manager,
+                managers=m.managers,
                 addr=m.addr,
                 data_dir=self.cfg.data_root,
                 netns_prefix=self.cfg.netns_prefix,
                 description=node_description(self.cfg.hostname, ENGINE_VERSION),
+                on_managers=self._managers_changed,
+                on_role=self._role_said,
             ),
             feed,
         )
@@ -261,6 +182,54 @@ class NodeRuntime:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(m), indent=1))
         tmp.replace(self.path)
+
+    def _managers_changed(self, managers: list[str]) -> None:
+        m = self.membership
+        if m is not None and managers and sorted(managers) != sorted(m.managers):
+            m.managers = managers
+            self._save(m)
+
+    def _role_said(self, msg: Message) -> None:
+        m = self.membership
+        if m is None:
+            return
+        change = _RoleChange(
+            str(msg.get("role", m.role)),
+            int(msg.get("raft_id") or 0),
+            {int(k): str(v) for k, v in (msg.get("raft_members") or {}).items()},
+        )
+        wants_manager = change.role == "manager"
+        if wants_manager == (self.manager is not None):
+            return
+        if self._role_task is not None and not self._role_task.done():
+            return  # one change at a time; the next assignment says it again
+        self._role_task = asyncio.create_task(self._change_role(change))
+
+    async def _change_role(self, change: _RoleChange) -> None:
+        async with self._lock:
+            m = self.membership
+            if m is None:
+                return
+            if change.role == "manager" and self.manager is None:
+                if not change.raft_id:
+                    return
+                m.role, m.raft_id = "manager", change.raft_id
+                m.advertise = m.advertise or f"{m.addr}:{DEFAULT_PORT}"
+                log.info("promoted: starting a manager (raft member %d)", m.raft_id)
+                shutil.rmtree(self.manager_dir, ignore_errors=True)
+                try:
+                    await self._start_manager(m, bootstrap=False, known=change.raft_members)
+                except OSError as e:
+                    log.error("cannot start the manager: %s", e)
+                    return
+                self._save(m)
+            elif change.role == "worker" and self.manager is not None:
+                log.info("demoted: stopping the manager")
+                runtime, self.manager = self.manager, None
+                await runtime.stop()
+                shutil.rmtree(self.manager_dir, ignore_errors=True)
+                m.role, m.raft_id = "worker", 0
+                self._save(m)
 
     async def init(self, listen: str, advertise: str, spec: dict[str, Any]) -> str:
         async with self._lock:
@@ -275,13 +244,20 @@ class NodeRuntime:
                 node_id=node_id,
                 cluster_id=cluster_id,
                 role="manager",
-                manager=advertise,
+                managers=[advertise],
                 addr=advertise.rsplit(":", 1)[0],
                 listen=listen,
+                raft_id=new_raft_id(),
+                advertise=advertise,
             )
-            runtime = ManagerRuntime(self.cfg.data_root / "manager")
-            shutil.rmtree(self.cfg.data_root / "manager", ignore_errors=True)
-            await runtime.store.log.start()
+            shutil.rmtree(self.manager_dir, ignore_errors=True)
+            try:
+                await self._start_manager(m, bootstrap=True, known={})
+                assert self.manager is not None
+                await self.manager.wait_leader(10)
+            except OSError as e:
+                await self._teardown(cleanup=True)
+                raise SwarmError(400, f"cannot start the manager: {e}") from e
 
             def bootstrap(tx: Tx) -> None:
                 tx.put(
@@ -302,22 +278,18 @@ class NodeRuntime:
                         hostname=self.cfg.hostname,
                         addr=m.addr,
                         manager_addr=advertise,
+                        raft_id=m.raft_id,
                         state="unknown",
                         engine_version=ENGINE_VERSION,
                     )
                 )
 
-            await runtime.store.update(bootstrap)
-            await runtime.store.log.close()
+            await self.manager.store.update(bootstrap)
             self._save(m)
-            try:
-                await self._run(m)
-            except OSError as e:
-                await self._teardown(cleanup=True)
-                raise SwarmError(400, f"cannot start the manager: {e}") from e
+            await self._run(m)
             return node_id
 
-    async def join(self, remote: str, token: str, addr: str) -> None:
+    async def join(self, remote: str, token: str, addr: str, listen: str) -> None:
         async with self._lock:
             if self.membership is not None:
                 raise SwarmError(
@@ -325,6 +297,7 @@ class NodeRuntime:
                     'This node is already part of a swarm. Use "docker '
                     'swarm leave" to leave this swarm and join another one.',
                 )
+            advertise = f"{addr}:{listen.rsplit(':', 1)[-1] if listen else DEFAULT_PORT}"
             client = jsonrpc.Client(remote)
             try:
                 reply = await client.call(
@@ -333,6 +306,7 @@ class NodeRuntime:
                     {
                         "token": token,
                         "addr": addr,
+                        "manager_addr": advertise,
                         "description": node_description(self.cfg.hostname, ENGINE_VERSION),
                     },
                     deadline=15,
@@ -345,12 +319,41 @@ class NodeRuntime:
                 node_id=reply["node_id"],
                 cluster_id=reply["cluster_id"],
                 role=reply["role"],
-                manager=remote,
+                managers=[remote, *[a for a in reply.get("managers", []) if a != remote]],
                 addr=addr,
-                listen="",
+                listen=listen if reply["role"] == "manager" else "",
+                raft_id=int(reply.get("raft_id") or 0),
+                advertise=advertise if reply["role"] == "manager" else "",
             )
+            if m.role == "manager":
+                shutil.rmtree(self.manager_dir, ignore_errors=True)
+                known = {int(k): str(v) for k, v in (reply.get("raft_members") or {}).items()}
+                try:
+                    await self._start_manager(m, bootstrap=False, known=known)
+                    await self._caught_up(m)
+                except (OSError, TimeoutError) as e:
+                    await self._teardown(cleanup=True)
+                    raise SwarmError(
+                        400,
+                        f"joined the swarm but could not become a manager: {e}; "
+                        "`swarm leave --force` here and check that the managers can reach "
+                        f"{advertise}",
+                    ) from e
             self._save(m)
             await self._run(m)
+
+    async def _caught_up(self, m: Membership) -> None:
+        """A joining manager returns once Raft counts it as a voter and its store has it."""
+        assert self.manager is not None
+        raft, store = self.manager.raft, self.manager.store
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + JOIN_CATCH_UP
+        while not (m.raft_id in raft.voters() and store.get(Node, m.node_id) is not None):
+            if loop.time() > deadline:
+                raise TimeoutError(
+                    f"the managers did not take this node in within {JOIN_CATCH_UP:.0f} s"
+                )
+            await asyncio.sleep(0.1)
 
     async def leave(self, force: bool) -> None:
         async with self._lock:
@@ -366,10 +369,13 @@ class NodeRuntime:
                 )
             await self._teardown(cleanup=True)
             self.path.unlink(missing_ok=True)
-            shutil.rmtree(self.cfg.data_root / "manager", ignore_errors=True)
+            shutil.rmtree(self.manager_dir, ignore_errors=True)
             shutil.rmtree(self.cfg.data_root / "tasks", ignore_errors=True)
 
     async def _teardown(self, cleanup: bool) -> None:
+        if self._role_task is not None:
+            self._role_task.cancel()
+            self._role_task = None
         if self.agent is not None:
             log.info("stopping the agent and its tasks")
             await self.agent.stop()

@@ -16,13 +16,13 @@ from orchestrator.manager.allocator import AddressBook, AllocationError
 from orchestrator.manager.manager import Manager
 from orchestrator.manager.spec import SpecError, normalize_service_spec, with_replicas
 from orchestrator.store.ids import new_id
-from orchestrator.store.log import LocalLog
 from orchestrator.store.objects import Network, Node, Service, Task, TaskState
+from orchestrator.store.raftlog import RaftLog
 from orchestrator.store.store import Store, Tx
 
 
 async def cluster(tmp: Path, nodes: int = 3) -> tuple[Store, Manager]:
-    store = Store(LocalLog(tmp))
+    store = Store(RaftLog(tmp, 1, "", bootstrap=True))
     await store.log.start()
 
     def setup(tx: Tx) -> None:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,11 +41,15 @@ LOG_BATCH = 200
 @dataclass
 class AgentConfig:
     node_id: str
-    manager: str  # host:port of a manager
+    managers: list[str]  # host:port of the managers it knows, the one to try first first
     addr: str  # this node's address
     data_dir: Path
     netns_prefix: str
     description: dict[str, Any]
+    # told the managers' addresses whenever they change (the node keeps them for restarts)
+    on_managers: Callable[[list[str]], None] | None = None
+    # told each assignment's role part: {"role", "raft_id", "raft_members"}
+    on_role: Callable[[Message], None] | None = None
 
 
 class Agent:
@@ -60,6 +65,8 @@ class Agent:
         self._removals: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._client: Client | None = None
+        self.managers = list(cfg.managers)
+        self.manager = self.managers[0] if self.managers else ""  # the one it talks to
         self._feed_flush: asyncio.Future[int] | None = None
         self._netns_done = asyncio.Event()  # a task has made its namespace
         self.hooks = Hooks(
@@ -102,18 +109,49 @@ class Agent:
                     else:
                         log.warning(
                             "session with %s lost: %s",
-                            self.cfg.manager,
+                            self.manager,
                             e.details() if isinstance(e, grpc.aio.AioRpcError) else e,
                         )
                 self.connected = False
+                if await self._find_leader():
+                    backoff = 0.5
+                    continue
                 await asyncio.sleep(backoff + random.random() * backoff / 2)
                 backoff = min(backoff * 2, MAX_BACKOFF)
         finally:
             sender.cancel()
 
+    async def _find_leader(self) -> bool:
+        """Ask the managers it knows where the leader is; switch to it. True if it did."""
+        for addr in [self.manager, *[m for m in self.managers if m != self.manager]]:
+            client = Client(addr)
+            try:
+                reply = await client.call(DISPATCHER, "Managers", {}, deadline=2)
+            except grpc.aio.AioRpcError:
+                continue
+            finally:
+                await client.close()
+            self._set_managers([str(m) for m in reply.get("managers", [])])
+            leader = str(reply.get("leader") or "")
+            if leader and leader != self.manager:
+                log.info("the leader is at %s now", leader)
+                self.manager = leader
+                if self._client is not None:
+                    await self._client.close()
+                    self._client = None
+                return True
+            return False
+        return False
+
+    def _set_managers(self, managers: list[str]) -> None:
+        if managers and sorted(managers) != sorted(self.managers):
+            self.managers = managers
+            if self.cfg.on_managers is not None:
+                self.cfg.on_managers(list(managers))
+
     async def _session(self) -> None:
         if self._client is None:
-            self._client = Client(self.cfg.manager)
+            self._client = Client(self.manager)
         call = self._client.stream(
             DISPATCHER,
             "Session",
@@ -129,7 +167,8 @@ class Agent:
                 if "period" in msg:
                     self.period = float(msg["period"])
                     self.connected = True
-                    log.info("session open with %s", self.cfg.manager)
+                    self._set_managers([str(m) for m in msg.get("managers", [])])
+                    log.info("session open with %s", self.manager)
                     if beat is None:
                         beat = asyncio.create_task(self._heartbeat())
                 elif "assignment" in msg:
@@ -158,6 +197,10 @@ class Agent:
     # ---- assignments --------------------------------------------------------------------
 
     async def _assign(self, assignment: Message) -> None:
+        if self.cfg.on_role is not None and "role" in assignment:
+            self.cfg.on_role(
+                {k: assignment[k] for k in ("role", "raft_id", "raft_members") if k in assignment}
+            )
         tasks = {t["id"]: t for t in assignment.get("tasks", [])}
         for tid in [t for t in self.runners if t not in tasks]:
             gone = self.runners.pop(tid)

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from orchestrator.api.docker import ApiError
-from orchestrator.node import ManagerRuntime, NodeRuntime
+from orchestrator.manager.runtime import ManagerRuntime
+from orchestrator.node import NodeRuntime
+from orchestrator.store.log import NotLeader
 
 NOT_MANAGER = (
     'This node is not a swarm manager. Use "docker swarm init" or "docker swarm '
@@ -32,8 +34,22 @@ class API:
         return api
 
 
-def manager_or_503(request: web.Request) -> ManagerRuntime:
+NO_LEADER = (
+    "The swarm does not have a leader. It's possible that too few managers are online. "
+    "Make sure more than half of the managers are online."
+)
+
+
+async def manager_or_503(request: web.Request) -> ManagerRuntime:
+    """This node's manager, with its store up to date with every committed write (so a
+    request to any manager sees what any other acknowledged); 503 on a worker or without a
+    leader."""
     node = API.of(request).node
-    if node.manager is None:
+    manager = node.manager
+    if manager is None:
         raise ApiError(503, WORKER if node.membership is not None else NOT_MANAGER)
-    return node.manager
+    try:
+        await manager.raft.read_barrier()
+    except NotLeader as e:
+        raise ApiError(503, f"{NO_LEADER} ({e})") from None
+    return manager

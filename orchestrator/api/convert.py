@@ -20,7 +20,10 @@ def _meta(obj: Node | Service | Task | Network | Cluster) -> dict[str, Any]:
     }
 
 
-def node_json(node: Node, leader_id: str, engine_version: str) -> dict[str, Any]:
+def node_json(
+    node: Node, leader_raft_id: int, reachability: dict[int, str], engine_version: str
+) -> dict[str, Any]:
+    """A node as the API shows it; ManagerStatus for the managers in the Raft group."""
     spec: dict[str, Any] = {
         "Labels": dict(node.labels),
         "Role": node.role,
@@ -46,10 +49,10 @@ def node_json(node: Node, leader_id: str, engine_version: str) -> dict[str, Any]
             **({"Message": node.message} if node.message else {}),
         },
     }
-    if node.role == "manager":
+    if node.raft_id and node.raft_id in reachability:
         out["ManagerStatus"] = {
-            "Leader": node.id == leader_id,
-            "Reachability": "reachable" if node.state != "down" else "unreachable",
+            "Leader": node.raft_id == leader_raft_id,
+            "Reachability": reachability[node.raft_id],
             "Addr": node.manager_addr,
         }
     return out

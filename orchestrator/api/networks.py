@@ -21,7 +21,7 @@ def find(store: Store, ref: str) -> Network:
 
 
 async def create(request: web.Request) -> web.Response:
-    store = manager_or_503(request).store
+    store = (await manager_or_503(request)).store
     try:
         spec, subnet = normalize_network_spec(await body(request))
     except SpecError as e:
@@ -42,7 +42,7 @@ async def create(request: web.Request) -> web.Response:
 
 
 async def list_networks(request: web.Request) -> web.Response:
-    store = manager_or_503(request).store
+    store = (await manager_or_503(request)).store
     f = filters(request, FILTERS)
     out = []
     for n in sorted(store.list(Network), key=lambda n: n.name):
@@ -71,12 +71,12 @@ async def list_networks(request: web.Request) -> web.Response:
 
 async def inspect(request: web.Request) -> web.Response:
     return json_response(
-        network_json(find(manager_or_503(request).store, request.match_info["id"]))
+        network_json(find((await manager_or_503(request)).store, request.match_info["id"]))
     )
 
 
 async def remove(request: web.Request) -> web.Response:
-    store = manager_or_503(request).store
+    store = (await manager_or_503(request)).store
     net = find(store, request.match_info["id"])
 
     def fn(tx: Tx) -> None:

@@ -6,7 +6,7 @@ import dataclasses
 
 from aiohttp import web
 
-from orchestrator.api.context import API, manager_or_503
+from orchestrator.api.context import manager_or_503
 from orchestrator.api.convert import node_json
 from orchestrator.api.docker import (
     ENGINE_VERSION,
@@ -17,28 +17,32 @@ from orchestrator.api.docker import (
     json_response,
 )
 from orchestrator.api.resolve import resolve
+from orchestrator.manager.dispatcher import new_raft_id
+from orchestrator.node import DEFAULT_PORT
 from orchestrator.store.objects import Node
 from orchestrator.store.store import Tx
 
 FILTERS = {"id", "label", "membership", "name", "node.label", "role"}
 
 
-def leader(request: web.Request) -> str:
-    m = API.of(request).node.membership
-    return m.node_id if m is not None and m.role == "manager" else ""
-
-
-def find(request: web.Request, ref: str) -> Node:
-    store = manager_or_503(request).store
+async def find(request: web.Request, ref: str) -> Node:
+    store = (await manager_or_503(request)).store
     node: Node = resolve(
         store.list(Node), ref, "node", lambda n: n.name or n.hostname, lambda n: n.id
     )
     return node
 
 
+async def manager_view(request: web.Request) -> tuple[int, dict[int, str]]:
+    """The leader's Raft ID and each member's reachability, for ManagerStatus."""
+    manager = await manager_or_503(request)
+    return manager.raft.leader, await manager.manager_statuses()
+
+
 async def list_nodes(request: web.Request) -> web.Response:
-    store = manager_or_503(request).store
+    store = (await manager_or_503(request)).store
     f = filters(request, FILTERS)
+    leader, reach = await manager_view(request)
     out = []
     for n in sorted(store.list(Node), key=lambda n: (n.hostname, n.id)):
         if "id" in f and not any(n.id.startswith(v) for v in f["id"]):
@@ -52,7 +56,7 @@ async def list_nodes(request: web.Request) -> web.Response:
         labels = [*f.get("label", []), *f.get("node.label", [])]
         if not all(_has_label(n.labels, lab) for lab in labels):
             continue
-        out.append(node_json(n, leader(request), ENGINE_VERSION))
+        out.append(node_json(n, leader, reach, ENGINE_VERSION))
     return json_response(out)
 
 
@@ -62,14 +66,14 @@ def _has_label(labels: dict[str, str], spec: str) -> bool:
 
 
 async def inspect(request: web.Request) -> web.Response:
-    return json_response(
-        node_json(find(request, request.match_info["id"]), leader(request), ENGINE_VERSION)
-    )
+    node = await find(request, request.match_info["id"])
+    leader, reach = await manager_view(request)
+    return json_response(node_json(node, leader, reach, ENGINE_VERSION))
 
 
 async def update(request: web.Request) -> web.Response:
-    store = manager_or_503(request).store
-    node = find(request, request.match_info["id"])
+    store = (await manager_or_503(request)).store
+    node = await find(request, request.match_info["id"])
     spec = await body(request)
     version = request.query.get("version", "")
     role = spec.get("Role", node.role)
@@ -78,12 +82,8 @@ async def update(request: web.Request) -> web.Response:
         raise ApiError(400, f"invalid availability {availability!r}: use active, pause or drain")
     if role not in ("manager", "worker"):
         raise ApiError(400, f"invalid role {role!r}: use manager or worker")
-    if role != node.role:
-        raise ApiError(
-            400,
-            "promoting or demoting nodes needs replicated managers (Raft), "
-            "which this version does not have yet",
-        )
+    if role == "worker" and node.role == "manager":
+        await _check_demotion(request, node)
     labels = spec.get("Labels") or {}
     if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
         raise ApiError(400, "Labels: expected an object of strings")
@@ -94,25 +94,56 @@ async def update(request: web.Request) -> web.Response:
             raise ApiError(404, f"node {node.id} not found")
         if str(current.meta.version) != version:
             raise ApiError(500, "rpc error: code = Unknown desc = update out of sequence")
-        tx.put(
-            dataclasses.replace(
-                current,
-                availability=availability,
-                labels=dict(labels),
-                name=str(spec.get("Name") or ""),
-            )
+        changed = dataclasses.replace(
+            current,
+            availability=availability,
+            labels=dict(labels),
+            name=str(spec.get("Name") or ""),
         )
+        if role == "manager" and current.role != "manager":
+            # a fresh Raft ID every time: a removed member's ID is never reused
+            changed = dataclasses.replace(
+                changed,
+                role="manager",
+                raft_id=new_raft_id(),
+                manager_addr=current.manager_addr or f"{current.addr}:{DEFAULT_PORT}",
+            )
+        elif role == "worker":
+            changed = dataclasses.replace(changed, role="worker")
+        tx.put(changed)
 
     await store.update(fn)
     return web.Response(status=200)
 
 
+async def _check_demotion(request: web.Request, node: Node) -> None:
+    """Refuse a demotion that would leave the managers without a quorum (as Docker does)."""
+    manager = await manager_or_503(request)
+    voters = manager.raft.voters()
+    if node.raft_id not in voters:
+        return
+    remaining = voters - {node.raft_id}
+    if not remaining:
+        raise ApiError(
+            400,
+            "rpc error: code = FailedPrecondition desc = attempting to demote the last "
+            "manager of the swarm",
+        )
+    reach = await manager.manager_statuses()
+    reachable = sum(1 for rid in remaining if reach.get(rid) == "reachable")
+    if reachable <= len(remaining) // 2:
+        raise ApiError(
+            400,
+            "rpc error: code = FailedPrecondition desc = can't remove member from the raft: "
+            "this would result in a loss of quorum",
+        )
+
+
 async def remove(request: web.Request) -> web.Response:
-    store = manager_or_503(request).store
-    node = find(request, request.match_info["id"])
+    store = (await manager_or_503(request)).store
+    node = await find(request, request.match_info["id"])
     force = bool_value(request.query.get("force"))
-    me = API.of(request).node.membership
-    if me is not None and node.id == me.node_id:
+    if node.role == "manager":
         raise ApiError(
             400,
             f"rpc error: code = FailedPrecondition desc = node {node.id} is a "

@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from orchestrator.api import networks, nodes, services, tasks
-from orchestrator.api.context import API, manager_or_503
+from orchestrator.api.context import API, NO_LEADER, manager_or_503
 from orchestrator.api.convert import default_cluster_spec, swarm_json
 from orchestrator.api.docker import (
     API_VERSION,
@@ -32,6 +32,7 @@ from orchestrator.api.docker import (
     json_response,
 )
 from orchestrator.node import DEFAULT_PORT, NodeRuntime, SwarmError, join_token
+from orchestrator.store.log import NotLeader
 from orchestrator.store.objects import Cluster, Node
 from orchestrator.store.store import Tx
 
@@ -49,6 +50,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(e.status, e.message)
     except SwarmError as e:
         return error_response(e.status, str(e))
+    except NotLeader as e:  # a write the managers could not commit
+        return error_response(503, f"{NO_LEADER} ({e})")
     except web.HTTPNotFound:
         return error_response(404, "page not found")
     except web.HTTPMethodNotAllowed:
@@ -127,7 +130,7 @@ async def info(request: web.Request) -> web.Response:
             "LocalNodeState": api.node.state,
             "ControlAvailable": api.node.manager is not None,
             "Error": "",
-            "RemoteManagers": [{"NodeID": "", "Addr": m.manager}],
+            "RemoteManagers": [{"NodeID": "", "Addr": a} for a in m.managers],
         }
         if api.node.manager is not None:
             store = api.node.manager.store
@@ -213,7 +216,7 @@ async def swarm_join(request: web.Request) -> web.Response:
         raise ApiError(400, "invalid join token: it should start with SWMTKN-1-")
     listen = str(req.get("ListenAddr") or f"0.0.0.0:{DEFAULT_PORT}")
     advertise = _advertise(listen, str(req.get("AdvertiseAddr") or ""))
-    await api.node.join(remote, token, advertise.rsplit(":", 1)[0])
+    await api.node.join(remote, token, advertise.rsplit(":", 1)[0], listen)
     return web.Response(status=200)
 
 
@@ -223,13 +226,13 @@ async def swarm_leave(request: web.Request) -> web.Response:
 
 
 async def swarm_get(request: web.Request) -> web.Response:
-    store = manager_or_503(request).store
+    store = (await manager_or_503(request)).store
     cluster = next(iter(store.list(Cluster)))
     return json_response(swarm_json(cluster, with_tokens=True))
 
 
 async def swarm_update(request: web.Request) -> web.Response:
-    store = manager_or_503(request).store
+    store = (await manager_or_503(request)).store
     req = await body(request)
     version_q = request.query.get("version", "")
     rotate_w = bool_value(request.query.get("rotateWorkerToken"))
@@ -253,7 +256,7 @@ async def swarm_update(request: web.Request) -> web.Response:
 
 
 async def empty_list(request: web.Request) -> web.Response:
-    manager_or_503(request)
+    (await manager_or_503(request))
     return json_response([])
 
 

@@ -61,7 +61,7 @@ def _name_taken(tx: Tx, name: str, own_id: str = "") -> None:
 
 
 async def create(request: web.Request) -> web.Response:
-    store = manager_or_503(request).store
+    store = (await manager_or_503(request)).store
     spec = _spec(await body(request))
 
     def fn(tx: Tx) -> Service:
@@ -79,7 +79,7 @@ async def create(request: web.Request) -> web.Response:
 
 
 async def list_services(request: web.Request) -> web.Response:
-    store = manager_or_503(request).store
+    store = (await manager_or_503(request)).store
     f = filters(request, FILTERS)
     status = bool_value(request.query.get("status"))
     tasks = store.list(Task) if status else None
@@ -105,7 +105,7 @@ def _label(labels: dict[str, str], spec: str) -> bool:
 
 
 async def inspect(request: web.Request) -> web.Response:
-    store = manager_or_503(request).store
+    store = (await manager_or_503(request)).store
     svc = find(store, request.match_info["id"])
     return json_response(
         service_json(svc, None, {}, bool_value(request.query.get("insertDefaults")))
@@ -113,7 +113,7 @@ async def inspect(request: web.Request) -> web.Response:
 
 
 async def update(request: web.Request) -> web.Response:
-    store = manager_or_503(request).store
+    store = (await manager_or_503(request)).store
     svc = find(store, request.match_info["id"])
     raw_version = request.query.get("version", "")
     if not raw_version.isdigit():
@@ -151,7 +151,7 @@ async def update(request: web.Request) -> web.Response:
 
 
 async def remove(request: web.Request) -> web.Response:
-    store = manager_or_503(request).store
+    store = (await manager_or_503(request)).store
     svc = find(store, request.match_info["id"])
 
     def fn(tx: Tx) -> None:
@@ -180,7 +180,7 @@ def _rfc3339(ns: int) -> str:
 
 async def stream_logs(request: web.Request, tasks: list[Task]) -> web.StreamResponse:
     """Task logs as the engine streams them: one 8-byte-framed line per frame."""
-    manager = manager_or_503(request)
+    manager = await manager_or_503(request)
     q = request.query
     want_out, want_err = bool_value(q.get("stdout")), bool_value(q.get("stderr"))
     if not (want_out or want_err):
@@ -267,7 +267,7 @@ async def stream_logs(request: web.Request, tasks: list[Task]) -> web.StreamResp
 
 
 async def logs(request: web.Request) -> web.StreamResponse:
-    store = manager_or_503(request).store
+    store = (await manager_or_503(request)).store
     svc = find(store, request.match_info["id"])
     return await stream_logs(request, [t for t in store.list(Task) if t.service_id == svc.id])
 

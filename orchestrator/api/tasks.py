@@ -16,7 +16,7 @@ FILTERS = {"desired-state", "id", "label", "name", "node", "service", "_up-to-da
 
 
 async def list_tasks(request: web.Request) -> web.Response:
-    store = manager_or_503(request).store
+    store = (await manager_or_503(request)).store
     f = filters(request, FILTERS)
     services = {s.id: s for s in store.list(Service)}
     nodes = store.list(Node)
@@ -73,13 +73,13 @@ def _desired_matches(t: Task, wanted: set[TaskState]) -> bool:
 
 
 async def inspect(request: web.Request) -> web.Response:
-    store = manager_or_503(request).store
+    store = (await manager_or_503(request)).store
     t = resolve(store.list(Task), request.match_info["id"], "task", lambda t: t.id, lambda t: t.id)
     return json_response(task_json(t, {n.id: n for n in store.list(Network)}))
 
 
 async def logs(request: web.Request) -> web.StreamResponse:
-    store = manager_or_503(request).store
+    store = (await manager_or_503(request)).store
     t = resolve(store.list(Task), request.match_info["id"], "task", lambda t: t.id, lambda t: t.id)
     return await stream_logs(request, [t])
 

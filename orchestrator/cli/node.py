@@ -1,4 +1,4 @@
-"""`shoal node ls | inspect | ps | update | rm`."""
+"""`shoal node ls | inspect | ps | update | promote | demote | rm`."""
 
 from __future__ import annotations
 
@@ -32,6 +32,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     up.add_argument("--role", choices=("manager", "worker"))
     up.add_argument("node", metavar="NODE")
     up.set_defaults(func=cmd_update)
+    pro = s.add_parser("promote", help="make nodes managers")
+    pro.add_argument("nodes", nargs="+", metavar="NODE")
+    pro.set_defaults(func=cmd_role, role="manager")
+    de = s.add_parser("demote", help="make managers workers")
+    de.add_argument("nodes", nargs="+", metavar="NODE")
+    de.set_defaults(func=cmd_role, role="worker")
     rm = s.add_parser("rm", help="remove nodes from the swarm")
     rm.add_argument("-f", "--force", action="store_true", help="even if it is not down")
     rm.add_argument("nodes", nargs="+", metavar="NODE")
@@ -112,6 +118,22 @@ def cmd_update(args: argparse.Namespace) -> int:
         spec["Role"] = args.role
     client.update_node(node["ID"], node["Version"]["Index"], spec)
     print(args.node)
+    return 0
+
+
+def cmd_role(args: argparse.Namespace) -> int:
+    client = connect(args.host)
+    for ref in args.nodes:
+        node = client.inspect_node(ref)
+        spec = dict(node["Spec"])
+        name = node["Description"]["Hostname"]
+        if spec.get("Role") == args.role:
+            print(f"Node {name} is already a {args.role} in the swarm.")
+            continue
+        spec["Role"] = args.role
+        client.update_node(node["ID"], node["Version"]["Index"], spec)
+        verb = "promoted to a manager" if args.role == "manager" else "demoted"
+        print(f"Node {name} {verb} in the swarm.")
     return 0
 
 

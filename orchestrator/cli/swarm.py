@@ -76,7 +76,8 @@ def cmd_join(args: argparse.Namespace) -> int:
         listen_addr=args.listen_addr,
         advertise_addr=args.advertise_addr or None,
     )
-    print("This node joined a swarm as a worker.")
+    role = "manager" if client.info()["Swarm"].get("ControlAvailable") else "worker"
+    print(f"This node joined a swarm as a {role}.")
     return 0
 
 

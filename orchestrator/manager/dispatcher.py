@@ -1,12 +1,18 @@
 """The dispatcher: the managers' side of every node's session.
 
-gRPC service `shoal.Dispatcher`:
-  Join(token, description)      -> a node ID (the token says worker or manager)
+gRPC service `shoal.Dispatcher`, on every manager:
+  Join(token, description)      -> a node ID (the token says worker or manager); a manager
+                                   also gets its Raft ID and the members' addresses
+  Managers()                    -> the leader's address and every manager's
   Session(node_id, description) -> a stream: the node's assignments (its tasks and its mesh
                                    state) whenever they change, and log requests
   Heartbeat(node_id)            -> the period to the next one; 3 missed and the node is DOWN
   UpdateTaskStatus(updates)     -> task states reported by the agent (never backwards)
   PublishLogs(request, frames)  -> log lines answering a log request
+
+Sessions, heartbeats and statuses are the leader's: another manager answers them with
+FAILED_PRECONDITION and the agent asks `Managers` where the leader is. A new leader gives
+every node a full heartbeat grace period before it can be declared down.
 """
 
 from __future__ import annotations
@@ -14,10 +20,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import hmac
 import json
 import logging
+import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import grpc
 
@@ -42,9 +51,21 @@ def heartbeat_period(store: Store) -> float:
     return ns / 1e9 if ns else DEFAULT_PERIOD
 
 
+@dataclass
+class ManagerInfo:
+    """What the dispatcher needs to know of the managers' Raft group."""
+
+    leader_addr: Callable[[], str] = lambda: ""
+    raft_members: Callable[[], dict[int, str]] = dict
+    reachability: Callable[[], dict[int, str]] = dict  # the leader's view of each member
+
+
 class Dispatcher:
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, managers: ManagerInfo | None = None):
         self.store = store
+        self.managers = managers or ManagerInfo()
+        self.term: int | None = None  # the leadership term it serves sessions in
+        self.active = False
         self._sessions: dict[str, asyncio.Queue[Message]] = {}
         self._beats: dict[str, float] = {}
         self._updates: list[tuple[str, Message]] = []
@@ -58,6 +79,7 @@ class Dispatcher:
             SERVICE,
             unary={
                 "Join": self.join,
+                "Managers": self.list_managers,
                 "Heartbeat": self.heartbeat,
                 "UpdateTaskStatus": self.update_task_status,
                 "PublishLogs": self.publish_logs,
@@ -65,7 +87,12 @@ class Dispatcher:
             streaming={"Session": self.session},
         )
 
-    def start(self) -> None:
+    def start(self, term: int | None = None) -> None:
+        """Serve sessions as the leader of `term`."""
+        self.term = term
+        self.active = True
+        self._started = time.monotonic()
+        self._beats.clear()
         self._tasks = [
             asyncio.create_task(self._watch()),
             asyncio.create_task(self._monitor()),
@@ -73,11 +100,34 @@ class Dispatcher:
         ]
 
     async def stop(self) -> None:
+        self.active = False
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        self._updates.clear()
         for q in self._sessions.values():
             q.put_nowait({"closing": True})
+
+    async def _leader_only(self, ctx: Context) -> None:
+        if not self.active:
+            leader = self.managers.leader_addr()
+            await ctx.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this manager is not the leader (leader: {leader or 'unknown'})",
+            )
+
+    def manager_addrs(self) -> list[str]:
+        return sorted(
+            n.manager_addr for n in self.store.list(Node) if n.role == "manager" and n.manager_addr
+        )
+
+    async def list_managers(self, req: Message, ctx: Context) -> Message:
+        return {
+            "leader": self.managers.leader_addr(),
+            "managers": self.manager_addrs(),
+            "reachability": {str(k): v for k, v in self.managers.reachability().items()},
+        }
 
     # ---- joining ------------------------------------------------------------------------
 
@@ -87,14 +137,15 @@ class Dispatcher:
         if cluster is None:
             await ctx.abort(grpc.StatusCode.UNAVAILABLE, "this manager has no swarm")
         assert cluster is not None
-        if token == cluster.manager_token:
+        listen = str(req.get("manager_addr", ""))
+        if hmac.compare_digest(token, cluster.manager_token):
             role = "manager"
-            await ctx.abort(
-                grpc.StatusCode.UNIMPLEMENTED,
-                "joining as a manager needs replicated managers (Raft), which this "
-                "version does not have yet; join with the worker token",
-            )
-        elif token == cluster.worker_token:
+            if not listen:
+                await ctx.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "a manager must say where its managers' listener is (manager_addr)",
+                )
+        elif hmac.compare_digest(token, cluster.worker_token):
             role = "worker"
         else:
             await ctx.abort(
@@ -111,14 +162,22 @@ class Dispatcher:
             engine_version=str(desc.get("engine_version", "")),
             nano_cpus=int(desc.get("nano_cpus", 0)),
             memory_bytes=int(desc.get("memory_bytes", 0)),
+            manager_addr=listen if role == "manager" else "",
+            raft_id=new_raft_id() if role == "manager" else 0,
         )
         await self.store.update(lambda tx: tx.put(node))
         log.info("node %s (%s, %s) joined as %s", node.id, node.hostname, node.addr, role)
-        return {"node_id": node.id, "cluster_id": cluster.id, "role": role}
+        reply: Message = {"node_id": node.id, "cluster_id": cluster.id, "role": role}
+        reply["managers"] = self.manager_addrs()
+        if role == "manager":
+            reply["raft_id"] = node.raft_id
+            reply["raft_members"] = {str(k): v for k, v in self.managers.raft_members().items()}
+        return reply
 
     # ---- sessions -----------------------------------------------------------------------
 
     async def session(self, req: Message, ctx: Context) -> AsyncIterator[Message]:
+        await self._leader_only(ctx)
         node_id = str(req.get("node_id", ""))
         node = self.store.get(Node, node_id)
         if node is None:
@@ -142,7 +201,7 @@ class Dispatcher:
                     )
                 )
 
-        await self.store.update(ready)
+        await self.store.update(ready, self.term)
         self._beats[node_id] = time.monotonic()
         queue: asyncio.Queue[Message] = asyncio.Queue()
         old = self._sessions.get(node_id)
@@ -152,7 +211,7 @@ class Dispatcher:
         log.info("session opened for node %s", node_id)
         last = ""
         try:
-            yield {"period": heartbeat_period(self.store)}
+            yield {"period": heartbeat_period(self.store), "managers": self.manager_addrs()}
             queue.put_nowait({"recompute": True})
             while True:
                 msg = await queue.get()
@@ -195,10 +254,16 @@ class Dispatcher:
                 }
             )
         generation = self.store.index
-        return {
+        me = next((n for n in nodes if n.id == node_id), None)
+        out: Message = {
             "tasks": sorted(mine, key=lambda m: m["id"]),
             "mesh": mesh_state(node_id, nodes, services, tasks, networks, generation),
+            "role": me.role if me is not None else "worker",
         }
+        if me is not None and me.role == "manager":
+            out["raft_id"] = me.raft_id
+            out["raft_members"] = {str(k): v for k, v in self.managers.raft_members().items()}
+        return out
 
     async def _watch(self) -> None:
         q = self.store.watch()
@@ -216,13 +281,14 @@ class Dispatcher:
     # ---- health -------------------------------------------------------------------------
 
     async def heartbeat(self, req: Message, ctx: Context) -> Message:
+        await self._leader_only(ctx)
         node_id = str(req.get("node_id", ""))
         node = self.store.get(Node, node_id)
         if node is None:
             await ctx.abort(grpc.StatusCode.NOT_FOUND, f"node {node_id} is not in this swarm")
         self._beats[node_id] = time.monotonic()
         if node is not None and node.state != "ready" and node_id in self._sessions:
-            await self.store.update(lambda tx: self._mark(tx, node_id, "ready", ""))
+            await self.store.update(lambda tx: self._mark(tx, node_id, "ready", ""), self.term)
         return {"period": heartbeat_period(self.store)}
 
     @staticmethod
@@ -248,11 +314,12 @@ class Dispatcher:
                     for nid in late:
                         self._mark(tx, nid, "down", "heartbeat failure")
 
-                await self.store.update(down)
+                await self.store.update(down, self.term)
 
     # ---- task status --------------------------------------------------------------------
 
     async def update_task_status(self, req: Message, ctx: Context) -> Message:
+        await self._leader_only(ctx)
         node_id = str(req.get("node_id", ""))
         for u in req.get("updates", []):
             if isinstance(u, dict):
@@ -265,7 +332,7 @@ class Dispatcher:
             if not self._updates:
                 continue
             batch, self._updates = self._updates, []
-            await self.store.update(functools.partial(apply_statuses, batch=batch))
+            await self.store.update(functools.partial(apply_statuses, batch=batch), self.term)
 
     # ---- logs ---------------------------------------------------------------------------
 
@@ -301,6 +368,11 @@ class Dispatcher:
 
     def connected(self, node_id: str) -> bool:
         return node_id in self._sessions
+
+
+def new_raft_id() -> int:
+    """A manager's Raft member ID: random, never 0 (Raft's "nobody")."""
+    return secrets.randbits(63) or 1
 
 
 def apply_statuses(tx: Tx, batch: list[tuple[str, Message]]) -> None:

@@ -19,6 +19,7 @@ from orchestrator.manager import allocator, reaper, scheduler
 from orchestrator.manager.orchestrator import global_, replicated
 from orchestrator.manager.orchestrator.restart import RestartTracker
 from orchestrator.manager.spec import view
+from orchestrator.store.log import NotLeader
 from orchestrator.store.objects import Cluster, Node, Service, Task
 from orchestrator.store.store import Store, Tx
 
@@ -28,8 +29,11 @@ DEBOUNCE = 0.02
 
 
 class Manager:
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, term: int | None = None):
+        """`term`: the leadership term these loops run in; their writes are refused once it
+        is over (None: no fencing, a store with one member)."""
         self.store = store
+        self.term = term
         self.restarts = RestartTracker()
         self._wake_at: float | None = None
         self._task: asyncio.Task[None] | None = None
@@ -49,6 +53,10 @@ class Manager:
             while True:
                 try:
                     await self.reconcile()
+                except NotLeader as e:  # leadership ended: the runtime stops these loops
+                    log.info("reconcile pass stopped: %s", e)
+                    await asyncio.sleep(1)
+                    continue
                 except Exception:  # a bad pass must not stop the control loops
                     log.exception("reconcile pass failed; retrying")
                     await asyncio.sleep(1)
@@ -65,17 +73,17 @@ class Manager:
     async def reconcile(self) -> None:
         self.passes += 1
         self._wake_at = None
-        wakes = await self.store.update(self._orchestrate)
+        wakes = await self.store.update(self._orchestrate, self.term)
         self._wake_at = min(wakes) if wakes else None
-        await self.store.update(self._allocate)
-        await self.store.update(scheduler.schedule)
+        await self.store.update(self._allocate, self.term)
+        await self.store.update(scheduler.schedule, self.term)
         cluster = next(iter(self.store.list(Cluster)), None)
         limit = (
             cluster.spec.get("Orchestration", {}).get("TaskHistoryRetentionLimit")
             if cluster
             else None
         ) or reaper.DEFAULT_HISTORY
-        await self.store.update(lambda tx: reaper.reap(tx, limit))
+        await self.store.update(lambda tx: reaper.reap(tx, limit), self.term)
 
     def _orchestrate(self, tx: Tx) -> list[float]:
         nodes = {n.id: n for n in tx.list(Node)}

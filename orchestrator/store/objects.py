@@ -74,6 +74,7 @@ class Node:
     state: str = "unknown"  # unknown | down | ready | disconnected
     message: str = ""
     manager_addr: str = ""  # ip:port of its manager listener, for managers
+    raft_id: int = 0  # its member ID in the managers' Raft group, for managers
     gateways: dict[str, str] = field(default_factory=dict)  # network id -> this node's address
 
 

@@ -182,12 +182,18 @@ class RaftLog(ReplicatedLog):
             heartbeat_tick=self.settings.heartbeat_tick,
         )
         self.raft = Raft(cfg, self._rng, state)
+        if self.raft.conf.voters == {self.id}:
+            self.raft.campaign()  # alone: no one to wait for
         self._update_peers()
         self._tasks = [
             asyncio.create_task(self._ready_loop(), name="raft-ready"),
             asyncio.create_task(self._tick_loop(), name="raft-tick"),
         ]
         self._wake.set()
+        # what was committed before a restart is in the store before anyone reads it
+        recovered = state.hard_state.commit
+        if recovered > self._applied:
+            await self._wait_applied(recovered, asyncio.get_running_loop().time() + 60)
 
     async def propose(self, entry: bytes, term: int | None = None) -> Any:
         """Commit an entry; `term`: only as the leader of that term (leader-only loops)."""

@@ -127,19 +127,20 @@ class Store:
 
     # ---- writes -------------------------------------------------------------------------
 
-    async def update(self, fn: Callable[[Tx], T]) -> T:
+    async def update(self, fn: Callable[[Tx], T], term: int | None = None) -> T:
         """Run fn in a transaction and commit it; fn is re-run on conflicts.
 
         fn must only read through the Tx and stage writes; whatever it returns is returned
         once the writes are committed. Raises the exception fn raises (nothing is written),
-        NotLeader when the log refuses, or Conflict after many retries.
+        NotLeader when the log refuses, or Conflict after many retries. `term`: write only as
+        the leader of that term (leader-only loops pass the term they started in).
         """
         for attempt in range(MAX_RETRIES):
             tx = Tx(self)
             result = fn(tx)
             if tx.empty:
                 return result
-            outcome = await self.log.propose(tx.entry())
+            outcome = await self.log.propose(tx.entry(), term)
             if outcome == "ok":
                 return result
             # writers that collided spread out, so one of them wins each round
