@@ -30,7 +30,8 @@ def docker_host(lab: Lab, node: str) -> str:
 
 
 def start(lab: Lab, node: Node) -> int | None:
-    """Start shoald in a node unless it answers already; returns the new pid."""
+    """Start shoald in a node unless it answers already, recorded so `down` stops it; returns
+    the new pid."""
     if ping(socket_path(lab, node.name)):
         return None
     d = node_dir(lab, node.name)
@@ -62,6 +63,7 @@ def start(lab: Lab, node: Node) -> int | None:
         )
     finally:
         log.close()
+    add_process(lab.name, node.name, proc.pid)
     return proc.pid
 
 
@@ -104,8 +106,6 @@ class _UnixConnection(http.client.HTTPConnection):
 def start_all(lab: Lab) -> None:
     """shoald in every node of the lab (idempotent), recorded so `down` stops them."""
     for node in lab.nodes:
-        pid = start(lab, node)
-        if pid is not None:
-            add_process(lab.name, node.name, pid)
+        start(lab, node)
     for node in lab.nodes:
         wait_ready(lab, node.name)

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from mesh.netns import netns_exists, run_in_netns
 from mesh.overlay import iproute, netns_fd, write_sysctl
 
@@ -246,7 +248,9 @@ def _remove_node(lab: Lab, node: Node) -> None:
                 shutil.rmtree(d, ignore_errors=True)
     with iproute(None) as ipr:
         for index in ipr.link_lookup(ifname=node.host_veth):
-            ipr.link("del", index=index)
+            # deleting the namespace takes the veth pair with it, asynchronously
+            with contextlib.suppress(NetlinkError):
+                ipr.link("del", index=index)
 
 
 def node_namespaces(lab: Lab, node: Node) -> list[str]:
@@ -327,7 +331,11 @@ def add_process(lab_name: str, node: str, pid: int) -> None:
 
 
 def running(lab: Lab, node: str) -> list[int]:
-    return [pid for pid, started in lab.processes.get(node, []) if start_time(pid) == started]
+    return [
+        pid
+        for pid, started in lab.processes.get(node, [])
+        if start_time(pid) == started and _alive(pid)
+    ]
 
 
 def exec_argv(lab: Lab, node: str, argv: list[str]) -> list[str]:
