@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DEB_PACKAGES := iproute2 nftables conntrack iputils-ping procps curl bind9-dnsutils dnsperf \
 	prometheus python3-venv
 # What the benchmarks compare against or load with.
-BENCH_PACKAGES := wrk haproxy nginx-light util-linux
+BENCH_PACKAGES := wrk haproxy nginx-light util-linux etcd-server etcd-client
 
 .PHONY: all setup deb test lint typecheck unit demo bench clean
 
@@ -49,6 +49,7 @@ bench:
 	$(BIN)/python -m bench.mesh data
 	$(BIN)/python -m bench.mesh sync
 	$(BIN)/python -m bench.dns
+	$(BIN)/python -m bench.raft
 	$(BIN)/python -m bench.control
 
 clean:

@@ -171,11 +171,18 @@ class Ready:
 
     1. Persist `snapshot` (if any), then `entries` (entries[0].index may be at or below the
        last stored index: drop the stored suffix from there first), then `hard_state` (if
-       any), with one fsync for all of it.
+       any), with one fsync for all of it (none is needed if only the commit index moved).
     2. Send `messages` (only now: votes and acks in them promise what step 1 made durable).
     3. Restore the state machine from `snapshot` (if any), then apply `committed_entries`
        in order, and serve the `read_states` whose index has been applied.
     4. Call `advance(ready)`.
+
+    A driver may overlap step 1 with two things that do not depend on it (Raft thesis
+    §10.2.1; etcd does both): sending the APP, HEARTBEAT and SNAP messages, which only a
+    leader sends and which promise nothing about its own disk (the leader counts its own log
+    toward a commit only once `advance` says it is persisted); and applying
+    `committed_entries` when there is no `snapshot`, since committed means durable on a
+    quorum already.
     """
 
     messages: list[Message] = field(default_factory=list)

@@ -1,8 +1,9 @@
 """Durable storage for a Raft node: its log and hard state in the WAL, plus one snapshot file.
 
 `RaftStorage(directory)` recovers what is on disk (`initial_state()`, to build the `Raft` from)
-and then persists each Ready with `save(...)`: one WAL append, one fsync. Compaction writes the
-snapshot file and rewrites the WAL with only the entries after it.
+and then persists each Ready with `save(...)`: one WAL append, one fsync (none when only the
+commit index moved). Compaction writes the snapshot file and rewrites the WAL with only the
+entries after it.
 
 On disk, in `directory`:
 
@@ -211,7 +212,13 @@ class RaftStorage:
         entries: list[Entry],
         snapshot: Snapshot | None = None,
     ) -> None:
-        """Persist a Ready's snapshot, entries and hard state; returns once durable."""
+        """Persist a Ready's snapshot, entries and hard state; returns once durable.
+
+        Except a change of the commit index alone, which is written but not synced (as etcd
+        does): it can be learnt again from the leader, and an fsync per commit would double
+        the syncs of every write. It becomes durable with the next synced save.
+        """
+        sync = self.must_sync(hard_state, entries, snapshot)
         records: list[Record] = []
         if snapshot is not None:
             self._write_snapshot(snapshot)
@@ -228,10 +235,25 @@ class RaftStorage:
             hs = hard_state
             records.append(Record(0, b"H" + _HARD.pack(hs.term, hs.vote, hs.commit)))
         if records:
-            self._wal.append(records)
+            self._wal.append(records, sync=sync)
 
     def save_ready(self, rd: Ready) -> None:
         self.save(rd.hard_state, rd.entries, rd.snapshot)
+
+    def must_sync(
+        self, hard_state: HardState | None, entries: list[Entry], snapshot: Snapshot | None
+    ) -> bool:
+        """Would saving this wait for the disk? (Not for a new commit index alone: a driver
+        may then save from its event loop rather than hand a tiny write to a thread.)"""
+        prev = self._d.hard_state
+        return (
+            snapshot is not None
+            or bool(entries)
+            or (
+                hard_state is not None
+                and (hard_state.term, hard_state.vote) != (prev.term, prev.vote)
+            )
+        )
 
     def compact(self, snapshot: Snapshot) -> None:
         """The application made `snapshot` (from Raft.compact): store it, shrink the WAL."""

@@ -4,7 +4,7 @@ Raft wants fire-and-forget delivery: a message that cannot be sent now is better
 queued without bound (the protocol retries by itself), and a slow or dead peer must never stall
 the others. So each peer gets its own bounded queue and its own sender task holding one
 client-streaming gRPC call open; frames queued together go out packed in one gRPC message;
-a broken call is reopened with exponential backoff.
+a broken call is reopened with exponential backoff, and what was queued for it is dropped.
 
 Frames are opaque bytes (the Raft codec's); this module only moves them.
 """
@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import struct
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -27,11 +28,27 @@ log = logging.getLogger("shoal.peers")
 
 _LEN = struct.Struct("<I")
 MAX_PACK = 4 << 20  # bytes of frames packed into one gRPC message
+# Makes a channel to a manager; a factory for real clusters (mutual TLS, issue #5) should pass
+# LINK_OPTIONS as its channel options.
 ChannelFactory = Callable[[str], aio.Channel]
+
+# Channel options for links between managers. By default gRPC shares one connection
+# ("subchannel") among all channels to an address, and with it that connection's reconnect
+# backoff, which grows to 120 s: with a forwarding client to the same manager failing its
+# calls while that manager was down for 2-4 s, our link to it came back 1.5-3.5 s after the
+# manager did, instead of within our own backoff (0.5 s). Each channel gets a connection of
+# its own, and gRPC's backoff is capped at ours.
+LINK_OPTIONS = (
+    *OPTIONS,
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
 
 
 def insecure_channel(target: str) -> aio.Channel:
-    return aio.insecure_channel(target, options=OPTIONS)
+    return aio.insecure_channel(target, options=LINK_OPTIONS)
 
 
 def _identity(b: bytes) -> bytes:
@@ -93,7 +110,15 @@ class PeerStats:
 @dataclass
 class _Link:
     target: str
-    queue: asyncio.Queue[bytes]
+    # Our own queue rather than an asyncio.Queue: gRPC keeps consuming a stream's request
+    # iterator after the call has failed (until its next frame, which it then drops), so each
+    # broken stream left a getter waiting on the queue that swallowed the next frame. After a
+    # peer had been down through a few reconnects, its first several messages once it was
+    # back (votes among them) vanished, and a failover took 5 s instead of 1. Here only the
+    # current stream (`stream`) takes frames; older iterators see they are stale and end.
+    frames: deque[bytes] = field(default_factory=deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    stream: int = 0
     task: asyncio.Task[None] | None = None
     stats: PeerStats = field(default_factory=PeerStats)
 
@@ -122,7 +147,7 @@ class Peers:
                 self._close_link(pid)
         for pid, target in targets.items():
             if pid not in self._links:
-                link = _Link(target, asyncio.Queue(self.queue_size))
+                link = _Link(target)
                 link.task = asyncio.create_task(self._run(pid, link), name=f"peer-{pid}")
                 self._links[pid] = link
 
@@ -131,11 +156,11 @@ class Peers:
         link = self._links.get(peer)
         if link is None:
             return False
-        try:
-            link.queue.put_nowait(frame)
-        except asyncio.QueueFull:
+        if len(link.frames) >= self.queue_size:
             link.stats.dropped += 1
             return False
+        link.frames.append(frame)
+        link.wake.set()
         return True
 
     def stats(self) -> dict[str, PeerStats]:
@@ -143,6 +168,8 @@ class Peers:
 
     def _close_link(self, pid: str) -> None:
         link = self._links.pop(pid)
+        link.stream += 1
+        link.wake.set()
         if link.task is not None:
             link.task.cancel()
 
@@ -155,34 +182,55 @@ class Peers:
                 await t
 
     async def _run(self, pid: str, link: _Link) -> None:
+        loop = asyncio.get_running_loop()
         delay = self.backoff[0]
         while True:
-            sent_before = link.stats.sent
+            opened = loop.time()
+            link.stream += 1
             channel = self.channel_factory(link.target)
             try:
                 call = channel.stream_unary(
                     self.path, request_serializer=_identity, response_deserializer=_identity
                 )
-                await call(self._packs(link))
+                await call(self._packs(link, link.stream))
             except asyncio.CancelledError:
+                link.stream += 1
+                link.wake.set()
                 await channel.close()
                 raise
             except grpc.RpcError as e:
                 code = e.code() if isinstance(e, aio.AioRpcError) else None
                 log.debug("stream to %s (%s) broke: %s", pid, link.target, code)
+            # Retire this stream's iterator, and drop what waited for a peer that was not
+            # there: those messages are stale by now, and Raft resends what still matters
+            # (a burst of old heartbeats and appends would only delay the fresh ones).
+            link.stream += 1
+            link.wake.set()
+            link.stats.dropped += len(link.frames)
+            link.frames.clear()
             await channel.close()
             link.stats.reconnects += 1
-            if link.stats.sent > sent_before:
-                delay = self.backoff[0]  # the stream worked for a while: a fresh failure
+            # A stream that lasted is a fresh failure: retry at once. (Counting frames sent
+            # instead would reset the backoff on every heartbeat to a dead peer.)
+            if loop.time() - opened >= self.backoff[1]:
+                delay = self.backoff[0]
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.backoff[1])
 
-    async def _packs(self, link: _Link) -> AsyncIterator[bytes]:
+    async def _packs(self, link: _Link, stream: int) -> AsyncIterator[bytes]:
+        """The messages of stream number `stream`: everything queued, packed, until a newer
+        stream replaces it."""
+        frames = link.frames
         while True:
-            frames = [await link.queue.get()]
-            size = len(frames[0])
-            while size < MAX_PACK and not link.queue.empty():
-                frames.append(link.queue.get_nowait())
-                size += len(frames[-1])
-            link.stats.sent += len(frames)
-            yield pack(frames)
+            while not frames and link.stream == stream:
+                link.wake.clear()
+                await link.wake.wait()
+            if link.stream != stream:
+                return
+            batch = [frames.popleft()]
+            size = len(batch[0])
+            while frames and size < MAX_PACK:
+                batch.append(frames.popleft())
+                size += len(batch[-1])
+            link.stats.sent += len(batch)
+            yield pack(batch)

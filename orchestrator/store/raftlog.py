@@ -46,6 +46,7 @@ from orchestrator.raft.messages import (
     Entry,
     EntryType,
     HardState,
+    MessageType,
     Ready,
     Snapshot,
     StorageState,
@@ -61,6 +62,8 @@ ID_LEN = 16
 RAFT_SERVICE = "shoal.Raft"
 CONTROL_SERVICE = "shoal.RaftControl"
 RECENT_RESULTS = 4096
+# Messages only a leader sends, asserting nothing about what its unpersisted Ready holds.
+_SEND_BEFORE_PERSIST = frozenset({MessageType.APP, MessageType.HEARTBEAT, MessageType.SNAP})
 
 
 class NoQuorum(NotLeader):
@@ -138,6 +141,9 @@ class RaftLog(ReplicatedLog):
         self._applied = 0
         self._snapshot_index = 0
         self._leader_seen: tuple[bool, int] = (False, 0)
+        self._lead_seen = NONE
+        # resolved when this manager learns of a new leader; requests waiting for one retry
+        self._lead_changed: asyncio.Future[None] | None = None
         self._leadership_listeners: list[Callable[[bool, int], None]] = []
         self._controls: dict[str, jsonrpc.Client] = {}
 
@@ -219,7 +225,7 @@ class RaftLog(ReplicatedLog):
                     raise NoQuorum(
                         "the managers have no leader or no quorum: the write was not made"
                     ) from e
-                await asyncio.sleep(self.settings.tick)
+                await self._leader_change(self.settings.tick)
         return await self._wait_result(index, pid, deadline)
 
     async def read_barrier(self) -> None:
@@ -243,7 +249,7 @@ class RaftLog(ReplicatedLog):
                     raise NoQuorum(
                         "the managers have no leader or no quorum: cannot read the latest state"
                     ) from None
-                await asyncio.sleep(self.settings.tick)
+                await self._leader_change(self.settings.tick)
             except TimeoutError:
                 if loop.time() >= deadline:
                     raise NoQuorum(
@@ -448,34 +454,73 @@ class RaftLog(ReplicatedLog):
             raise NoQuorum("the change was not committed in time") from None
 
     async def _tick_loop(self) -> None:
+        """Tick on a fixed cadence, as Go's time.Ticker does: sleeping a tick after each tick
+        let the work in between stretch every tick (and so every election timeout) on a busy
+        machine. Ticks missed while the loop was stalled are dropped, not fired in a burst
+        that would look like an election timeout."""
         assert self.raft is not None
+        loop = asyncio.get_running_loop()
+        tick = self.settings.tick
+        next_at = loop.time() + tick
         while True:
-            await asyncio.sleep(self.settings.tick)
+            await asyncio.sleep(next_at - loop.time())
             self.raft.tick()
             self._wake.set()
+            next_at += tick
+            now = loop.time()
+            if next_at <= now:
+                next_at = now + tick
 
     async def _ready_loop(self) -> None:
+        """Take each Ready; while its fsync runs in a thread, do what need not wait for it.
+
+        - A leader's appends and heartbeats go out first (Raft thesis §10.2.1, as etcd does):
+          they promise nothing about the leader's disk (the core counts the leader's own log
+          toward a commit only after advance()), so followers write while the leader writes.
+          Acks and votes, which do promise what this Ready persists, wait for the fsync.
+        - Committed entries are applied meanwhile (as etcd's apply loop does): committed
+          means already durable on a quorum, whether or not this manager's copy is yet.
+          A snapshot to install is the exception: it is installed after it is persisted.
+        """
         assert self.raft is not None and self._storage is not None
         raft, storage = self.raft, self._storage
+        send = self.transport.send
+        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
             while raft.has_ready():
                 rd = raft.ready()
-                if rd.entries or rd.hard_state is not None or rd.snapshot is not None:
-                    await asyncio.to_thread(storage.save_ready, rd)
+                persist = None
+                if storage.must_sync(rd.hard_state, rd.entries, rd.snapshot):
+                    persist = loop.run_in_executor(None, storage.save_ready, rd)
+                elif rd.hard_state is not None:
+                    storage.save_ready(rd)  # the commit index alone: a small unsynced write
+                late = []
                 for m in rd.messages:
-                    self.transport.send(str(m.to), codec.encode(m))
-                self._handle_applies(rd)
+                    if m.type in _SEND_BEFORE_PERSIST:
+                        send(str(m.to), codec.encode(m))
+                    else:
+                        late.append(m)
+                if rd.snapshot is None:
+                    self._apply_committed(rd)
+                if persist is not None:
+                    await persist
+                if rd.snapshot is not None:
+                    self._install(rd.snapshot)
+                    self._apply_committed(rd)
+                for m in late:
+                    send(str(m.to), codec.encode(m))
+                self._serve_reads(rd)
                 raft.advance(rd)
                 self._notify_leadership()
             await self._maybe_snapshot()
 
-    def _handle_applies(self, rd: Ready) -> None:
-        if rd.snapshot is not None:
-            self._install(rd.snapshot)
+    def _apply_committed(self, rd: Ready) -> None:
         for e in rd.committed_entries:
             self._apply_entry(e)
+
+    def _serve_reads(self, rd: Ready) -> None:
         for rs in rd.read_states:
             fut = self._reads.get(rs.context)
             if fut is None or fut.done():
@@ -569,8 +614,21 @@ class RaftLog(ReplicatedLog):
             {str(rid): addr for rid, addr in addrs.items() if rid != self.id and addr}
         )
 
+    async def _leader_change(self, within: float) -> None:
+        """Wait up to `within` seconds, less if this manager learns of a new leader meanwhile (a
+        request that found no leader retries as soon as there is one, not a tick later)."""
+        if self._lead_changed is None or self._lead_changed.done():
+            self._lead_changed = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._lead_changed), within)
+
     def _notify_leadership(self) -> None:
         assert self.raft is not None
+        lead = self.raft.lead
+        if lead != self._lead_seen:
+            self._lead_seen = lead
+            if lead != NONE and self._lead_changed is not None and not self._lead_changed.done():
+                self._lead_changed.set_result(None)
         now = (self.raft.is_leader, self.raft.term)
         if now == self._leader_seen:
             return

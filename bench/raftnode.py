@@ -1,0 +1,311 @@
+"""bench/raftnode: one Shoal manager's replicated store in a process of its own, for bench/raft.
+
+    python -m bench.raftnode --id 1 --dir DIR --port PORT [--bootstrap] [--known 1=HOST:PORT]
+                             [--tick S] [--election-tick N] [--verbose]
+
+It runs what a manager runs for its store: a `RaftLog` (WAL in DIR) under a `Store`, served by
+a gRPC server on 127.0.0.1:PORT (plain TCP: mutual TLS between managers arrives with issue #5),
+on uvloop like shoald. Without --tick/--election-tick it uses `RaftSettings()`'s defaults.
+
+The bench driver controls it with JSON lines on stdin; every request carries an "rid" and gets
+exactly one JSON line back on stdout with the same "rid" ("error" on failure). Requests run
+concurrently. Operations:
+
+    status                          leader, term, applied, voters, learners
+    add_learner {id, addr}          (on the leader) add a member as a learner
+    caught_up {id}                  (on the leader) is that member's log close to ours?
+    promote {id}                    (on the leader) make that learner a voter
+    load {clients, seconds, warmup} `clients` coroutines writing as fast as they can (below)
+    first_ack {every, attempt, within}
+                                    a write attempt every `every` s (each given `attempt` s)
+                                    until one is acknowledged;
+                                    answers the CLOCK_MONOTONIC time of that acknowledgement
+                                    (and of this node's last election win, if any)
+    debug                           the Raft state behind a slow election or a stall: role,
+                                    timers, log indexes, each follower's progress, link stats
+
+The write: `store.update(fn)` where fn reads the client's own Node object through the
+transaction and puts a changed copy (a new "seq" label), i.e. one small object per write with
+the store's optimistic-concurrency check, as the API's writes are. Clients never share an
+object, so no write conflicts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import uvloop
+from grpc import aio
+
+from orchestrator.store.log import NotLeader
+from orchestrator.store.objects import Node
+from orchestrator.store.raftlog import ID_LEN, RaftLog, RaftSettings
+from orchestrator.store.store import Conflict, Store, Tx
+
+log = logging.getLogger("bench.raftnode")
+
+
+def put_node(node_id: str, seq: int) -> Callable[[Tx], None]:
+    """The benchmark's write: one Node object, read then replaced with a new label."""
+
+    def fn(tx: Tx) -> None:
+        node = tx.get(Node, node_id)
+        if node is None:
+            node = Node(
+                id=node_id,
+                role="manager",
+                name=node_id,
+                hostname=node_id,
+                addr="127.0.0.1",
+                engine_version="shoal-bench",
+            )
+        tx.put(dataclasses.replace(node, labels={"seq": str(seq)}, state="ready"))
+
+    return fn
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]); NaN for no values."""
+    if not values:
+        return math.nan
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
+
+
+class BenchNode:
+    def __init__(self, args: argparse.Namespace):
+        settings = RaftSettings()
+        if args.tick is not None:
+            settings = dataclasses.replace(settings, tick=args.tick)
+        if args.election_tick is not None:
+            settings = dataclasses.replace(settings, election_tick=args.election_tick)
+        self.settings = settings
+        self.id: int = args.id
+        self.addr = f"127.0.0.1:{args.port}"
+        known = {}
+        for item in args.known:
+            rid, _, addr = item.partition("=")
+            known[int(rid)] = addr
+        self.rlog = RaftLog(
+            Path(args.dir),
+            self.id,
+            self.addr,
+            settings,
+            random.Random(),
+            bootstrap=args.bootstrap,
+            known=known,
+        )
+        self.store = Store(self.rlog)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._seq = 0
+        self._elected_at: float | None = None  # CLOCK_MONOTONIC when this node last won
+        self.rlog.on_leadership(self._leadership)
+
+    def _leadership(self, is_leader: bool, term: int) -> None:
+        if is_leader:
+            self._elected_at = time.monotonic()
+
+    async def run(self) -> None:
+        # made here, not in __init__: a grpc.aio server belongs to the loop it is created on
+        server = aio.server()
+        server.add_insecure_port(self.addr)
+        server.add_generic_rpc_handlers(self.rlog.handlers())
+        await server.start()
+        await self.rlog.start()
+        reader = asyncio.StreamReader(limit=1 << 20)
+        loop = asyncio.get_running_loop()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        self._reply({"rid": 0, "ready": True, "addr": self.addr})
+        while line := await reader.readline():
+            req = json.loads(line)
+            task = asyncio.create_task(self._serve(req))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        # stdin closed: the driver is gone or done with us
+        for t in list(self._tasks):
+            t.cancel()
+        await self.rlog.close()
+        await server.stop(None)
+
+    @staticmethod
+    def _reply(doc: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(doc) + "\n")
+        sys.stdout.flush()
+
+    async def _serve(self, req: dict[str, Any]) -> None:
+        rid = req.get("rid")
+        try:
+            out = await self._op(req)
+        except Exception as e:  # the driver shows it; the node stays up
+            self._reply({"rid": rid, "error": f"{type(e).__name__}: {e}"})
+            return
+        self._reply({"rid": rid, **out})
+
+    async def _op(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req["op"]
+        r = self.rlog
+        if op == "status":
+            return {
+                "id": self.id,
+                "leader": r.leader,
+                "term": r.term,
+                "is_leader": r.is_leader,
+                "applied": r.applied,
+                "voters": sorted(r.voters()),
+                "learners": sorted(r.learners()),
+            }
+        if op == "debug":
+            raft = r.raft
+            assert raft is not None
+            return {
+                "role": raft.role.value,
+                "term": raft.term,
+                "lead": raft.lead,
+                "elapsed": raft.election_elapsed,
+                "timeout": raft.randomized_election_timeout,
+                "last": raft.log.last_index(),
+                "committed": raft.log.committed,
+                "peers": {k: vars(v) for k, v in r.transport.stats().items()},
+                "progress": {
+                    str(k): [p.state.value, p.match, p.next, p.paused, len(p.inflights.items)]
+                    for k, p in raft.prs.items()
+                },
+            }
+        if op == "add_learner":
+            await r.add_learner(int(req["id"]), str(req["addr"]))
+            return {}
+        if op == "caught_up":
+            return {"caught_up": r.caught_up(int(req["id"]))}
+        if op == "promote":
+            await r.promote(int(req["id"]))
+            return {}
+        if op == "load":
+            return await self._load(int(req["clients"]), float(req["seconds"]), req["warmup"])
+        if op == "first_ack":
+            acked_at = await self._first_ack(
+                float(req["every"]), float(req["attempt"]), float(req["within"])
+            )
+            return {"acked_at": acked_at, "elected_at": self._elected_at}
+        raise ValueError(f"unknown op {op!r}")
+
+    def _entry_bytes(self, node_id: str) -> int:
+        """What one benchmark write puts in the Raft log (the store's entry plus its id)."""
+        tx = Tx(self.store)
+        put_node(node_id, 1)(tx)
+        return len(tx.entry()) + ID_LEN
+
+    async def _load(self, clients: int, seconds: float, warmup: float) -> dict[str, Any]:
+        """Closed loop: each client writes, waits for the acknowledgement, writes again.
+        Writes acknowledged in [start + warmup, start + warmup + seconds) count; latency is
+        from the call to store.update to its return."""
+        # perf_counter, not loop.time(): uvloop's clock ticks in whole milliseconds
+        start = time.perf_counter()
+        t_from, t_to = start + warmup, start + warmup + seconds
+        latencies: list[float] = []
+        errors: list[str] = []
+        acked = 0
+        self._seq += 1
+        run = self._seq
+
+        async def client(cid: int) -> None:
+            nonlocal acked
+            node_id = f"bench-{run}-{cid}"
+            seq = 0
+            while True:
+                seq += 1
+                t0 = time.perf_counter()
+                if t0 >= t_to:
+                    return
+                try:
+                    await self.store.update(put_node(node_id, seq))
+                except (NotLeader, Conflict) as e:
+                    errors.append(str(e))
+                    await asyncio.sleep(0.01)
+                    continue
+                t1 = time.perf_counter()
+                acked += 1
+                if t_from <= t0 and t1 < t_to:
+                    latencies.append(t1 - t0)
+
+        cpu0 = time.process_time()
+        await asyncio.gather(*(client(c) for c in range(clients)))
+        cpu = time.process_time() - cpu0
+        return {
+            "writes": len(latencies),
+            "acked": acked,  # warm-up and tail included
+            "seconds": seconds,
+            "p50_ms": percentile(latencies, 50) * 1e3,
+            "p99_ms": percentile(latencies, 99) * 1e3,
+            "errors": len(errors),
+            "first_error": errors[0] if errors else "",
+            "entry_bytes": self._entry_bytes(f"bench-{run}-0"),
+            "cpu_s": cpu,
+            "wall_s": time.perf_counter() - start,
+        }
+
+    async def _first_ack(self, every: float, attempt_s: float, within: float) -> float | None:
+        """Overlapping attempts (each on its own object, each given up after `attempt_s`),
+        `every` seconds apart, so the answer is when the cluster took writes again, not when
+        one unlucky attempt gave up."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[float] = loop.create_future()
+        self._seq += 1
+        run = self._seq
+
+        async def attempt(i: int) -> None:
+            with contextlib.suppress(NotLeader, Conflict, TimeoutError):
+                await asyncio.wait_for(self.store.update(put_node(f"fo-{run}-{i}", 1)), attempt_s)
+                if not done.done():
+                    done.set_result(time.monotonic())
+
+        attempts: list[asyncio.Task[None]] = []
+        deadline = loop.time() + within
+        i = 0
+        while not done.done() and loop.time() < deadline:
+            attempts.append(asyncio.create_task(attempt(i)))
+            i += 1
+            await asyncio.wait([done], timeout=every)
+        for t in attempts:
+            t.cancel()
+        await asyncio.gather(*attempts, return_exceptions=True)
+        return done.result() if done.done() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.raftnode",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--id", type=int, required=True)
+    p.add_argument("--dir", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--bootstrap", action="store_true")
+    p.add_argument("--known", action="append", default=[], metavar="ID=HOST:PORT")
+    p.add_argument("--tick", type=float)
+    p.add_argument("--election-tick", type=int)
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO (elections)")
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(created).3f %(name)s %(message)s",
+    )
+    uvloop.run(BenchNode(args).run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
