@@ -8,6 +8,10 @@ DEB_PACKAGES := iproute2 nftables conntrack iputils-ping procps curl bind9-dnsut
 	prometheus python3-venv
 # What the benchmarks compare against or load with.
 BENCH_PACKAGES := wrk haproxy nginx-light util-linux etcd-server etcd-client
+# The VM lab (docs/vm-lab.md): QEMU, Debian's kernel (IPVS, ESP) and what builds its image;
+# tcpdump captures its wire.
+VM_PACKAGES := qemu-system-x86 linux-image-amd64 mmdebstrap busybox-static e2fsprogs kmod \
+	tcpdump
 
 .PHONY: all setup deb test lint typecheck unit demo bench clean
 
@@ -16,7 +20,7 @@ all: test
 setup: deb $(VENV)/.installed
 
 deb:
-	@missing=""; for p in $(DEB_PACKAGES) $(EXTRA_PACKAGES); do \
+	@missing=""; for p in $(DEB_PACKAGES) $(VM_PACKAGES) $(EXTRA_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \

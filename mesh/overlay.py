@@ -33,7 +33,7 @@ from mesh.naming import (
 )
 from mesh.netns import netns_path, run_in_netns
 from mesh.rtnl import Neigh, RtnlError, RtnlSocket
-from mesh.state import VXLAN_OVERHEAD, Endpoint, MeshState, Network, mac_for_ip
+from mesh.state import ESP_OVERHEAD, VXLAN_OVERHEAD, Endpoint, MeshState, Network, mac_for_ip
 
 log = logging.getLogger("shoal.mesh.overlay")
 
@@ -108,7 +108,12 @@ def write_sysctl(name: str, value: str) -> None:
 
 
 def network_mtu(net: Network, underlay_mtu: int) -> int:
-    return net.mtu if net.mtu else underlay_mtu - VXLAN_OVERHEAD
+    if net.mtu:
+        return net.mtu
+    if net.encrypted:
+        # rounded down to 4 bytes: ESP pads its payload to that
+        return (underlay_mtu - VXLAN_OVERHEAD - ESP_OVERHEAD) & ~3
+    return underlay_mtu - VXLAN_OVERHEAD
 
 
 class Overlay:
@@ -116,6 +121,9 @@ class Overlay:
 
     def __init__(self, netns: str | None = None):
         self.netns = netns
+        # VNIs of encrypted networks whose ESP protection is in place (mesh/ipsec.py); any
+        # other encrypted network is refused.
+        self.protected: set[int] = set()
         # Endpoints applied and how: an unchanged one is not re-checked inside its namespace
         # (opening a namespace costs ~10 ms) unless the sync is full.
         self._applied: dict[str, tuple[Endpoint, str, int, int]] = {}
@@ -139,13 +147,24 @@ class Overlay:
             local = state.local_endpoints()
             nets_here = self._networks_here(state)
             desired_links: set[str] = set()
+            failed: set[str] = set()
             for net in nets_here:
+                if net.encrypted and net.vni not in self.protected:
+                    # fail closed: its links (if any) go as stale ones
+                    failed.add(net.name)
+                    report.error(
+                        f"network {net.name}",
+                        f"network {net.name} is encrypted, and its ESP protection is not in "
+                        "place; refusing to attach it rather than send its traffic in the clear",
+                    )
+                    continue
                 desired_links |= {bridge_name(net.vni), vxlan_name(net.vni)}
                 mtu = network_mtu(net, ul_mtu)
                 try:
                     self._network(ipr, links, state, net, ul_index, mtu, full, report)
                 except (NetlinkError, OSError, OverlayError, RtnlError) as e:
                     self._entries.pop(net.vni, None)
+                    failed.add(net.name)
                     report.error(f"network {net.name}", str(e))
             for ep in local:
                 if ep.netns is None:
@@ -155,6 +174,8 @@ class Overlay:
                     continue
                 host = veth_name(ep.netns, ep.network)
                 desired_links.add(host)
+                if net.name in failed:
+                    continue  # no bridge to attach to; what exists stays until it has one
                 mtu = network_mtu(net, ul_mtu)
                 done = (ep, str(net.gateways[state.node]), mtu, state.attachment_rank[ep])
                 if not full and host in links and self._applied.get(host) == done:
@@ -202,11 +223,6 @@ class Overlay:
         full: bool,
         report: OverlayReport,
     ) -> None:
-        if net.encrypted:
-            raise OverlayError(
-                f"network {net.name} is encrypted, and this kernel cannot encrypt overlay "
-                "traffic (no ESP); refusing to attach it rather than send it in the clear"
-            )
         br, vx = bridge_name(net.vni), vxlan_name(net.vni)
         gw = net.gateways[state.node]
         # bridge

@@ -1,8 +1,10 @@
 """Makes one node's kernel match a MeshState: overlays, endpoints, load balancing.
 
-The order matters: links and addresses first (a VIP rule is useless without the interface it
-routes over), then the tables, then conntrack clean-up for backends that went away. Each part
-reports its own errors and the others still run; a failed part is retried by the next sync.
+The order matters: encryption first (an encrypted network's VXLAN must not exist before its
+traffic is sure to be encrypted; one that cannot be is left out of everything else), then links
+and addresses (a VIP rule is useless without the interface it routes over), then the tables,
+then conntrack clean-up for backends that went away. Each part reports its own errors and the
+others still run; a failed part is retried by the next sync.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from mesh.conntrack import Target, delete_stale
+from mesh.ipsec import Ipsec
 from mesh.lb.base import Balancer
 from mesh.lb.model import NamespaceLB, node_lb, task_lb
 from mesh.lb.table import NamespaceTable
@@ -54,6 +59,7 @@ class Mesh:
         self.netns = netns
         self._balancer = balancer
         self.overlay = Overlay(netns)
+        self.ipsec = Ipsec(netns)
         self._node_table: NamespaceTable | None = None
         self._task_tables: dict[str, NamespaceTable] = {}
         self._prepared = False
@@ -74,8 +80,13 @@ class Mesh:
         report = SyncReport(full=full)
         if not self._prepared:
             self._prepare()
+        esp = self.ipsec.reconcile(state, full=full or verify or self._node_table is None)
+        report.errors.update(esp.errors)
+        report.link_changes += esp.changes
+        state = state.without_networks(esp.refused)
+        self.overlay.protected = esp.protected
         overlay = self.overlay.reconcile(state, full=full or verify or self._node_table is None)
-        report.link_changes = overlay.changes
+        report.link_changes += overlay.changes
         report.errors.update(overlay.errors)
         removed: list[Target] = []
 
@@ -122,7 +133,8 @@ class Mesh:
         before = table.applied
         try:
             result = table.sync(desired, full=full)
-        except NftError as e:
+        except (NftError, NetlinkError, OSError) as e:
+            # NetlinkError: IPVS refused its part, which the balancer retries in full
             report.errors[f"table in {where}"] = str(e)
             return []
         report.nft_requests += result.requests
@@ -170,3 +182,4 @@ class Mesh:
         node.close()
         self._node_table = None
         self.overlay.cleanup()
+        self.ipsec.cleanup()

@@ -7,6 +7,7 @@ documented in docs/mesh-state.md; `version` changes when a field changes meaning
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import re
@@ -20,6 +21,9 @@ import yaml
 
 FORMAT_VERSION = 1
 VXLAN_OVERHEAD = 50
+# ESP in transport mode with AES-GCM and a 16-byte ICV: SPI 4, sequence 4, IV 8, padding
+# length 1, next header 1, ICV 16 (padding to 4 bytes is covered by rounding the MTU down).
+ESP_OVERHEAD = 34
 MAX_VNI = (1 << 24) - 1
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$", re.IGNORECASE)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -39,7 +43,7 @@ class Network:
     gateways: Mapping[str, ipaddress.IPv4Address]  # node -> that node's address on the network
     ingress: bool = False
     encrypted: bool = False
-    mtu: int | None = None  # None: underlay MTU - 50
+    mtu: int | None = None  # None: underlay MTU - 50 (and the ESP overhead if encrypted)
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,24 @@ class Service:
 
 
 @dataclass(frozen=True)
+class EncryptionKey:
+    tag: int  # names the key; the SPIs of its security associations derive from it
+    key: bytes  # the cluster's secret; each association's AES key derives from it
+
+
+@dataclass(frozen=True)
+class Encryption:
+    """The keyring of encrypted overlays: every key is accepted, the primary one is sent."""
+
+    keys: tuple[EncryptionKey, ...]  # oldest first
+    primary: int  # the tag of the key to send with
+
+    @property
+    def primary_key(self) -> EncryptionKey:
+        return next(k for k in self.keys if k.tag == self.primary)
+
+
+@dataclass(frozen=True)
 class MeshState:
     node: str
     peers: Mapping[str, ipaddress.IPv4Address]  # node -> underlay address (self included)
@@ -82,6 +104,7 @@ class MeshState:
     services: tuple[Service, ...] = ()
     generation: int = 0
     dns_upstreams: tuple[str, ...] | None = None  # None: the node's resolv.conf
+    encryption: Encryption | None = None  # without it, encrypted networks are refused
 
     @property
     def address(self) -> ipaddress.IPv4Address:
@@ -126,6 +149,22 @@ class MeshState:
         """The service's task endpoints on a network, in the service's task order."""
         index = self._endpoint_index
         return [index[(network, t)] for t in service.tasks if (network, t) in index]
+
+    def without_networks(self, names: set[str]) -> MeshState:
+        """This state as if the named networks did not exist (nor what is attached to them)."""
+        if not names:
+            return self
+        return dataclasses.replace(
+            self,
+            networks=tuple(n for n in self.networks if n.name not in names),
+            endpoints=tuple(e for e in self.endpoints if e.network not in names),
+            services=tuple(
+                dataclasses.replace(
+                    s, vips={net: ip for net, ip in s.vips.items() if net not in names}
+                )
+                for s in self.services
+            ),
+        )
 
 
 def mac_for_ip(ip: ipaddress.IPv4Address) -> str:
@@ -217,6 +256,7 @@ def state_from_dict(doc: Any, source: str = "<state>") -> MeshState:
             "endpoints",
             "services",
             "dns_upstreams",
+            "encryption",
         },
         source,
     )
@@ -275,6 +315,12 @@ def state_from_dict(doc: Any, source: str = "<state>") -> MeshState:
             for u in _list(upstreams_raw, f"{source}.dns_upstreams")
         )
 
+    # Without keys an encrypted network is refused by the node (mesh/ipsec.py), not the
+    # whole state: the other networks go on.
+    encryption = None
+    if d.get("encryption") is not None:
+        encryption = _encryption(_obj(d["encryption"], f"{source}.encryption"), source)
+
     return MeshState(
         node=node,
         peers=peers,
@@ -283,7 +329,36 @@ def state_from_dict(doc: Any, source: str = "<state>") -> MeshState:
         services=tuple(services),
         generation=generation,
         dns_upstreams=upstreams,
+        encryption=encryption,
     )
+
+
+_HEX_KEY = re.compile(r"^(0x)?([0-9a-fA-F]{2}){16,64}$")
+
+
+def _encryption(d: dict[str, Any], source: str) -> Encryption:
+    where = f"{source}.encryption"
+    _unknown_keys(d, {"keys", "primary"}, where)
+    keys: list[EncryptionKey] = []
+    raw_keys = _list(d.get("keys"), f"{where}.keys")
+    if not raw_keys:
+        raise _err(f"{where}.keys", "expected at least one key")
+    for i, raw in enumerate(raw_keys):
+        kw = f"{where}.keys[{i}]"
+        k = _obj(raw, kw)
+        _unknown_keys(k, {"tag", "key"}, kw)
+        tag = _int(k.get("tag"), f"{kw}.tag", 0, 2**32 - 1)
+        secret = k.get("key")
+        if not isinstance(secret, str) or not _HEX_KEY.match(secret):
+            raise _err(f"{kw}.key", "expected 16 to 64 bytes in hex (32 to 128 hex digits)")
+        keys.append(EncryptionKey(tag, bytes.fromhex(secret.removeprefix("0x"))))
+    _unique([k.tag for k in keys], f"{where}.keys", "tag")
+    # Like Docker: the second-newest key, so every node holds a key before anyone sends with it.
+    default = keys[-2].tag if len(keys) > 1 else keys[-1].tag
+    primary = _int(d.get("primary", default), f"{where}.primary", 0, 2**32 - 1)
+    if primary not in {k.tag for k in keys}:
+        raise _err(f"{where}.primary", f"no key has tag {primary}")
+    return Encryption(tuple(keys), primary)
 
 
 def _unique(values: list[Any], where: str, what: str) -> None:
@@ -520,4 +595,14 @@ def state_to_dict(state: MeshState) -> dict[str, Any]:
             for s in state.services
         ],
         **({"dns_upstreams": list(state.dns_upstreams)} if state.dns_upstreams is not None else {}),
+        **(
+            {
+                "encryption": {
+                    "keys": [{"tag": k.tag, "key": k.key.hex()} for k in state.encryption.keys],
+                    "primary": state.encryption.primary,
+                }
+            }
+            if state.encryption is not None
+            else {}
+        ),
     }

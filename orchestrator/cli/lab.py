@@ -7,7 +7,7 @@ import ipaddress
 import os
 import sys
 
-from orchestrator.lab import daemons, demo
+from orchestrator.lab import daemons, demo, vm, vmdemo
 from orchestrator.lab import lab as labmod
 from orchestrator.lab.lab import LabError
 
@@ -38,6 +38,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help=f"underlay subnet (default {labmod.DEFAULT_SUBNET})",
     )
     up.add_argument(
+        "--vm",
+        action="store_true",
+        help="nodes are QEMU VMs running Debian's kernel (IPVS, ESP), not namespaces",
+    )
+    up.add_argument(
         "--no-daemons",
         action="store_true",
         help="do not start shoald in the nodes (for driving shoal-mesh by hand)",
@@ -51,9 +56,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     named(lab_sub.add_parser("down", help="remove the lab and everything it made")).set_defaults(
         func=cmd_down
     )
-    named(
-        lab_sub.add_parser("demo", help="show the routing mesh at work, step by step")
-    ).set_defaults(func=cmd_demo)
+    demo_p = named(lab_sub.add_parser("demo", help="show the routing mesh at work, step by step"))
+    demo_p.add_argument(
+        "--vm", action="store_true", help="in VMs on Debian's kernel: the port balanced by IPVS"
+    )
+    demo_p.set_defaults(func=cmd_demo)
     lab_sub.add_parser("ls", help="list labs and their nodes").set_defaults(func=cmd_ls)
 
     ex = named(
@@ -63,7 +70,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             usage="shoal lab exec [--name LAB] NODE -- CMD [ARG...]",
         )
     )
-    ex.add_argument("node", metavar="NODE", help="sw1, sw2, ...")
+    ex.add_argument(
+        "node", metavar="NODE", help="sw1, sw2, ... (a VM lab also has `host`, its outside)"
+    )
     ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="CMD")
     ex.set_defaults(func=cmd_exec)
 
@@ -76,6 +85,15 @@ def _require(name: str) -> labmod.Lab:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    if args.vm:
+        lab = vm.up(args.name, args.nodes, args.subnet)
+        print(
+            f"lab {lab.name}: {len(lab.nodes)} VM(s) on {lab.subnet} (bridge {lab.bridge} "
+            f"{lab.gateway} in netns {vm.lab_netns(lab.name)}; {vm.info(lab).get('accel')})"
+        )
+        for n in lab.nodes:
+            print(f"  {n.name:6} {n.address:16} VM")
+        return 0
     lab = labmod.up(args.name, args.nodes, args.subnet)
     if not args.no_daemons:
         daemons.start_all(lab)
@@ -110,7 +128,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return demo.run(args.name)
+    return vmdemo.run(args.name) if args.vm else demo.run(args.name)
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -124,6 +142,8 @@ def cmd_env(args: argparse.Namespace) -> int:
 def cmd_exec(args: argparse.Namespace) -> int:
     lab = _require(args.name)
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if lab.kind == vm.KIND and args.node != vm.HOST:
+        return vm.exec_interactive(lab, args.node, argv)
     cmd = labmod.exec_argv(lab, args.node, argv)
     if daemons.socket_path(lab, args.node).exists():
         os.environ["DOCKER_HOST"] = daemons.docker_host(lab, args.node)

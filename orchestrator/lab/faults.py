@@ -55,6 +55,8 @@ def start(lab: Lab, node: str) -> int | None:
 
 def partition(lab: Lab, nodes: list[str], from_nodes: list[str] | None = None) -> None:
     """Cut `nodes` off from `from_nodes` (default: every other node), both ways."""
+    if lab.kind != "netns":
+        raise LabError("partitions are made with nftables in node namespaces: netns labs only")
     side_a = [lab.node(n) for n in nodes]
     names_a = {n.name for n in side_a}
     side_b = (

@@ -55,6 +55,9 @@ class Lab:
     # node -> [pid, start time] of processes started in it; the start time guards against
     # signalling a recycled pid
     processes: dict[str, list[list[int]]] = field(default_factory=dict)
+    # "netns", or "vm": nodes are VMs whose bridge and taps live in a namespace of the lab's
+    # own (orchestrator/lab/vm.py)
+    kind: str = "netns"
 
     @property
     def gateway(self) -> str:
@@ -143,6 +146,11 @@ def up(
         raise LabError(f"underlay subnet {subnet} is too small; use a /24 or larger")
     with locked():
         lab = load(name)
+        if lab is not None and lab.kind != "netns":
+            raise LabError(
+                f"lab {name} is a VM lab; resize it with `shoal lab up --vm --name {name}`, or "
+                f"remove it with `shoal lab down --name {name}` first"
+            )
         if lab is not None and lab.subnet != str(subnet):
             raise LabError(
                 f"lab {name} already exists on {lab.subnet}; run `shoal lab down "
@@ -304,11 +312,16 @@ def down(name: str = DEFAULT_LAB) -> bool:
         lab = load(name)
         if lab is None:
             return False
-        for node in list(lab.nodes):
-            _remove_node(lab, node)
-        with iproute(None) as ipr:
-            for index in ipr.link_lookup(ifname=lab.bridge):
-                ipr.link("del", index=index)
+        if lab.kind == "vm":
+            from orchestrator.lab import vm  # noqa: PLC0415 - vm builds on this module
+
+            vm.remove(lab)
+        else:
+            for node in list(lab.nodes):
+                _remove_node(lab, node)
+            with iproute(None) as ipr:
+                for index in ipr.link_lookup(ifname=lab.bridge):
+                    ipr.link("del", index=index)
         if lab.run_dir.is_dir():
             for p in sorted(lab.run_dir.rglob("*"), reverse=True):
                 p.rmdir() if p.is_dir() else p.unlink()
@@ -342,4 +355,8 @@ def exec_argv(lab: Lab, node: str, argv: list[str]) -> list[str]:
     """The command line running argv inside a node (as `ip netns exec` does)."""
     if not argv:
         raise LabError("nothing to run: give a command after --")
+    if lab.kind == "vm":
+        from orchestrator.lab import vm  # noqa: PLC0415 - vm builds on this module
+
+        return vm.exec_argv(lab, node, argv)
     return ["ip", "netns", "exec", lab.node(node).netns, *argv]

@@ -1,0 +1,516 @@
+"""The routing mesh on IPVS, and encrypted overlays, in VMs running Debian's kernel (issue #6).
+
+The scenarios of tests/test_mesh_lab.py (issue #2), with shoal-mesh on IPVS in a 3-VM lab:
+sw1 and sw2 run `--lb-backend ipvs`, sw3 `auto`, which must pick IPVS there. Network `secure`
+is encrypted: its VXLAN must cross the lab's bridge in ESP only.
+
+Service `web` (4 tasks on sw1 and sw3) publishes 30000/tcp and 30001/udp; service `vault` has
+a task on sw1 and one on sw3, on `secure` only. Clients "from outside" run in the lab's
+namespace on the host, the others in the VMs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Ether
+from scapy.layers.vxlan import VXLAN
+from scapy.utils import rdpcap
+
+from mesh import ipsec
+from mesh.netns import run_in_netns
+from orchestrator.apps import micro
+from orchestrator.lab import lab as labmod
+from orchestrator.lab import vm
+from orchestrator.lab.lab import Lab
+from orchestrator.lab.meshlab import Task
+from orchestrator.lab.vmmesh import VmMeshLab
+from tests.netutil import answers, balanced, udp_ask
+from tests.vmutil import capture, vm_answers, vm_suite
+
+pytestmark = vm_suite
+
+LAB = "tvm"
+NODES = ["sw1", "sw2", "sw3"]
+ADDR = {"sw1": "192.168.56.11", "sw2": "192.168.56.12", "sw3": "192.168.56.13"}
+OUTSIDE = vm.lab_netns(LAB)  # the lab's "host": 192.168.56.1 on its bridge
+SECURE_VNI = 4200
+RESYNC = ["--resync-interval", "10"]
+
+
+@pytest.fixture(scope="module")
+def vmlab() -> Iterator[Lab]:
+    if labmod.load(LAB) is not None:
+        labmod.down(LAB)
+    lab = vm.up(LAB, 3, ipaddress.IPv4Network("192.168.56.0/24"))
+    try:
+        yield lab
+    finally:
+        labmod.down(LAB)
+
+
+@pytest.fixture(scope="module")
+def mesh(vmlab: Lab) -> Iterator[VmMeshLab]:
+    # No clean-up of its own: what it starts and makes lives in the VMs, which `down` stops.
+    m = VmMeshLab(vmlab)
+    m.add_network("ingress", 4096, "10.255.0.0/16", ingress=True)
+    m.add_encrypted_network("secure", SECURE_VNI, "10.0.42.0/24")
+    m.add_service(
+        "web",
+        [
+            {"protocol": "tcp", "target": 8000, "published": 30000},
+            {"protocol": "udp", "target": 8000, "published": 30001},
+        ],
+        ["ingress"],
+    )
+    m.add_service("vault", [{"protocol": "tcp", "target": 8000}], ["secure"])
+    for node in ("sw1", "sw3", "sw1", "sw3"):
+        m.add_task("web", node)
+    for node in ("sw1", "sw3"):
+        m.add_task("vault", node)
+    m.publish()
+    m.start_daemon("sw1", "--lb-backend", "ipvs", *RESYNC)
+    m.start_daemon("sw2", "--lb-backend", "ipvs", *RESYNC)
+    m.start_daemon("sw3", *RESYNC)  # auto
+    m.wait_synced(timeout=240)
+    for t in m.tasks.values():
+        m.start_workload(t)
+    for t in m.tasks.values():
+        m.wait_listening(t, timeout=120)
+    yield m
+
+
+def web_ips(m: VmMeshLab) -> set[str]:
+    return {str(t.ips["ingress"]) for t in m.tasks.values() if t.service == "web" and t.serving}
+
+
+def vip(m: VmMeshLab, service: str, network: str) -> str:
+    return str(m.services[service].vips[network])
+
+
+def task(m: VmMeshLab, name: str) -> Task:
+    return m.tasks[name]
+
+
+# ---- IPVS ------------------------------------------------------------------------------------
+
+
+def test_auto_picks_ipvs_on_debians_kernel(mesh: VmMeshLab) -> None:
+    for node in NODES:  # sw3 was started with the default, auto
+        assert 'shoal_mesh_info{lb_backend="ipvs"} 1.0' in mesh.metrics(node), node
+    table = mesh.run("sw2", ["ipvsadm", "-Ln"])
+    services = re.findall(r"^FWM\s+(\d+) rr", table, re.M)
+    assert len(services) == 2, table  # 30000/tcp and 30001/udp
+    assert all(int(s) >> 24 == 0x5E for s in services)
+    assert len(re.findall(r"->\s+10\.255\.\S+\s+Masq\s+1\s", table)) == 8, table
+
+
+def test_published_port_from_outside_round_robins_over_every_task(mesh: VmMeshLab) -> None:
+    counts = answers(OUTSIDE, ADDR["sw2"], 30000, 60)
+    assert balanced(counts, web_ips(mesh)), counts
+
+
+@pytest.mark.parametrize("client", NODES)
+def test_published_port_from_every_node(mesh: VmMeshLab, client: str) -> None:
+    # one client at a time: concurrent ones would share each target's round-robin
+    got = vm_answers(mesh.lab, client, None, [f"{ADDR[t]}:30000" for t in NODES], 20)
+    for target, counts in got.items():
+        assert balanced(counts, web_ips(mesh)), (client, target, counts)
+
+
+def test_vip_from_a_task_round_robins_itself_included(mesh: VmMeshLab) -> None:
+    web1 = task(mesh, "web.1")
+    got = vm_answers(mesh.lab, "sw1", web1.netns, [f"{vip(mesh, 'web', 'ingress')}:8000"], 40)
+    counts = next(iter(got.values()))
+    assert balanced(counts, web_ips(mesh)) and str(web1.ips["ingress"]) in counts, counts
+
+
+@pytest.mark.parametrize("target", ["sw1", "sw2"])
+def test_task_reaches_its_own_service_through_the_mesh_hairpin(
+    mesh: VmMeshLab, target: str
+) -> None:
+    # web.1 lives on sw1: through sw1 the connection leaves and re-enters the same bridge.
+    got = vm_answers(mesh.lab, "sw1", task(mesh, "web.1").netns, [f"{ADDR[target]}:30000"], 40)
+    counts = next(iter(got.values()))
+    assert balanced(counts, web_ips(mesh)), counts
+
+
+def test_udp_published_port_is_balanced_per_flow(mesh: VmMeshLab) -> None:
+    seen = Counter(udp_ask(OUTSIDE, ADDR["sw3"], 30001, 41000 + i) for i in range(8))
+    assert balanced(seen, web_ips(mesh)), seen
+
+
+def test_scaling_up_and_down_updates_every_node(mesh: VmMeshLab) -> None:
+    new = mesh.add_task("web", "sw2", slot=5)
+    try:
+        mesh.start_workload(new)
+        mesh.wait_listening(new, timeout=120)
+        mesh.publish()
+        mesh.wait_synced(timeout=60)
+        for target in NODES:
+            counts = answers(OUTSIDE, ADDR[target], 30000, 50)
+            assert balanced(counts, web_ips(mesh)) and len(counts) == 5, (target, counts)
+    finally:
+        mesh.remove_task(new.name)
+        mesh.publish()
+        mesh.wait_synced(timeout=60)
+    for target in NODES:
+        counts = answers(OUTSIDE, ADDR[target], 30000, 40)
+        assert balanced(counts, web_ips(mesh)) and str(new.ips["ingress"]) not in counts
+
+
+def test_removing_a_backend_under_load_fails_no_request(mesh: VmMeshLab) -> None:
+    drained = task(mesh, "web.2")
+    gone = str(drained.ips["ingress"])
+    results: list[tuple[float, str]] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        def run() -> None:
+            while not stop.is_set():
+                try:
+                    results.append((time.monotonic(), micro.query(ADDR["sw1"], 30000, 5.0)))
+                except OSError as e:
+                    results.append((time.monotonic(), f"error: {e}"))
+
+        run_in_netns(OUTSIDE, run)
+
+    worker = threading.Thread(target=loop)
+    worker.start()
+    try:
+        time.sleep(1.0)
+        drained.serving = False
+        mesh.publish()
+        mesh.wait_synced(timeout=60)
+        applied = time.monotonic()
+        time.sleep(3.0)
+    finally:
+        stop.set()
+        worker.join()
+        drained.serving = True
+        mesh.publish()
+        mesh.wait_synced(timeout=60)
+    after = [who for t, who in results if t > applied]
+    assert len(after) > 30, len(after)
+    assert not [r for _, r in results if r.startswith("error")]
+    assert gone not in after
+    # IPVS drained it (weight 0) rather than cutting connections that were under way
+    assert gone in {who for t, who in results if t <= applied}
+
+
+def test_removed_udp_backend_gets_no_more_datagrams(mesh: VmMeshLab) -> None:
+    sport = 42424
+    first = udp_ask(OUTSIDE, ADDR["sw2"], 30001, sport)
+    assert udp_ask(OUTSIDE, ADDR["sw2"], 30001, sport) == first  # IPVS pins the flow
+    owner = next(t for t in mesh.tasks.values() if str(t.ips.get("ingress")) == first)
+    owner.serving = False
+    try:
+        mesh.publish()
+        mesh.wait_synced(timeout=60)
+        assert udp_ask(OUTSIDE, ADDR["sw2"], 30001, sport) != first
+    finally:
+        owner.serving = True
+        mesh.publish()
+        mesh.wait_synced(timeout=60)
+
+
+# A client in a task that keeps one connection to the VIP open: a request, then another when
+# told to (a line on stdin); prints each answer.
+_KEEP = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], 8000), 10)
+def ask():
+    s.sendall(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+    data = b""
+    while b"}" not in data:
+        chunk = s.recv(4096)
+        assert chunk, "connection closed"
+        data += chunk
+    print(data.split(b"\\r\\n\\r\\n", 1)[1].decode().strip(), flush=True)
+ask()
+sys.stdin.readline()
+ask()
+"""
+
+
+def test_restarting_the_mesh_keeps_established_connections(mesh: VmMeshLab) -> None:
+    def request(s: socket.socket) -> bytes:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while b"}" not in data:
+            chunk = s.recv(4096)
+            assert chunk, "connection closed"
+            data += chunk
+        return data.split(b"\r\n\r\n", 1)[1]
+
+    via_vip = task(mesh, "web.3")  # on sw1
+    inside = subprocess.Popen(
+        vm.exec_argv(
+            mesh.lab,
+            via_vip.node,
+            [
+                "ip",
+                "netns",
+                "exec",
+                via_vip.netns,
+                sys.executable,
+                "-c",
+                _KEEP,
+                vip(mesh, "web", "ingress"),
+            ],
+        ),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert inside.stdin is not None and inside.stdout is not None
+    outside = run_in_netns(OUTSIDE, lambda: socket.create_connection((ADDR["sw2"], 30000), 5))
+    try:
+        before = (request(outside), inside.stdout.readline())
+        for node in ("sw2", "sw1"):
+            mesh.signal_daemon(node, signal.SIGTERM)  # both at once: emulation is slow
+        for node in ("sw2", "sw1"):
+            mesh.stop_daemon(node)
+            mesh.start_daemon(node, "--lb-backend", "ipvs", *RESYNC)
+        mesh.wait_synced(timeout=120)
+        time.sleep(1.0)
+        inside.stdin.write("\n")
+        inside.stdin.flush()
+        assert (request(outside), inside.stdout.readline()) == before
+        assert inside.wait(60) == 0
+    finally:
+        outside.close()
+        inside.kill()
+
+
+def test_metrics_count_connections_from_ipvs(mesh: VmMeshLab) -> None:
+    def published_total() -> dict[str, float]:
+        out: dict[str, float] = {}
+        for line in mesh.metrics("sw2").splitlines():
+            if (
+                line.startswith("shoal_mesh_backend_connections_total{")
+                and 'frontend="published"' in line
+                and 'protocol="tcp"' in line
+            ):
+                backend = line.split('backend="')[1].split(":")[0]
+                out[backend] = float(line.rsplit(" ", 1)[1])
+        return out
+
+    before = published_total()
+    answers(OUTSIDE, ADDR["sw2"], 30000, 40)
+    want = {ip: 10.0 for ip in web_ips(mesh)}
+    deadline = time.monotonic() + 10  # IPVS sums its counters every 2 s
+    while True:
+        after = published_total()
+        delta = {ip: after[ip] - before.get(ip, 0) for ip in after}
+        if delta == want or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert delta == want
+
+
+# ---- ESP -------------------------------------------------------------------------------------
+
+
+def _secure(m: VmMeshLab, name: str) -> str:
+    return str(task(m, name).ips["secure"])
+
+
+def _counter(m: VmMeshLab, node: str, name: str) -> int:
+    out = m.run(node, ["nft", "list", "counter", "ip", ipsec.TABLE, name])
+    found = re.search(r"packets (\d+)", out)
+    assert found, out
+    return int(found.group(1))
+
+
+def test_encrypted_network_has_esp_associations_per_node_pair(mesh: VmMeshLab) -> None:
+    assert mesh.encryption is not None
+    keys = len(mesh.encryption.keys)
+    for node in NODES:
+        listed = mesh.run(node, ["ip", "xfrm", "state", "list"])
+        sas = ipsec.parse_states(listed)
+        assert listed.count(f"aead {ipsec.AEAD}") == len(sas) and "mode transport" in listed
+        me = ADDR[node]
+        for peer in (ADDR[n] for n in NODES if n != node):
+            assert len([s for s in sas if (s[0], s[1]) == (peer, me)]) == keys, (node, peer)
+            assert len([s for s in sas if (s[0], s[1]) == (me, peer)]) == 1, (node, peer)
+        policies = ipsec.parse_policies(mesh.run(node, ["ip", "xfrm", "policy", "list"]))
+        assert set(policies) == {(me, ADDR[n]) for n in NODES if n != node}
+
+
+def test_encrypted_network_mtu_leaves_room_for_esp(mesh: VmMeshLab, tmp_path: Path) -> None:
+    links = mesh.run("sw1", ["ip", "-o", "link"])
+    assert re.search(rf"sh-vx{SECURE_VNI}: .* mtu 1416 ", links), links
+    assert re.search(r"sh-vx4096: .* mtu 1450 ", links), links
+    vault1 = task(mesh, "vault.1")
+    ping = ["ip", "netns", "exec", vault1.netns, "ping", "-M", "do", "-c", "2", "-W", "5"]
+    with capture(mesh.lab, tmp_path / "mtu.pcap", "esp") as cap:
+        mesh.run("sw1", [*ping, "-s", "1388", _secure(mesh, "vault.2")])  # 1416 with headers
+    too_big = vm.run(mesh.lab, "sw1", [*ping, "-s", "1389", _secure(mesh, "vault.2")])
+    assert too_big.returncode != 0 and "mtu=1416" in too_big.stdout + too_big.stderr
+    sizes = [p[IP].len for p in rdpcap(str(cap.path)) if IP in p and p[IP].proto == 50]
+    # a full-size overlay frame makes a full-size ESP packet: no fragments on the underlay
+    assert max(sizes) == 1500, sizes
+    assert not [p for p in rdpcap(str(cap.path)) if IP in p and (p[IP].flags.MF or p[IP].frag)]
+
+
+def _layers(p: object) -> list[IP]:
+    out = []
+    layer = p
+    while layer is not None and hasattr(layer, "getlayer"):
+        found = layer.getlayer(IP)
+        if found is None:
+            break
+        out.append(found)
+        layer = found.payload
+    return out
+
+
+def test_only_esp_crosses_the_wire_for_the_encrypted_network(
+    mesh: VmMeshLab, tmp_path: Path
+) -> None:
+    vault1 = task(mesh, "vault.1")
+    secure = ipaddress.IPv4Network("10.0.42.0/24")
+    with capture(mesh.lab, tmp_path / "wire.pcap") as cap:
+        got = vm_answers(
+            mesh.lab,
+            "sw1",
+            vault1.netns,
+            [f"{_secure(mesh, 'vault.2')}:8000", f"{vip(mesh, 'vault', 'secure')}:8000"],
+            10,
+        )
+        answers(OUTSIDE, ADDR["sw2"], 30000, 8)  # the unencrypted ingress, as a control
+    assert set(got[f"{_secure(mesh, 'vault.2')}:8000"]) == {_secure(mesh, "vault.2")}
+    assert set(got[f"{vip(mesh, 'vault', 'secure')}:8000"]) == {
+        _secure(mesh, "vault.1"),
+        _secure(mesh, "vault.2"),
+    }
+    packets = rdpcap(str(cap.path))
+    esp = {(p[IP].src, p[IP].dst) for p in packets if IP in p and p[IP].proto == 50}
+    assert {(ADDR["sw1"], ADDR["sw3"]), (ADDR["sw3"], ADDR["sw1"])} <= esp, esp
+    vnis = Counter(p[VXLAN].vni for p in packets if VXLAN in p)
+    assert vnis[4096] > 0 and SECURE_VNI not in vnis, vnis  # the capture does see VXLAN
+    leaked = [
+        p.summary()
+        for p in packets
+        for layer in _layers(p)
+        if ipaddress.IPv4Address(layer.src) in secure or ipaddress.IPv4Address(layer.dst) in secure
+    ]
+    assert not leaked, leaked[:5]
+
+
+def test_plaintext_vxlan_for_the_encrypted_network_is_dropped(mesh: VmMeshLab) -> None:
+    vault1 = task(mesh, "vault.1")
+    name = f"plaintext-in-{SECURE_VNI}"
+    before = _counter(mesh, "sw1", name)
+
+    def inject(vni: int) -> None:
+        inner = (
+            Ether(dst="02:42:" + ":".join(f"{b:02x}" for b in vault1.ips["secure"].packed))
+            / IP(src="10.0.42.200", dst=str(vault1.ips["secure"]))
+            / UDP(sport=5555, dport=8000)
+            / b"hello"
+        )
+        payload = bytes(VXLAN(vni=vni, flags=0x08) / inner)
+
+        def send() -> None:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(payload, (ADDR["sw1"], 4789))
+
+        run_in_netns(OUTSIDE, send)
+
+    inject(SECURE_VNI)
+    inject(SECURE_VNI)
+    inject(4096)  # a plaintext network's VXLAN is not this rule's business
+    deadline = time.monotonic() + 10
+    while _counter(mesh, "sw1", name) < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _counter(mesh, "sw1", name) == before + 2
+
+
+def test_without_its_esp_policy_nothing_is_sent_in_the_clear(
+    mesh: VmMeshLab, tmp_path: Path
+) -> None:
+    vault1 = task(mesh, "vault.1")
+    ping = ["ip", "netns", "exec", vault1.netns, "ping", "-c", "3", "-i", "0.3", "-W", "1"]
+    name = f"plaintext-out-{SECURE_VNI}"
+    before = _counter(mesh, "sw1", name)
+    daemon = ["pkill", "-f", "mesh.cli run"]
+    mesh.run("sw1", [*daemon, "--signal", "STOP"])  # or its periodic check repairs it at once
+    mesh.run("sw1", ["ip", "xfrm", "policy", "flush"])  # as if it had been lost
+    try:
+        with capture(mesh.lab, tmp_path / "leak.pcap", "udp port 4789 or esp") as cap:
+            lost = vm.run(mesh.lab, "sw1", [*ping, _secure(mesh, "vault.2")])
+        assert lost.returncode != 0, lost.stdout
+        assert _counter(mesh, "sw1", name) > before
+        leaked = [p for p in rdpcap(str(cap.path)) if VXLAN in p and p[VXLAN].vni == SECURE_VNI]
+        assert not leaked
+    finally:
+        mesh.run("sw1", [*daemon, "--signal", "CONT"])
+        mesh.signal_daemon("sw1", signal.SIGUSR1)  # a full resync puts the policies back
+    deadline = time.monotonic() + 60
+    while vm.run(mesh.lab, "sw1", [*ping, _secure(mesh, "vault.2")]).returncode != 0:
+        assert time.monotonic() < deadline, "the full resync did not restore ESP"
+
+
+def test_key_rotation_loses_no_packet(mesh: VmMeshLab) -> None:
+    vault1 = task(mesh, "vault.1")
+    count = 500
+    pinger = subprocess.Popen(
+        vm.exec_argv(
+            mesh.lab,
+            "sw1",
+            [
+                *("ip", "netns", "exec", vault1.netns, "ping", "-q", "-i", "0.05", "-W", "5"),
+                *("-c", str(count), _secure(mesh, "vault.2")),
+            ],
+        ),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+    def outbound_spi() -> int:
+        sas = ipsec.parse_states(mesh.run("sw1", ["ip", "xfrm", "state", "list"]))
+        (spi,) = [s[2] for s in sas if (s[0], s[1]) == (ADDR["sw1"], ADDR["sw3"])]
+        return spi
+
+    def primary_spi() -> int:
+        assert mesh.encryption is not None
+        return ipsec.derive(mesh.encryption.primary_key, ADDR["sw1"], ADDR["sw3"])[0]
+
+    assert outbound_spi() == primary_spi()
+    spis = {outbound_spi()}
+    first = mesh.encryption.keys[0].tag if mesh.encryption else -1
+    try:
+        for _ in range(3):
+            mesh.rotate_keys()
+            # node by node, as a control plane reaches them: for a while sw1 sends with the
+            # new primary while sw3 has not heard of the rotation
+            for node in ("sw1", "sw3", "sw2"):
+                mesh.publish([node])
+                mesh.wait_synced(nodes=[node], timeout=60)
+            assert outbound_spi() == primary_spi()
+            spis.add(outbound_spi())
+        rotated = pinger.poll() is None
+        out, _ = pinger.communicate(timeout=120)
+    finally:
+        pinger.kill()
+    assert rotated, "the rotations outlasted the ping; make it longer"
+    assert len(spis) >= 3, spis  # the primary changed (it is the second-newest key)
+    assert f"{count} packets transmitted, {count} received" in out, out
+    sas = ipsec.parse_states(mesh.run("sw1", ["ip", "xfrm", "state", "list"]))
+    assert len([s for s in sas if s[1] == ADDR["sw1"] and s[0] == ADDR["sw3"]]) == 3
+    assert mesh.encryption is not None and first not in {k.tag for k in mesh.encryption.keys}
