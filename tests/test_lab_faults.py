@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -66,19 +69,54 @@ def test_partition_refuses_nonsense(lab: Lab) -> None:
     assert not any(faults.cuts(lab).values())
 
 
+def lab_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli.main", "lab", *args, "--name", LAB],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_kill_and_start_a_nodes_daemon(lab: Lab) -> None:
     daemons.start(lab, lab.node("sw2"))
     daemons.wait_ready(lab, "sw2")
-    record = labmod.load(LAB)
-    assert record is not None
-    pids = faults.kill(record, "sw2")
-    assert pids
+    # what shoald starts in a session of its own (shoal-mesh) dies with the node too
+    stray = subprocess.Popen(
+        labmod.exec_argv(lab, "sw2", ["sleep", "300"]), start_new_session=True
+    )
+    out = lab_cli("kill", "sw2")
+    assert out.returncode == 0 and "sw2: killed" in out.stdout, out.stderr
+    assert stray.wait(5) == -9
     record = labmod.load(LAB)
     assert record is not None and not labmod.running(record, "sw2")
     assert not daemons.ping(daemons.socket_path(record, "sw2"))
-    faults.start(record, "sw2")
-    daemons.wait_ready(record, "sw2")
-    record = labmod.load(LAB)
-    assert record is not None
-    with pytest.raises(LabError, match="already running"):
-        faults.start(record, "sw2")
+    out = lab_cli("start", "sw2")
+    assert out.returncode == 0 and "sw2: shoald running" in out.stdout, out.stderr
+    assert daemons.ping(daemons.socket_path(record, "sw2"))
+    again = lab_cli("start", "sw2")
+    assert again.returncode == 1 and "already running" in again.stderr
+
+
+def test_partition_and_heal_from_the_cli(lab: Lab) -> None:
+    out = lab_cli("partition", "sw3", "--from", "sw1")
+    assert out.returncode == 0 and "cut sw3 off from sw1" in out.stdout, out.stderr
+    assert not reaches(lab, "sw1", "sw3") and reaches(lab, "sw2", "sw3")
+    bad = lab_cli("partition", "sw9")
+    assert bad.returncode == 1 and "sw9" in bad.stderr
+    assert lab_cli("heal").returncode == 0
+    assert reaches(lab, "sw1", "sw3")
+
+
+def test_down_stops_every_process_of_the_lab_tasks_included() -> None:
+    lab = labmod.up("tdown", 1, ipaddress.IPv4Network("192.168.58.0/24"))
+    try:
+        task_ns = f"{lab.node('sw1').netns}-task1"  # as the native executor names them
+        subprocess.run(["ip", "netns", "add", task_ns], check=True)
+        in_node = subprocess.Popen(labmod.exec_argv(lab, "sw1", ["sleep", "300"]))
+        in_task = subprocess.Popen(["ip", "netns", "exec", task_ns, "sleep", "300"])
+        time.sleep(0.2)
+    finally:
+        labmod.down("tdown")
+    assert in_node.wait(5) is not None and in_task.wait(5) is not None
+    assert not Path(f"/run/netns/{task_ns}").exists()

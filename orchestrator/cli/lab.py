@@ -7,7 +7,7 @@ import ipaddress
 import os
 import sys
 
-from orchestrator.lab import daemons, demo, vm, vmdemo
+from orchestrator.lab import daemons, demo, faults, vm, vmdemo
 from orchestrator.lab import lab as labmod
 from orchestrator.lab.lab import LabError
 
@@ -62,6 +62,24 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     demo_p.set_defaults(func=cmd_demo)
     lab_sub.add_parser("ls", help="list labs and their nodes").set_defaults(func=cmd_ls)
+
+    kill = named(lab_sub.add_parser("kill", help="SIGKILL a node's shoald, without warning"))
+    kill.add_argument("nodes", nargs="+", metavar="NODE")
+    kill.set_defaults(func=cmd_kill)
+    start = named(lab_sub.add_parser("start", help="start a killed node's shoald again"))
+    start.add_argument("nodes", nargs="+", metavar="NODE")
+    start.set_defaults(func=cmd_start)
+    part = named(
+        lab_sub.add_parser(
+            "partition",
+            help="cut nodes off from the others (or from --from), both ways",
+            usage="shoal lab partition [--name LAB] NODE... [--from NODE...]",
+        )
+    )
+    part.add_argument("nodes", nargs="+", metavar="NODE")
+    part.add_argument("--from", dest="from_nodes", nargs="+", metavar="NODE", default=None)
+    part.set_defaults(func=cmd_partition)
+    named(lab_sub.add_parser("heal", help="remove every partition")).set_defaults(func=cmd_heal)
 
     ex = named(
         lab_sub.add_parser(
@@ -124,6 +142,38 @@ def cmd_ls(args: argparse.Namespace) -> int:
         for n in lab.nodes:
             pids = labmod.running(lab, n.name)
             print(f"{lab.name:10} {n.name:6} {n.address:16} {n.netns:16} {len(pids)}")
+    return 0
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    lab = _require(args.name)
+    for node in args.nodes:
+        pids = faults.kill(labmod.load(args.name) or lab, node)
+        print(f"{node}: killed {', '.join(map(str, pids))}" if pids else f"{node}: not running")
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    lab = _require(args.name)
+    for node in args.nodes:
+        faults.start(labmod.load(args.name) or lab, node)
+    for node in args.nodes:
+        daemons.wait_ready(_require(args.name), node)
+        print(f"{node}: shoald running")
+    return 0
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    lab = _require(args.name)
+    faults.partition(lab, args.nodes, args.from_nodes)
+    others = args.from_nodes or [n.name for n in lab.nodes if n.name not in args.nodes]
+    print(f"cut {' '.join(args.nodes)} off from {' '.join(others)} (`shoal lab heal` undoes)")
+    return 0
+
+
+def cmd_heal(args: argparse.Namespace) -> int:
+    faults.heal(_require(args.name))
+    print("every partition removed")
     return 0
 
 

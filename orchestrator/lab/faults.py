@@ -10,9 +10,7 @@ plane, and the overlay's VXLAN too, as in a real network split. Cuts accumulate 
 from __future__ import annotations
 
 import ipaddress
-import os
 import signal
-import time
 
 from mesh.netns import run_in_netns
 from mesh.nft import expr as E
@@ -28,26 +26,27 @@ from mesh.nft.transaction import (
 )
 from mesh.nft.wire import NftSocket
 from orchestrator.lab import daemons
-from orchestrator.lab.lab import Lab, LabError, running
+from orchestrator.lab.lab import Lab, LabError, processes_in, running, stop_pids
 
 TABLE = "shoal-lab"
 CUT = "cut-off"
 
 
 def kill(lab: Lab, node: str) -> list[int]:
-    """SIGKILL the node's daemons, without warning: the node is gone as far as peers know."""
-    lab.node(node)
-    pids = running(lab, node)
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while running(lab, node) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    """SIGKILL the node's daemons (shoald, its shoal-mesh, anything else running in the node's
+    namespace), without warning: the node is gone as far as peers know. Tasks, in namespaces
+    of their own, keep running, as containers do when dockerd dies."""
+    if lab.kind != "netns":
+        raise LabError("kill and start work on shoald in namespace labs (VM labs run no shoald)")
+    pids = sorted(set(running(lab, node)) | set(processes_in([lab.node(node).netns])))
+    stop_pids(pids, signal.SIGKILL)
     return pids
 
 
 def start(lab: Lab, node: str) -> int | None:
     """Start the node's shoald again (it keeps its membership in its data root)."""
+    if lab.kind != "netns":
+        raise LabError("kill and start work on shoald in namespace labs (VM labs run no shoald)")
     if running(lab, node):
         raise LabError(f"{node} is already running (shoal lab kill {node} first)")
     return daemons.start(lab, lab.node(node))

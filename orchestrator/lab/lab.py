@@ -246,6 +246,9 @@ def _ensure_node(lab: Lab, node: Node) -> None:
 
 def _remove_node(lab: Lab, node: Node) -> None:
     _kill(lab.processes.pop(node.name, []))
+    # and whatever the node's daemons started and left behind (shoal-mesh runs in its own
+    # session; tasks in their own namespaces)
+    stop_pids(processes_in(node_namespaces(lab, node)), signal.SIGKILL)
     for ns in node_namespaces(lab, node):
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     # what `ip netns exec` binds into task namespaces (nameserver, hostname)
@@ -276,9 +279,31 @@ def start_time(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
+def processes_in(namespaces: list[str]) -> list[int]:
+    """Every process whose network namespace is one of these named ones."""
+    wanted = set()
+    for ns in namespaces:
+        with contextlib.suppress(OSError):
+            st = os.stat(f"/run/netns/{ns}")
+            wanted.add((st.st_dev, st.st_ino))
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            st = os.stat(entry / "ns" / "net")
+            if (st.st_dev, st.st_ino) in wanted:
+                pids.append(int(entry.name))
+    return pids
+
+
 def _kill(procs: list[list[int]]) -> None:
-    pids = [pid for pid, started in procs if start_time(pid) == started]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    stop_pids([pid for pid, started in procs if start_time(pid) == started])
+
+
+def stop_pids(pids: list[int], first: signal.Signals = signal.SIGTERM) -> None:
+    """Signal the processes (then SIGKILL those still there after 5 s) and wait for them."""
+    for sig in dict.fromkeys((first, signal.SIGKILL)):
         alive = []
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
