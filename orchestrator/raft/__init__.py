@@ -5,6 +5,7 @@
 - `progress`: what a leader knows of each follower, and flow control (probe/replicate/snapshot).
 - `core`: the state machine itself (`Raft`): step/tick/propose/read_index/... in, Ready out.
 - `storage`: durable storage on the write-ahead log (`RaftStorage`), and `MemoryStorage`.
+- `sealing`: the data key encrypting the log and snapshots, sealed under the unlock key.
 - `sim`: a deterministic simulator running real cores under faults, with safety checks.
 - `linearizability`: a Porcupine-style checker for key-value histories.
 

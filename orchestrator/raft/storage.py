@@ -1,24 +1,35 @@
 """Durable storage for a Raft node: its log and hard state in the WAL, plus one snapshot file.
 
-`RaftStorage(directory)` recovers what is on disk (`initial_state()`, to build the `Raft` from)
-and then persists each Ready with `save(...)`: one WAL append, one fsync (none when only the
-commit index moved). Compaction writes the snapshot file and rewrites the WAL with only the
-entries after it.
+`RaftStorage(directory, unlock_key)` recovers what is on disk (`initial_state()`, to build the
+`Raft` from) and then persists each Ready with `save(...)`: one WAL append, one fsync (none when
+only the commit index moved). Compaction writes the snapshot file and rewrites the WAL with only
+the entries after it.
+
+Everything is encrypted at rest (AES-256-GCM) under the manager's data key (DEK), made on the
+first start and kept in `raft.dek`, in the clear or, with autolock, sealed under the unlock key
+(orchestrator.raft.sealing). Opening needs the key when the DEK is sealed (`sealing.Locked`,
+`sealing.WrongUnlockKey`, before anything is written); `reseal` re-seals it under a new
+unlock key, or stores it in the clear.
 
 On disk, in `directory`:
 
-- `raft.wal`: orchestrator.store.wal records (length, CRC, index, payload), one per
+- `raft.dek`: the data key (orchestrator.raft.sealing).
+- `raft.wal`: orchestrator.store.wal records (length, CRC, index, sealed payload), one per
     - entry ("E" + term + type + data; the record index is the entry's) — an entry at index i
       replaces any earlier-written entries from i on, so a conflicting suffix is cut simply by
       writing the new entries;
     - hard state ("H" + term + vote + commit; record index 0);
     - snapshot marker ("S" + term; record index = snapshot index): the log restarts after it.
-- `snapshot`: magic, CRC-32, length, then a JSON header (index, term, membership) and the
-  application's data. Written to a temporary file, fsynced, renamed, directory fsynced.
+- `snapshot`: magic, a random salt (naming the file's key, derived from the DEK), then sealed
+  (nonce, AES-GCM with the header as associated data): u32 length of a JSON header (index,
+  term, membership), the header, the application's data. Written to a temporary file,
+  fsynced, renamed, directory fsynced.
 
-Recovery reuses the WAL's rules: a torn last record is cut off; a corrupt record with good
-ones after it stops the node with an error naming the file and offset. A snapshot file that
-fails its checksum is refused the same way.
+Recovery reuses the WAL's rules: a torn last record is cut off; a corrupt record (or one that
+fails authentication) with good ones after it stops the node with an error naming the file and
+offset. A snapshot file that fails authentication is refused the same way.
+
+Raft data written unencrypted by earlier versions is refused (WalCorrupt), not migrated.
 
 `MemoryStorage` is the same contract in memory (for tests and the simulator).
 """
@@ -28,10 +39,11 @@ from __future__ import annotations
 import json
 import os
 import struct
-import zlib
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.raft import sealing
 from orchestrator.raft.messages import (
     ConfState,
     Entry,
@@ -42,13 +54,18 @@ from orchestrator.raft.messages import (
     SnapshotMeta,
     StorageState,
 )
+from orchestrator.raft.sealing import DataKey
+from orchestrator.store.wal import OLD_MAGIC as OLD_WAL_MAGIC
 from orchestrator.store.wal import Record, Wal, WalCorrupt, fsync_dir
 
+WAL_FILE = "raft.wal"
+SNAP_FILE = "snapshot"
 _ENTRY = struct.Struct("<QB")  # term, type
 _HARD = struct.Struct("<QQQ")  # term, vote, commit
 _SNAPMARK = struct.Struct("<Q")  # term
-_SNAPHEAD = struct.Struct("<IQ")  # crc32 of the rest, length of the rest
-SNAP_MAGIC = b"SHOALSNAP1\n"
+SNAP_MAGIC = b"SHOALSNAP2\n"
+OLD_SNAP_MAGIC = b"SHOALSNAP1\n"  # unencrypted, before at-rest encryption
+_SNAP_HEADER = len(SNAP_MAGIC) + sealing.SALT_BYTES
 _TYPES = [EntryType.NORMAL, EntryType.CONF_CHANGE]
 
 
@@ -136,7 +153,7 @@ class MemoryStorage:
         return self._d.offset + len(self._d.entries)
 
 
-def _encode_snapshot(snap: Snapshot) -> bytes:
+def _encode_snapshot(snap: Snapshot, key: DataKey) -> bytes:
     head = json.dumps(
         {
             "index": snap.meta.index,
@@ -146,18 +163,22 @@ def _encode_snapshot(snap: Snapshot) -> bytes:
         sort_keys=True,
     ).encode()
     body = struct.pack("<I", len(head)) + head + snap.data
-    return SNAP_MAGIC + _SNAPHEAD.pack(zlib.crc32(body), len(body)) + body
+    salt = os.urandom(sealing.SALT_BYTES)
+    header = SNAP_MAGIC + salt
+    return header + key.file_cipher(salt).encrypt(body, header)
 
 
-def _decode_snapshot(raw: bytes, path: Path) -> Snapshot:
-    if not raw.startswith(SNAP_MAGIC) or len(raw) < len(SNAP_MAGIC) + _SNAPHEAD.size:
+def _decode_snapshot(raw: bytes, path: Path, key: DataKey) -> Snapshot:
+    if raw.startswith(OLD_SNAP_MAGIC):
+        raise WalCorrupt(_old_format(path))
+    if not raw.startswith(SNAP_MAGIC) or len(raw) < _SNAP_HEADER:
         raise WalCorrupt(f"{path}: not a Shoal snapshot (bad header at offset 0)")
-    crc, length = _SNAPHEAD.unpack_from(raw, len(SNAP_MAGIC))
-    start = len(SNAP_MAGIC) + _SNAPHEAD.size
-    body = raw[start:]
-    if len(body) != length or zlib.crc32(body) != crc:
+    header = raw[:_SNAP_HEADER]
+    body = key.file_cipher(header[len(SNAP_MAGIC) :]).decrypt(raw[_SNAP_HEADER:], header)
+    if body is None:
         raise WalCorrupt(
-            f"{path}: snapshot fails its checksum (body at offset {start}); refusing to start"
+            f"{path}: snapshot fails authentication (body at offset {_SNAP_HEADER}: damaged, "
+            "altered, or not sealed by this manager); refusing to start"
         )
     (hlen,) = struct.unpack_from("<I", body)
     head = json.loads(body[4 : 4 + hlen])
@@ -165,19 +186,54 @@ def _decode_snapshot(raw: bytes, path: Path) -> Snapshot:
     return Snapshot(meta, bytes(body[4 + hlen :]))
 
 
+def _old_format(path: Path) -> str:
+    return (
+        f"{path}: unencrypted Raft data written by an older version of Shoal, which this "
+        "version does not read; refusing to start (move the Raft directory aside and join "
+        "this manager again, its peers have the data)"
+    )
+
+
+def _data_key(directory: Path, unlock_key: bytes | None) -> DataKey:
+    """The DEK of this directory, made on a first start. The key file is written before any
+    Raft data, so data without it is an older version's or has lost its key."""
+    if sealing.key_path(directory).exists():
+        return sealing.load(directory, unlock_key)
+    for path, old in (
+        (directory / WAL_FILE, OLD_WAL_MAGIC),
+        (directory / SNAP_FILE, OLD_SNAP_MAGIC),
+    ):
+        if path.exists():
+            with open(path, "rb") as f:
+                if f.read(len(old)) == old:
+                    raise WalCorrupt(_old_format(path))
+            raise sealing.KeyFileError(
+                f"{sealing.key_path(directory)}: missing, but {path} holds Raft data encrypted "
+                "under it; restore the key file from a backup, or move the Raft directory "
+                "aside and join this manager again"
+            )
+    return sealing.create(directory, unlock_key)
+
+
 class RaftStorage:
     """A node's Raft state on disk (see the module docstring for the layout)."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, unlock_key: bytes | None = None):
+        """`unlock_key`: the 32 raw bytes of the unlock key (`UnlockKey.key`), needed if the
+        data key is sealed (autolock), and used to seal it if this is the first start.
+        Raises sealing.Locked or sealing.WrongUnlockKey, having written nothing, if the data
+        key is sealed and the key is missing or wrong."""
         self.dir = directory
         directory.mkdir(parents=True, exist_ok=True)
-        self._snap_path = directory / "snapshot"
+        self._key = _data_key(directory, unlock_key)
+        self._reseal_lock = threading.Lock()
+        self._snap_path = directory / SNAP_FILE
         d = _Durable()
         if self._snap_path.exists():
-            snap = _decode_snapshot(self._snap_path.read_bytes(), self._snap_path)
+            snap = _decode_snapshot(self._snap_path.read_bytes(), self._snap_path, self._key)
         else:
             snap = Snapshot()
-        self._wal = Wal(directory / "raft.wal")
+        self._wal = Wal(directory / WAL_FILE, self._key.file_cipher)
         for rec in self._wal.records():
             kind, body = rec.data[:1], rec.data[1:]
             if kind == b"E":
@@ -274,11 +330,18 @@ class RaftStorage:
     def _write_snapshot(self, snap: Snapshot) -> None:
         tmp = self._snap_path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
-            f.write(_encode_snapshot(snap))
+            f.write(_encode_snapshot(snap, self._key))
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(self._snap_path)
         fsync_dir(self.dir)
+
+    def reseal(self, unlock_key: bytes | None) -> None:
+        """Seal the data key under `unlock_key` (32 raw bytes), or store it in the clear for
+        None: an unlock key rotation, or autolock turned on or off. Only the key file is
+        replaced (atomically); the old unlock key is not needed. Safe from any thread."""
+        with self._reseal_lock:
+            sealing.write_key(self.dir, self._key, unlock_key)
 
     def close(self) -> None:
         self._wal.close()

@@ -114,10 +114,14 @@ class RaftLog(ReplicatedLog):
         channel_factory: peers.ChannelFactory = peers.insecure_channel,
         bootstrap: bool = False,
         known: dict[int, str] | None = None,
+        *,
+        unlock_key: bytes | None = None,
     ):
         """`bootstrap`: this is the first manager of a new cluster (empty storage only).
         `known`: members' addresses to start with (a joining manager has no log yet to learn
-        them from, and must be able to answer the leader)."""
+        them from, and must be able to answer the leader).
+        `unlock_key`: the unlock key's 32 raw bytes (autolock): `start` needs it if the Raft
+        data key is sealed, and seals a new one under it (see RaftStorage)."""
         super().__init__()
         self.dir = directory
         self.id = raft_id
@@ -125,6 +129,7 @@ class RaftLog(ReplicatedLog):
         self.settings = settings or RaftSettings()
         self._rng = rng or random.Random()
         self._bootstrap = bootstrap
+        self._unlock_key = unlock_key
         self._channel_factory = channel_factory
         self.transport = peers.Peers(RAFT_SERVICE, channel_factory=channel_factory)
         self.members: dict[int, str] = {}
@@ -171,7 +176,8 @@ class RaftLog(ReplicatedLog):
 
     async def start(self) -> None:
         assert self._apply and self._restore
-        storage = await asyncio.to_thread(RaftStorage, self.dir)
+        # raises sealing.Locked / WrongUnlockKey before anything is written
+        storage = await asyncio.to_thread(RaftStorage, self.dir, self._unlock_key)
         state = storage.initial_state()
         if self._bootstrap and _empty(state):
             cc = ConfChange(ConfChangeType.ADD_NODE, self.id, member_context(self.addr))
@@ -258,6 +264,15 @@ class RaftLog(ReplicatedLog):
                 await asyncio.sleep(self.settings.tick)
             finally:
                 self._reads.pop(ctx, None)
+
+    async def reseal(self, unlock_key: bytes | None) -> None:
+        """Seal this manager's Raft data key under `unlock_key` (32 raw bytes), or store it in
+        the clear for None (unlock key rotated, autolock turned on or off). Only the key file
+        changes; the old key is not needed."""
+        if self._storage is None:
+            raise RuntimeError("the Raft log is not open")
+        await asyncio.to_thread(self._storage.reseal, unlock_key)
+        self._unlock_key = unlock_key
 
     async def close(self) -> None:
         for t in self._tasks:

@@ -1,9 +1,22 @@
-"""A write-ahead log: checksummed records, fsynced before anyone is told they are durable.
+"""A write-ahead log: encrypted, checksummed records, fsynced before anyone is told they are
+durable.
 
-Record: u32 length of the payload, u32 CRC-32 of (index, payload), u64 index, payload.
-Opening a log checks every record. An incomplete or bad *last* record is a write torn by a
-crash and is cut off; a bad record with good ones after it is corruption, and opening refuses
-with the file and offset, since silently dropping acknowledged writes is worse than stopping.
+File: MAGIC, a random 16-byte salt, then the records. The salt names the file's own key: the
+log is given `cipher`, a function from a salt to a `RecordCipher` (for the Raft log,
+orchestrator.raft.sealing.DataKey.file_cipher), and draws a new salt whenever it starts a file.
+
+Record: u32 length of the sealed payload, u32 CRC-32 of (index, sealed payload), u64 index,
+sealed payload. The cipher seals each payload bound to the record's ordinal (its position in
+the file, 0 for the first) and its index, so a record cannot be altered, moved, swapped or
+dropped from the middle without failing to open.
+
+Opening a log checks every record. An incomplete, bad or unopenable *last* record is a write
+torn by a crash and is cut off; a bad or unopenable record with good ones after it is
+corruption (or tampering), and opening refuses with the file and offset, since silently
+dropping acknowledged writes is worse than stopping. The CRC tells damage from tampering, and
+finds the records after a bad one.
+
+Logs written in the clear by earlier versions (header OLD_MAGIC) are refused, not migrated.
 """
 
 from __future__ import annotations
@@ -11,12 +24,16 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 _HEAD = struct.Struct("<IIQ")
-MAGIC = b"SHOALWAL1\n"
+MAGIC = b"SHOALWAL2\n"
+OLD_MAGIC = b"SHOALWAL1\n"  # unencrypted, before at-rest encryption
+SALT_BYTES = 16
+HEADER_BYTES = len(MAGIC) + SALT_BYTES
 
 
 class WalCorrupt(RuntimeError):
@@ -29,34 +46,71 @@ class Record:
     data: bytes
 
 
+class RecordCipher(Protocol):
+    """Seals record payloads for one file."""
+
+    def seal(self, ordinal: int, index: int, data: bytes) -> bytes: ...
+
+    def open(self, ordinal: int, index: int, data: bytes) -> bytes | None:
+        """The payload, or None if `data` is not what `seal` made for this place."""
+        ...
+
+
 def _crc(index: int, data: bytes) -> int:
     return zlib.crc32(data, zlib.crc32(struct.pack("<Q", index)))
 
 
-def _scan(raw: bytes, path: Path) -> tuple[list[Record], int]:
-    """The good records, and the offset where the good part of the file ends."""
-    if not raw.startswith(MAGIC):
-        if raw and not MAGIC.startswith(raw):
-            raise WalCorrupt(f"{path}: not a Shoal write-ahead log (bad header)")
-        return [], 0
+def _salt(raw: bytes, path: Path) -> bytes | None:
+    """The file's salt; None for a file with nothing in it (empty, or a header torn by a crash
+    while the file was made)."""
+    if raw.startswith(MAGIC) and len(raw) >= HEADER_BYTES:
+        return raw[len(MAGIC) : HEADER_BYTES]
+    if raw.startswith(OLD_MAGIC):
+        raise WalCorrupt(
+            f"{path}: an unencrypted log written by an older version of Shoal, which this "
+            "version does not read; refusing to start"
+        )
+    if len(raw) < HEADER_BYTES and MAGIC.startswith(raw[: len(MAGIC)]):
+        return None
+    raise WalCorrupt(f"{path}: not a Shoal write-ahead log (bad header)")
+
+
+def _scan(raw: bytes, path: Path, cipher: RecordCipher) -> tuple[list[Record], int]:
+    """The good records (payloads opened), and the offset where the good part of the file
+    ends."""
     records: list[Record] = []
-    off = len(MAGIC)
+    off = HEADER_BYTES
     while off < len(raw):
         if off + _HEAD.size > len(raw):
             break  # torn header at the tail
         length, crc, index = _HEAD.unpack_from(raw, off)
         end = off + _HEAD.size + length
-        data = raw[off + _HEAD.size : end]
-        if end > len(raw) or _crc(index, data) != crc:
+        sealed = raw[off + _HEAD.size : end]
+        why = ""
+        if end > len(raw) or _crc(index, sealed) != crc:
+            data = None
+        else:
+            data = cipher.open(len(records), index, sealed)
+            why = " (it fails authentication: altered, moved, or not sealed by this manager)"
+        if data is None:
             if _later_record_ok(raw, off + 1):
                 raise WalCorrupt(
-                    f"{path}: corrupt record at offset {off} with valid records after it; "
+                    f"{path}: corrupt record at offset {off}{why} with valid records after it; "
                     "refusing to start (restore this manager from a peer or a backup)"
                 )
             break  # torn tail
         records.append(Record(index, data))
         off = end
     return records, off
+
+
+def _encode(cipher: RecordCipher, records: list[Record], first: int) -> bytes:
+    """The records as bytes on disk, the first at ordinal `first`."""
+    parts = []
+    for i, r in enumerate(records, first):
+        data = cipher.seal(i, r.index, r.data)
+        parts.append(_HEAD.pack(len(data), _crc(r.index, data), r.index) + data)
+    return b"".join(parts)
 
 
 def _later_record_ok(raw: bytes, start: int) -> bool:
@@ -70,19 +124,32 @@ def _later_record_ok(raw: bytes, start: int) -> bool:
 
 
 class Wal:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, cipher: Callable[[bytes], RecordCipher]):
+        """`cipher(salt)`: the cipher of the file whose header holds `salt`."""
         self.path = path
+        self._cipher_for = cipher
         path.parent.mkdir(parents=True, exist_ok=True)
         raw = path.read_bytes() if path.exists() else b""
-        self._records, good = _scan(raw, path)
-        if good < len(raw) or not raw:
-            with open(path, "r+b" if raw else "wb") as f:
-                if not raw or good == 0:
-                    f.write(MAGIC)
-                    good = len(MAGIC)
-                f.truncate(good)
+        salt = _salt(raw, path)
+        if salt is None:
+            salt = os.urandom(SALT_BYTES)
+            self._cipher = cipher(salt)
+            self._records: list[Record] = []
+            with open(path, "wb") as f:
+                f.write(MAGIC + salt)
                 f.flush()
                 os.fsync(f.fileno())
+            fsync_dir(path.parent)
+        else:
+            self._cipher = cipher(salt)
+            self._records, good = _scan(raw, path, self._cipher)
+            if good < len(raw):
+                with open(path, "r+b") as f:
+                    f.truncate(good)
+                    f.flush()
+                    os.fsync(f.fileno())
+        # the records in the file: the next one's ordinal
+        self._count = len(self._records)
         # unbuffered: append() writes each batch with one write(2) of its own
         self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - held open for the log's life
 
@@ -101,46 +168,34 @@ class Wal:
         copy it into its buffer first), then fdatasync: the file's size is flushed with the
         data, its timestamps are not worth a second journal write.
         """
-        buf = b"".join(
-            [_HEAD.pack(len(r.data), _crc(r.index, r.data), r.index) + r.data for r in records]
-        )
+        buf = _encode(self._cipher, records, self._count)
         fd = self._file.fileno()
         view = memoryview(buf)
         while view:  # a regular file takes it in one write but for a full disk or a signal
             view = view[os.write(fd, view) :]
+        self._count += len(records)
         if sync:
             os.fdatasync(fd)
 
-    def reset(self) -> None:
-        """Empty the log (after a snapshot has made its records redundant)."""
-        self._file.close()
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_bytes(MAGIC)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
-        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115
-
     def rewrite(self, records: list[Record]) -> None:
-        """Atomically replace the whole log by `records` (compaction keeps only what is live).
+        """Atomically replace the whole log by `records` (compaction keeps only what is live),
+        in a new file with a new salt, hence a new key.
 
         Written to a temporary file, fsynced, renamed over the log, and the directory fsynced:
         a crash leaves either the old log or the new one, never a mix.
         """
-        self._file.close()
-        tmp = self.path.with_suffix(".tmp")
+        salt = os.urandom(SALT_BYTES)
+        cipher = self._cipher_for(salt)
+        tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "wb") as f:
-            f.write(MAGIC)
-            f.write(
-                b"".join(
-                    _HEAD.pack(len(r.data), _crc(r.index, r.data), r.index) + r.data
-                    for r in records
-                )
-            )
+            f.write(MAGIC + salt + _encode(cipher, records, 0))
             f.flush()
             os.fsync(f.fileno())
+        self._file.close()
         tmp.replace(self.path)
         fsync_dir(self.path.parent)
+        self._cipher = cipher
+        self._count = len(records)
         self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115
 
     def close(self) -> None:
