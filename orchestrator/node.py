@@ -12,11 +12,11 @@ the node's assignments, and the node starts or stops its manager runtime.
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import contextlib
+import dataclasses
 import json
 import logging
 import os
-import secrets
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -29,12 +29,18 @@ from orchestrator.agent.meshfeed import MeshFeed
 from orchestrator.agent.meshprocess import MeshProcess
 from orchestrator.api.convert import default_cluster_spec
 from orchestrator.api.docker import ENGINE_VERSION
+from orchestrator.ca.certs import CA_SERVICE, NodeCertificates
+from orchestrator.ca.pki import NodeCSR, PKIError, Role, RootCA, verify_chain
+from orchestrator.ca.server import cert_expiry
+from orchestrator.ca.tls import NodeCredentials, fetch_root_ca, join_address, join_channel
+from orchestrator.ca.tokens import JoinToken, TokenError, UnlockKey
 from orchestrator.manager import allocator
-from orchestrator.manager.dispatcher import new_raft_id
+from orchestrator.manager.autolock import autolocked
 from orchestrator.manager.runtime import ManagerRuntime
+from orchestrator.raft import sealing
 from orchestrator.rpc import jsonrpc
 from orchestrator.rpc.jsonrpc import Message
-from orchestrator.store.ids import new_id
+from orchestrator.store.ids import new_id, new_raft_id
 from orchestrator.store.objects import Cluster, Node
 from orchestrator.store.store import Tx
 
@@ -42,22 +48,6 @@ log = logging.getLogger("shoal.node")
 
 DEFAULT_PORT = 2377
 JOIN_CATCH_UP = 30.0  # seconds a joining manager may take to receive the store
-_B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
-
-
-def _base36(raw: bytes, width: int) -> str:
-    n = int.from_bytes(raw, "big")
-    out = ""
-    while n:
-        n, r = divmod(n, 36)
-        out = _B36[r] + out
-    return out.rjust(width, "0")[-width:]
-
-
-def join_token(cluster_id: str) -> str:
-    """SWMTKN-1-<digest>-<secret>. The digest pins the cluster (its root CA once #5 lands)."""
-    digest = _base36(hashlib.sha256(cluster_id.encode()).digest(), 50)
-    return f"SWMTKN-1-{digest}-{_base36(secrets.token_bytes(16), 25)}"
 
 
 @dataclass
@@ -70,6 +60,7 @@ class Membership:
     listen: str  # host:port its manager listens on ("": the default, when promoted)
     raft_id: int = 0  # its member ID in the managers' Raft group (managers)
     advertise: str = ""  # host:port other managers reach its listener at (managers)
+    cert_root: str = ""  # hex digest of the root CA its certificate was issued under
 
     @staticmethod
     def load(path: Path) -> Membership:
@@ -98,10 +89,24 @@ class NodeConfig:
 
 
 @dataclass
-class _RoleChange:
+class _Told:
+    """What the managers last said about this node in its assignments."""
+
     role: str
     raft_id: int = 0
     raft_members: dict[int, str] = field(default_factory=dict)
+    trust: str = ""  # PEM of the root every node must trust
+    cert_root: str = ""  # digest of the root certificates are issued under (rotation)
+
+    @staticmethod
+    def parse(msg: Message, role: str) -> _Told:
+        return _Told(
+            str(msg.get("role") or role),
+            int(msg.get("raft_id") or 0),
+            {int(k): str(v) for k, v in (msg.get("raft_members") or {}).items()},
+            str(msg.get("trust") or ""),
+            str(msg.get("cert_root") or ""),
+        )
 
 
 class NodeRuntime:
@@ -113,8 +118,13 @@ class NodeRuntime:
         self.manager: ManagerRuntime | None = None
         self.agent: Agent | None = None
         self.mesh: MeshProcess | None = None
+        self.certs: NodeCertificates | None = None
         self._lock = asyncio.Lock()
-        self._role_task: asyncio.Task[None] | None = None
+        self._told: _Told | None = None
+        self._told_changed = asyncio.Event()
+        self._upkeep_task: asyncio.Task[None] | None = None
+        # a manager whose Raft data is sealed under the unlock key, waiting for `swarm unlock`
+        self.locked = False
 
     @property
     def path(self) -> Path:
@@ -125,9 +135,15 @@ class NodeRuntime:
         return self.cfg.data_root / "manager"
 
     @property
+    def cert_dir(self) -> Path:
+        return self.cfg.data_root / "certificates"
+
+    @property
     def state(self) -> str:
         if self.membership is None:
             return "inactive"
+        if self.locked:
+            return "locked"
         if self.agent is not None and not self.agent.connected:
             return "pending"
         return "active"
@@ -137,14 +153,64 @@ class NodeRuntime:
         if not self.path.exists():
             return
         m = Membership.load(self.path)
+        self.certs = NodeCertificates.load(self.cert_dir)
+        if self.certs is None:
+            log.error(
+                "node.json says this node is in swarm %s but its certificate is missing from "
+                "%s: `swarm leave --force` and join again",
+                m.cluster_id,
+                self.cert_dir,
+            )
+            return
+        if m.role == "manager" and sealing.is_locked(ManagerRuntime.raft_dir(self.manager_dir)):
+            self.membership, self.locked = m, True
+            log.warning(
+                "this manager is locked (autolock): its Raft data is encrypted; nothing runs "
+                "until `shoal swarm unlock` gives it the unlock key"
+            )
+            return
         if m.role == "manager":
             await self._start_manager(m, bootstrap=False, known={})
         await self._run(m)
         log.info("resumed as %s %s of cluster %s", m.role, m.node_id, m.cluster_id)
 
-    async def _start_manager(self, m: Membership, bootstrap: bool, known: dict[int, str]) -> None:
+    async def unlock(self, text: str) -> None:
+        """`swarm unlock`: open a locked manager's Raft data with the unlock key and run."""
+        async with self._lock:
+            m = self.membership
+            if m is None:
+                raise SwarmError(503, "This node is not part of a swarm")
+            if not self.locked:
+                raise SwarmError(503, "swarm is not locked")
+            try:
+                key = UnlockKey.parse(text)
+                # checked before anything starts listening; reads only
+                await asyncio.to_thread(
+                    sealing.load, ManagerRuntime.raft_dir(self.manager_dir), key.key
+                )
+            except (TokenError, sealing.WrongUnlockKey) as e:
+                raise SwarmError(400, f"swarm could not be unlocked: {e}") from e
+            await self._start_manager(m, bootstrap=False, known={}, unlock_key=key.key)
+            self.locked = False
+            await self._run(m)
+            log.info("unlocked: running as manager %s of cluster %s", m.node_id, m.cluster_id)
+
+    async def _start_manager(
+        self,
+        m: Membership,
+        bootstrap: bool,
+        known: dict[int, str],
+        unlock_key: bytes | None = None,
+    ) -> None:
+        assert self.certs is not None
         runtime = ManagerRuntime(
-            self.manager_dir, m.raft_id, m.advertise, bootstrap=bootstrap, known=known
+            self.manager_dir,
+            m.raft_id,
+            m.advertise,
+            self.certs,
+            bootstrap=bootstrap,
+            known=known,
+            unlock_key=unlock_key,
         )
         await runtime.start(m.listen or f"0.0.0.0:{DEFAULT_PORT}")
         self.manager = runtime
@@ -154,12 +220,7 @@ class NodeRuntime:
         mesh_dir = self.cfg.data_root / "mesh"
         feed = MeshFeed(mesh_dir / "state.json", mesh_dir / "run", m.node_id, m.addr)
         feed.update(None, lambda _: None)
-        self.mesh = MeshProcess(
-            mesh_dir / "state.json",
-            mesh_dir / "run",
-            f"{m.addr}:{self.cfg.metrics_port}",
-            self.cfg.lb_backend,
-        )
+        self.mesh = self._mesh_process(m)
         self.mesh.start()
         feed.on_write = self.mesh.nudge
         self.agent = Agent(
@@ -170,12 +231,27 @@ class NodeRuntime:
                 data_dir=self.cfg.data_root,
                 netns_prefix=self.cfg.netns_prefix,
                 description=node_description(self.cfg.hostname, ENGINE_VERSION),
+                channel=self._channel,
                 on_managers=self._managers_changed,
-                on_role=self._role_said,
+                on_node=self._told_about_me,
             ),
             feed,
         )
         self.agent.start()
+        self._upkeep_task = asyncio.create_task(self._upkeep(), name="node-upkeep")
+
+    def _mesh_process(self, m: Membership) -> MeshProcess:
+        mesh_dir = self.cfg.data_root / "mesh"
+        return MeshProcess(
+            mesh_dir / "state.json",
+            mesh_dir / "run",
+            f"{m.addr}:{self.cfg.metrics_port}",
+            self.cfg.lb_backend,
+        )
+
+    def _channel(self, target: str) -> aio.Channel:
+        assert self.certs is not None
+        return self.certs.channel(target)
 
     def _save(self, m: Membership) -> None:
         self.cfg.data_root.mkdir(parents=True, exist_ok=True)
@@ -189,41 +265,74 @@ class NodeRuntime:
             m.managers = managers
             self._save(m)
 
-    def _role_said(self, msg: Message) -> None:
+    def _told_about_me(self, msg: Message) -> None:
         m = self.membership
         if m is None:
             return
-        change = _RoleChange(
-            str(msg.get("role", m.role)),
-            int(msg.get("raft_id") or 0),
-            {int(k): str(v) for k, v in (msg.get("raft_members") or {}).items()},
-        )
-        wants_manager = change.role == "manager"
-        if wants_manager == (self.manager is not None):
-            return
-        if self._role_task is not None and not self._role_task.done():
-            return  # one change at a time; the next assignment says it again
-        self._role_task = asyncio.create_task(self._change_role(change))
+        told = _Told.parse(msg, m.role)
+        if told != self._told:
+            self._told = told
+            self._told_changed.set()
 
-    async def _change_role(self, change: _RoleChange) -> None:
+    async def _upkeep(self) -> None:
+        """Keep the node's certificate and role in line with what the managers say: renew at
+        50-80% of the lifetime, or at once for a new role or a root rotation; trust the new
+        root once the certificate chains to it; start or stop the manager."""
+        assert self.certs is not None
+        loop = asyncio.get_running_loop()
+        renew_at = loop.time() + self.certs.renew_in()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._told_changed.wait(), max(renew_at - loop.time(), 0.0))
+            self._told_changed.clear()
+            try:
+                if await self._renew_if_needed(loop.time() >= renew_at):
+                    renew_at = loop.time() + self.certs.renew_in()
+                if self._told is not None:
+                    if self._told.trust:
+                        self.certs.trust(self._told.trust)
+                    await self._apply_role(self._told)
+            except Exception as e:  # the managers may be away: try again soon
+                log.warning("node upkeep failed (%s); retrying", e)
+                renew_at = loop.time() + 5
+                await asyncio.sleep(1)
+
+    async def _renew_if_needed(self, due: bool) -> bool:
+        assert self.certs is not None and self.agent is not None
+        m, told = self.membership, self._told
+        if m is None:
+            return False
+        reason = "it is time" if due else None
+        if told is not None and told.role != self.certs.identity.role.value:
+            reason = f"the node is now a {told.role}"
+        elif told is not None and told.cert_root and told.cert_root != m.cert_root:
+            reason = "the swarm's root CA is being rotated"
+        if reason is None:
+            return False
+        log.info("renewing the node certificate: %s", reason)
+        managers = [
+            self.agent.manager,
+            *[a for a in self.agent.managers if a != self.agent.manager],
+        ]
+        m.cert_root = await self.certs.renew(managers)
+        self._save(m)
+        return True
+
+    async def _apply_role(self, told: _Told) -> None:
         async with self._lock:
             m = self.membership
-            if m is None:
+            if m is None or self.certs is None:
                 return
-            if change.role == "manager" and self.manager is None:
-                if not change.raft_id:
-                    return
-                m.role, m.raft_id = "manager", change.raft_id
+            if told.role == "manager" and self.manager is None:
+                if not told.raft_id or self.certs.identity.role.value != "manager":
+                    return  # its manager certificate first
+                m.role, m.raft_id = "manager", told.raft_id
                 m.advertise = m.advertise or f"{m.addr}:{DEFAULT_PORT}"
                 log.info("promoted: starting a manager (raft member %d)", m.raft_id)
                 shutil.rmtree(self.manager_dir, ignore_errors=True)
-                try:
-                    await self._start_manager(m, bootstrap=False, known=change.raft_members)
-                except OSError as e:
-                    log.error("cannot start the manager: %s", e)
-                    return
+                await self._start_manager(m, bootstrap=False, known=told.raft_members)
                 self._save(m)
-            elif change.role == "worker" and self.manager is not None:
+            elif told.role == "worker" and self.manager is not None:
                 log.info("demoted: stopping the manager")
                 runtime, self.manager = self.manager, None
                 await runtime.stop()
@@ -250,9 +359,28 @@ class NodeRuntime:
                 raft_id=new_raft_id(),
                 advertise=advertise,
             )
+            cluster = Cluster(id=cluster_id, spec=default_cluster_spec(spec))
+            try:
+                expiry = cert_expiry(cluster)
+            except PKIError as e:
+                raise SwarmError(400, f"invalid certificate expiry: {e}") from e
+            # The swarm's root CA, and this first manager's certificate from it.
+            root = RootCA.create()
+            csr = NodeCSR.generate()
+            chain = root.issuer(expiry).sign_csr(
+                csr.pem, node_id=node_id, role=Role.MANAGER, cluster_id=cluster_id
+            )
+            shutil.rmtree(self.cert_dir, ignore_errors=True)
+            certs = self.certs = NodeCertificates.create(
+                self.cert_dir, NodeCredentials(csr.key_pem, chain, root.cert_pem)
+            )
+            m.cert_root = root.digest.hex()
+            unlock = UnlockKey.generate() if autolocked(cluster) else None
             shutil.rmtree(self.manager_dir, ignore_errors=True)
             try:
-                await self._start_manager(m, bootstrap=True, known={})
+                await self._start_manager(
+                    m, bootstrap=True, known={}, unlock_key=unlock.key if unlock else None
+                )
                 assert self.manager is not None
                 await self.manager.wait_leader(10)
             except OSError as e:
@@ -261,11 +389,13 @@ class NodeRuntime:
 
             def bootstrap(tx: Tx) -> None:
                 tx.put(
-                    Cluster(
-                        id=cluster_id,
-                        spec=default_cluster_spec(spec),
-                        worker_token=join_token(cluster_id),
-                        manager_token=join_token(cluster_id),
+                    dataclasses.replace(
+                        cluster,
+                        root_ca_cert=root.cert_pem.decode(),
+                        root_ca_key=root.key_pem.decode(),
+                        worker_token=str(JoinToken.generate(root)),
+                        manager_token=str(JoinToken.generate(root)),
+                        unlock_key=str(unlock) if unlock else "",
                     )
                 )
                 tx.put(
@@ -281,6 +411,8 @@ class NodeRuntime:
                         raft_id=m.raft_id,
                         state="unknown",
                         engine_version=ENGINE_VERSION,
+                        cert_root=m.cert_root,
+                        cert_not_after=certs.identity.not_after.isoformat(),
                     )
                 )
 
@@ -298,23 +430,17 @@ class NodeRuntime:
                     'swarm leave" to leave this swarm and join another one.',
                 )
             advertise = f"{addr}:{listen.rsplit(':', 1)[-1] if listen else DEFAULT_PORT}"
-            client = jsonrpc.Client(remote)
-            try:
-                reply = await client.call(
-                    "shoal.Dispatcher",
-                    "Join",
-                    {
-                        "token": token,
-                        "addr": addr,
-                        "manager_addr": advertise,
-                        "description": node_description(self.cfg.hostname, ENGINE_VERSION),
-                    },
-                    deadline=15,
-                )
-            except aio.AioRpcError as e:
-                raise SwarmError(400, f"cannot join the swarm at {remote}: {e.details()}") from e
-            finally:
-                await client.close()
+            reply, creds = await self._admission(
+                remote,
+                token,
+                {
+                    "addr": addr,
+                    "manager_addr": advertise,
+                    "description": node_description(self.cfg.hostname, ENGINE_VERSION),
+                },
+            )
+            shutil.rmtree(self.cert_dir, ignore_errors=True)
+            self.certs = NodeCertificates.create(self.cert_dir, creds)
             m = Membership(
                 node_id=reply["node_id"],
                 cluster_id=reply["cluster_id"],
@@ -324,6 +450,7 @@ class NodeRuntime:
                 listen=listen if reply["role"] == "manager" else "",
                 raft_id=int(reply.get("raft_id") or 0),
                 advertise=advertise if reply["role"] == "manager" else "",
+                cert_root=str(reply.get("cert_root", "")),
             )
             if m.role == "manager":
                 shutil.rmtree(self.manager_dir, ignore_errors=True)
@@ -341,6 +468,54 @@ class NodeRuntime:
                     ) from e
             self._save(m)
             await self._run(m)
+
+    async def _admission(
+        self, remote: str, token: str, about: dict[str, Any]
+    ) -> tuple[Message, NodeCredentials]:
+        """Swarm's join: fetch the root CA from the manager's join port and accept it only if
+        it matches the token's digest, then trade the token and a CSR for a certificate over a
+        channel verified against that root (docs/security.md)."""
+        try:
+            parsed = JoinToken.parse(token)
+        except TokenError as e:
+            raise SwarmError(400, str(e)) from e
+        joins = join_address(remote)
+
+        async def get_root(channel: aio.Channel) -> bytes:
+            reply = await jsonrpc.Client(joins, channel).call(
+                CA_SERVICE, "GetRootCACertificate", {}, deadline=10
+            )
+            return str(reply["root"]).encode()
+
+        try:
+            root = await fetch_root_ca(joins, parsed, get_root)
+        except TokenError as e:
+            raise SwarmError(400, f"refusing to join the swarm at {remote}: {e}") from e
+        except (OSError, aio.AioRpcError, PKIError) as e:
+            detail = e.details() if isinstance(e, aio.AioRpcError) else str(e)
+            raise SwarmError(
+                400, f"cannot join the swarm at {remote} (join port {joins}): {detail}"
+            ) from e
+        csr = NodeCSR.generate()
+        client = jsonrpc.Client(joins, join_channel(joins, root))
+        try:
+            reply = await client.call(
+                CA_SERVICE,
+                "IssueNodeCertificate",
+                {"token": token, "csr": csr.pem.decode(), **about},
+                deadline=30,
+            )
+        except aio.AioRpcError as e:
+            raise SwarmError(400, f"cannot join the swarm at {remote}: {e.details()}") from e
+        finally:
+            await client.close()
+        chain = str(reply["chain"]).encode()
+        try:
+            verify_chain(chain, root)
+            creds = NodeCredentials(csr.key_pem, chain, root.cert_pem)
+        except PKIError as e:
+            raise SwarmError(400, f"the manager issued an unusable certificate: {e}") from e
+        return reply, creds
 
     async def _caught_up(self, m: Membership) -> None:
         """A joining manager returns once Raft counts it as a voter and its store has it."""
@@ -370,12 +545,16 @@ class NodeRuntime:
             await self._teardown(cleanup=True)
             self.path.unlink(missing_ok=True)
             shutil.rmtree(self.manager_dir, ignore_errors=True)
+            shutil.rmtree(self.cert_dir, ignore_errors=True)
+            self.certs = None
             shutil.rmtree(self.cfg.data_root / "tasks", ignore_errors=True)
 
     async def _teardown(self, cleanup: bool) -> None:
-        if self._role_task is not None:
-            self._role_task.cancel()
-            self._role_task = None
+        if self._upkeep_task is not None:
+            self._upkeep_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._upkeep_task
+            self._upkeep_task = None
         if self.agent is not None:
             log.info("stopping the agent and its tasks")
             await self.agent.stop()
@@ -384,11 +563,13 @@ class NodeRuntime:
             log.info("stopping shoal-mesh%s", " and removing the data plane" if cleanup else "")
             await self.mesh.stop(cleanup)
             self.mesh = None
+        elif cleanup and self.membership is not None:  # locked: what it made before is there
+            await self._mesh_process(self.membership).stop(cleanup)
         if self.manager is not None:
             log.info("stopping the manager")
             await self.manager.stop()
             self.manager = None
-        self.membership = None
+        self.membership, self.locked = None, False
 
     async def shutdown(self) -> None:
         """shoald stops: tasks stop, the data plane stays (established connections live on)."""

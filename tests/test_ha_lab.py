@@ -7,15 +7,14 @@ clients' histories are linearizable (orchestrator/raft/linearizability.py).
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
 import random
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import docker
@@ -27,6 +26,7 @@ from orchestrator.lab import daemons, faults
 from orchestrator.lab import lab as labmod
 from orchestrator.lab.lab import Lab
 from orchestrator.raft.linearizability import Operation, check
+from tests.labutil import fresh, shoal, wait
 from tests.netutil import answers
 
 pytestmark = pytest.mark.lab
@@ -37,36 +37,8 @@ NODES = ("sw1", "sw2", "sw3")
 KEYS = ("a", "b")
 
 
-def shoal(lab: Lab, node: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, DOCKER_HOST=daemons.docker_host(lab, node))
-    out = subprocess.run(
-        labmod.exec_argv(lab, node, [sys.executable, "-m", "orchestrator.cli.main", *args]),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    if check and out.returncode != 0:
-        raise AssertionError(f"{args} on {node}: {out.stdout}{out.stderr}")
-    return out
-
-
-def wait(cond: Callable[[], bool], what: str, within: float = 30.0) -> float:
-    start = time.monotonic()
-    while not cond():
-        assert time.monotonic() - start < within, f"timed out waiting for {what}"
-        time.sleep(0.1)
-    return time.monotonic() - start
-
-
 def api(lab: Lab, node: str, timeout: float = 10) -> Any:
     return docker.APIClient(base_url=daemons.docker_host(lab, node), timeout=timeout)
-
-
-def fresh(lab: Lab) -> Lab:
-    record = labmod.load(lab.name)
-    assert record is not None
-    return record
 
 
 def leader(lab: Lab) -> str | None:
@@ -210,19 +182,34 @@ class Clients:
                     fetch_current_spec=False,
                 )
             except docker.errors.APIError as e:
-                if e.status_code == 503:  # a write the managers could not confirm
+                # Out of sequence: a concurrent write won, this one did not happen. Anything
+                # else (no quorum, a forward cut short) may have been committed all the same.
+                if "out of sequence" not in str(e.explanation):
                     self.record(Operation(client, t0, None, "put", key, value))
-                # anything else (out of sequence: a concurrent write won) did not happen
                 time.sleep(0.05)
                 continue
-            except requests.ConnectionError:
-                continue  # never reached a manager
             except requests.RequestException:
+                # Even a ConnectionError may come after the request was sent: a manager killed
+                # while committing it aborts the connection, and the write may stand.
                 self.record(Operation(client, t0, None, "put", key, value))
+                time.sleep(0.05)
                 continue
             self.record(Operation(client, t0, time.monotonic(), "put", key, value))
             with self.lock:
                 self.acked.append((key, value))
+
+
+def explain(ops: list[Operation]) -> str:
+    """A history that is not linearizable, saved for replay and summed up for the log."""
+    path = f"/tmp/shoal-ha-history-{os.getpid()}.json"
+    with open(path, "w") as f:
+        json.dump([dataclasses.asdict(o) for o in ops], f)
+    lines = [
+        f"{o.call:.3f}-{'?' if o.ret is None else f'{o.ret:.3f}'} c{o.client} {o.kind} "
+        f"{o.value if o.kind == 'put' else o.output}"
+        for o in sorted(ops, key=lambda o: o.call)
+    ]
+    return f"not linearizable (history in {path}):\n" + "\n".join(lines[-60:])
 
 
 def test_killing_the_leader_loses_nothing_and_histories_are_linearizable(cluster: Lab) -> None:
@@ -246,7 +233,7 @@ def test_killing_the_leader_loses_nothing_and_histories_are_linearizable(cluster
     print(f"first acknowledged writes {failover:.2f} s after kill -9 of the leader {old}")
     assert failover < 6, failover
     result = check(clients.ops)
-    assert result.ok, result
+    assert result.ok, explain(result.ops)
     writes = [o for o in clients.ops if o.kind == "put" and o.ret is not None]
     reads = [o for o in clients.ops if o.kind == "get"]
     assert len(writes) > 10 and len(reads) > 10

@@ -82,9 +82,7 @@ def test_kill_and_start_a_nodes_daemon(lab: Lab) -> None:
     daemons.start(lab, lab.node("sw2"))
     daemons.wait_ready(lab, "sw2")
     # what shoald starts in a session of its own (shoal-mesh) dies with the node too
-    stray = subprocess.Popen(
-        labmod.exec_argv(lab, "sw2", ["sleep", "300"]), start_new_session=True
-    )
+    stray = subprocess.Popen(labmod.exec_argv(lab, "sw2", ["sleep", "300"]), start_new_session=True)
     out = lab_cli("kill", "sw2")
     assert out.returncode == 0 and "sw2: killed" in out.stdout, out.stderr
     assert stray.wait(5) == -9

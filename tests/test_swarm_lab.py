@@ -8,10 +8,9 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import docker
@@ -22,6 +21,7 @@ import requests
 from orchestrator.lab import daemons
 from orchestrator.lab import lab as labmod
 from orchestrator.lab.lab import Lab
+from tests.labutil import run, shoal, wait
 from tests.netutil import answers, balanced
 
 pytestmark = pytest.mark.lab
@@ -29,33 +29,6 @@ pytestmark = pytest.mark.lab
 LAB = "tswarm"
 SUBNET = ipaddress.IPv4Network("192.168.71.0/24")
 DOCKER = shutil.which("docker")
-
-
-def run(lab: Lab, node: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, DOCKER_HOST=daemons.docker_host(lab, node))
-    out = subprocess.run(
-        labmod.exec_argv(lab, node, list(args)),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    if check and out.returncode != 0:
-        raise AssertionError(f"{args} on {node}: {out.stdout}{out.stderr}")
-    return out
-
-
-def shoal(lab: Lab, node: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return run(lab, node, sys.executable, "-m", "orchestrator.cli.main", *args, check=check)
-
-
-def wait(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if cond():
-            return
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")

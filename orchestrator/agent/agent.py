@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc import aio
 
 from orchestrator.agent import logs
 from orchestrator.agent.executor import Hooks, TaskRunner
@@ -46,10 +47,13 @@ class AgentConfig:
     data_dir: Path
     netns_prefix: str
     description: dict[str, Any]
+    # a mutual-TLS channel to a manager, with the node's current certificate
+    channel: Callable[[str], aio.Channel] | None = None
     # told the managers' addresses whenever they change (the node keeps them for restarts)
     on_managers: Callable[[list[str]], None] | None = None
-    # told each assignment's role part: {"role", "raft_id", "raft_members"}
-    on_role: Callable[[Message], None] | None = None
+    # told what each assignment says of this node: {"role", "raft_id", "raft_members",
+    # "trust", "cert_root"}
+    on_node: Callable[[Message], None] | None = None
 
 
 class Agent:
@@ -124,7 +128,7 @@ class Agent:
     async def _find_leader(self) -> bool:
         """Ask the managers it knows where the leader is; switch to it. True if it did."""
         for addr in [self.manager, *[m for m in self.managers if m != self.manager]]:
-            client = Client(addr)
+            client = self._client_for(addr)
             try:
                 reply = await client.call(DISPATCHER, "Managers", {}, deadline=2)
             except grpc.aio.AioRpcError:
@@ -143,6 +147,10 @@ class Agent:
             return False
         return False
 
+    def _client_for(self, addr: str) -> Client:
+        channel = self.cfg.channel(addr) if self.cfg.channel is not None else None
+        return Client(addr, channel)
+
     def _set_managers(self, managers: list[str]) -> None:
         if managers and sorted(managers) != sorted(self.managers):
             self.managers = managers
@@ -151,7 +159,7 @@ class Agent:
 
     async def _session(self) -> None:
         if self._client is None:
-            self._client = Client(self.manager)
+            self._client = self._client_for(self.manager)
         call = self._client.stream(
             DISPATCHER,
             "Session",
@@ -197,10 +205,9 @@ class Agent:
     # ---- assignments --------------------------------------------------------------------
 
     async def _assign(self, assignment: Message) -> None:
-        if self.cfg.on_role is not None and "role" in assignment:
-            self.cfg.on_role(
-                {k: assignment[k] for k in ("role", "raft_id", "raft_members") if k in assignment}
-            )
+        if self.cfg.on_node is not None and "role" in assignment:
+            keys = ("role", "raft_id", "raft_members", "trust", "cert_root")
+            self.cfg.on_node({k: assignment[k] for k in keys if k in assignment})
         tasks = {t["id"]: t for t in assignment.get("tasks", [])}
         for tid in [t for t in self.runners if t not in tasks]:
             gone = self.runners.pop(tid)

@@ -34,6 +34,10 @@ class API:
         return api
 
 
+LOCKED = (
+    'Swarm is encrypted and needs to be unlocked before it can be used. Please use "shoal '
+    'swarm unlock" (or "docker swarm unlock") to unlock it.'
+)
 NO_LEADER = (
     "The swarm does not have a leader. It's possible that too few managers are online. "
     "Make sure more than half of the managers are online."
@@ -46,6 +50,8 @@ async def manager_or_503(request: web.Request) -> ManagerRuntime:
     leader."""
     node = API.of(request).node
     manager = node.manager
+    if node.locked:
+        raise ApiError(503, LOCKED)
     if manager is None:
         raise ApiError(503, WORKER if node.membership is not None else NOT_MANAGER)
     try:

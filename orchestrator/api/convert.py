@@ -190,7 +190,7 @@ def swarm_json(cluster: Cluster, with_tokens: bool) -> dict[str, Any]:
     out: dict[str, Any] = {
         **_meta(cluster),
         "Spec": cluster.spec,
-        "RootRotationInProgress": False,
+        "RootRotationInProgress": bool(cluster.ca_rotation),
         "DefaultAddrPool": ["10.0.0.0/8"],
         "SubnetSize": 24,
         "DataPathPort": 4789,

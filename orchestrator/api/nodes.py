@@ -17,9 +17,9 @@ from orchestrator.api.docker import (
     json_response,
 )
 from orchestrator.api.resolve import resolve
-from orchestrator.manager.dispatcher import new_raft_id
 from orchestrator.node import DEFAULT_PORT
-from orchestrator.store.objects import Node
+from orchestrator.store.ids import new_raft_id
+from orchestrator.store.objects import Cluster, Node
 from orchestrator.store.store import Tx
 
 FILTERS = {"id", "label", "membership", "name", "node.label", "role"}
@@ -159,6 +159,10 @@ async def remove(request: web.Request) -> web.Response:
 
     def fn(tx: Tx) -> None:
         tx.delete(Node, node.id)
+        # its certificate still verifies: refuse it until it expires (swarmkit's blacklist)
+        for cluster in tx.list(Cluster):
+            denied = {**cluster.denied_nodes, node.id: node.cert_not_after}
+            tx.put(dataclasses.replace(cluster, denied_nodes=denied))
 
     await store.update(fn)
     return web.Response(status=200)

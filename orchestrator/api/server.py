@@ -31,7 +31,12 @@ from orchestrator.api.docker import (
     error_response,
     json_response,
 )
-from orchestrator.node import DEFAULT_PORT, NodeRuntime, SwarmError, join_token
+from orchestrator.ca.pki import PKIError
+from orchestrator.ca.rotation import start_rotation
+from orchestrator.ca.server import cert_expiry, root_of
+from orchestrator.ca.tokens import JoinToken, UnlockKey
+from orchestrator.manager.autolock import autolocked
+from orchestrator.node import DEFAULT_PORT, NodeRuntime, SwarmError
 from orchestrator.store.log import NotLeader
 from orchestrator.store.objects import Cluster, Node
 from orchestrator.store.store import Tx
@@ -198,7 +203,10 @@ async def swarm_init(request: web.Request) -> web.Response:
     if ":" not in listen:
         listen = f"{listen}:{DEFAULT_PORT}"
     advertise = _advertise(listen, str(req.get("AdvertiseAddr") or ""))
-    node_id = await api.node.init(listen, advertise, req.get("Spec") or {})
+    spec = req.get("Spec") or {}
+    if req.get("AutoLockManagers"):  # the engine's field; docker-py sets the spec's instead
+        spec = {**spec, "EncryptionConfig": {"AutoLockManagers": True}}
+    node_id = await api.node.init(listen, advertise, spec)
     return json_response(node_id)
 
 
@@ -212,8 +220,6 @@ async def swarm_join(request: web.Request) -> web.Response:
     if ":" not in remote:
         remote = f"{remote}:{DEFAULT_PORT}"
     token = str(req.get("JoinToken") or "")
-    if not token.startswith("SWMTKN-1-"):
-        raise ApiError(400, "invalid join token: it should start with SWMTKN-1-")
     listen = str(req.get("ListenAddr") or f"0.0.0.0:{DEFAULT_PORT}")
     advertise = _advertise(listen, str(req.get("AdvertiseAddr") or ""))
     await api.node.join(remote, token, advertise.rsplit(":", 1)[0], listen)
@@ -237,21 +243,51 @@ async def swarm_update(request: web.Request) -> web.Response:
     version_q = request.query.get("version", "")
     rotate_w = bool_value(request.query.get("rotateWorkerToken"))
     rotate_m = bool_value(request.query.get("rotateManagerToken"))
+    rotate_key = bool_value(request.query.get("rotateManagerUnlockKey"))
+
+    spec = default_cluster_spec(req)
+    try:
+        cert_expiry(Cluster(id="", spec=spec))
+    except PKIError as e:
+        raise ApiError(400, f"invalid CAConfig.NodeCertExpiry: {e}") from None
 
     def fn(tx: Tx) -> None:
         cluster = next(iter(tx.list(Cluster)))
         if str(cluster.meta.version) != version_q:
             raise ApiError(500, "rpc error: code = Unknown desc = update out of sequence")
-        tx.put(
-            dataclasses.replace(
-                cluster,
-                spec=default_cluster_spec(req),
-                worker_token=join_token(cluster.id) if rotate_w else cluster.worker_token,
-                manager_token=join_token(cluster.id) if rotate_m else cluster.manager_token,
-            )
+        root = root_of(cluster)
+        updated = dataclasses.replace(
+            cluster,
+            spec=spec,
+            worker_token=str(JoinToken.generate(root)) if rotate_w else cluster.worker_token,
+            manager_token=str(JoinToken.generate(root)) if rotate_m else cluster.manager_token,
         )
+        if autolocked(updated) and (rotate_key or not updated.unlock_key):
+            updated = dataclasses.replace(updated, unlock_key=str(UnlockKey.generate()))
+        elif not autolocked(updated):
+            if rotate_key:
+                raise ApiError(400, "autolock is off: there is no unlock key to rotate")
+            updated = dataclasses.replace(updated, unlock_key="")
+        force = (spec.get("CAConfig") or {}).get("ForceRotate", 0)
+        if force != (cluster.spec.get("CAConfig") or {}).get("ForceRotate", 0):
+            if cluster.ca_rotation:
+                raise ApiError(400, "a root CA rotation is already in progress; wait for it")
+            updated = start_rotation(updated)
+        tx.put(updated)
 
     await store.update(fn)
+    return web.Response(status=200)
+
+
+async def swarm_unlock_key(request: web.Request) -> web.Response:
+    store = (await manager_or_503(request)).store
+    cluster = next(iter(store.list(Cluster)))
+    return json_response({"UnlockKey": cluster.unlock_key if autolocked(cluster) else ""})
+
+
+async def swarm_unlock(request: web.Request) -> web.Response:
+    req = await body(request)
+    await API.of(request).node.unlock(str(req.get("UnlockKey") or ""))
     return web.Response(status=200)
 
 
@@ -278,6 +314,8 @@ def build(node: NodeRuntime) -> web.Application:
         ("POST", "/swarm/join", swarm_join),
         ("POST", "/swarm/leave", swarm_leave),
         ("POST", "/swarm/update", swarm_update),
+        ("GET", "/swarm/unlockkey", swarm_unlock_key),
+        ("POST", "/swarm/unlock", swarm_unlock),
         ("GET", "/secrets", empty_list),
         ("GET", "/configs", empty_list),
         ("GET", "/distribution/{name:.+}/json", distribution),

@@ -1,11 +1,10 @@
 """The dispatcher: the managers' side of every node's session.
 
-gRPC service `shoal.Dispatcher`, on every manager:
-  Join(token, description)      -> a node ID (the token says worker or manager); a manager
-                                   also gets its Raft ID and the members' addresses
+gRPC service `shoal.Dispatcher`, on every manager (joining is the CA's: orchestrator/ca/server.py):
   Managers()                    -> the leader's address and every manager's
-  Session(node_id, description) -> a stream: the node's assignments (its tasks and its mesh
-                                   state) whenever they change, and log requests
+  Session(node_id, description) -> a stream: the node's assignments (its tasks, its mesh
+                                   state, its role, the root it must trust and be issued
+                                   from) whenever they change, and log requests
   Heartbeat(node_id)            -> the period to the next one; 3 missed and the node is DOWN
   UpdateTaskStatus(updates)     -> task states reported by the agent (never backwards)
   PublishLogs(request, frames)  -> log lines answering a log request
@@ -20,16 +19,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import hmac
 import json
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
 
+from orchestrator.ca.server import issuing_root_digest
 from orchestrator.manager.meshview import mesh_state
 from orchestrator.manager.orchestrator.tasks import task_name
 from orchestrator.rpc.jsonrpc import Context, Message, service
@@ -78,7 +76,6 @@ class Dispatcher:
         return service(
             SERVICE,
             unary={
-                "Join": self.join,
                 "Managers": self.list_managers,
                 "Heartbeat": self.heartbeat,
                 "UpdateTaskStatus": self.update_task_status,
@@ -131,49 +128,6 @@ class Dispatcher:
 
     # ---- joining ------------------------------------------------------------------------
 
-    async def join(self, req: Message, ctx: Context) -> Message:
-        cluster = next(iter(self.store.list(Cluster)), None)
-        token = str(req.get("token", ""))
-        if cluster is None:
-            await ctx.abort(grpc.StatusCode.UNAVAILABLE, "this manager has no swarm")
-        assert cluster is not None
-        listen = str(req.get("manager_addr", ""))
-        if hmac.compare_digest(token, cluster.manager_token):
-            role = "manager"
-            if not listen:
-                await ctx.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    "a manager must say where its managers' listener is (manager_addr)",
-                )
-        elif hmac.compare_digest(token, cluster.worker_token):
-            role = "worker"
-        else:
-            await ctx.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                "invalid join token: check `swarm join-token worker` on a manager",
-            )
-        desc = req.get("description") or {}
-        node = Node(
-            id=new_id(),
-            role=role,
-            hostname=str(desc.get("hostname", "")),
-            addr=str(req.get("addr", "")),
-            state="unknown",
-            engine_version=str(desc.get("engine_version", "")),
-            nano_cpus=int(desc.get("nano_cpus", 0)),
-            memory_bytes=int(desc.get("memory_bytes", 0)),
-            manager_addr=listen if role == "manager" else "",
-            raft_id=new_raft_id() if role == "manager" else 0,
-        )
-        await self.store.update(lambda tx: tx.put(node))
-        log.info("node %s (%s, %s) joined as %s", node.id, node.hostname, node.addr, role)
-        reply: Message = {"node_id": node.id, "cluster_id": cluster.id, "role": role}
-        reply["managers"] = self.manager_addrs()
-        if role == "manager":
-            reply["raft_id"] = node.raft_id
-            reply["raft_members"] = {str(k): v for k, v in self.managers.raft_members().items()}
-        return reply
-
     # ---- sessions -----------------------------------------------------------------------
 
     async def session(self, req: Message, ctx: Context) -> AsyncIterator[Message]:
@@ -218,6 +172,8 @@ class Dispatcher:
                 if msg.get("closing"):
                     return
                 if msg.get("recompute"):
+                    if self.store.get(Node, node_id) is None:
+                        return  # removed from the swarm: its session ends here
                     assignment = self.assignment(node_id)
                     encoded = json.dumps(assignment, sort_keys=True)
                     if encoded != last:
@@ -255,11 +211,15 @@ class Dispatcher:
             )
         generation = self.store.index
         me = next((n for n in nodes if n.id == node_id), None)
+        cluster = next(iter(self.store.list(Cluster)), None)
         out: Message = {
             "tasks": sorted(mine, key=lambda m: m["id"]),
             "mesh": mesh_state(node_id, nodes, services, tasks, networks, generation),
             "role": me.role if me is not None else "worker",
         }
+        if cluster is not None and cluster.root_ca_cert:
+            out["trust"] = cluster.root_ca_cert
+            out["cert_root"] = issuing_root_digest(cluster)
         if me is not None and me.role == "manager":
             out["raft_id"] = me.raft_id
             out["raft_members"] = {str(k): v for k, v in self.managers.raft_members().items()}
@@ -368,11 +328,6 @@ class Dispatcher:
 
     def connected(self, node_id: str) -> bool:
         return node_id in self._sessions
-
-
-def new_raft_id() -> int:
-    """A manager's Raft member ID: random, never 0 (Raft's "nobody")."""
-    return secrets.randbits(63) or 1
 
 
 def apply_statuses(tx: Tx, batch: list[tuple[str, Message]]) -> None:

@@ -1,11 +1,18 @@
-"""A manager as shoald runs it: its Raft member and store, its gRPC listener, and, while it
+"""A manager as shoald runs it: its Raft member and store, its listeners, and, while it
 leads, the control loops.
 
-Every manager serves the store (reads after a read barrier, writes forwarded to the leader)
-and the dispatcher's Join and Managers calls. Only the leader runs the orchestrators,
-allocator, scheduler and reaper (`Manager`), the node sessions (`Dispatcher`) and Raft
-membership changes (`RaftMembers`), each started for the term it won and fenced by it: once
-the term is over their writes are refused, and the loops are stopped.
+Two gRPC listeners (docs/security.md says why two):
+- the control port (`--listen-addr`, 2377): mutual TLS, every caller presents a node
+  certificate of this swarm, and `POLICY` says which role may call what (Raft is for
+  managers; the dispatcher for any node);
+- the join port (2378): TLS without a client certificate, serving only the CA, where a node
+  without a certificate yet fetches the root and trades its join token for one.
+
+Every manager serves the store (reads after a read barrier, writes forwarded to the leader),
+the CA and the dispatcher's Managers call. Only the leader runs the orchestrators, allocator,
+scheduler and reaper (`Manager`), the node sessions (`Dispatcher`), Raft membership changes
+(`RaftMembers`) and root rotations (`RootRotationLoop`), each started for the term it won and
+fenced by it: once the term is over their writes are refused, and the loops are stopped.
 """
 
 from __future__ import annotations
@@ -13,19 +20,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import datetime
 from pathlib import Path
 
 from grpc import aio
 
+from orchestrator.ca.authz import Access, AuthInterceptor, Authorizer, DenyList, Policy
+from orchestrator.ca.certs import NodeCertificates
+from orchestrator.ca.rotation import RootRotationLoop
+from orchestrator.ca.server import CAService
+from orchestrator.ca.tls import join_address
+from orchestrator.manager.autolock import KeySealer
 from orchestrator.manager.dispatcher import SERVICE as DISPATCHER_SERVICE
 from orchestrator.manager.dispatcher import Dispatcher, ManagerInfo
 from orchestrator.manager.manager import Manager
 from orchestrator.manager.members import RaftMembers
-from orchestrator.rpc import jsonrpc
-from orchestrator.store.raftlog import RaftLog, RaftSettings
+from orchestrator.rpc import jsonrpc, peers
+from orchestrator.store.objects import Cluster
+from orchestrator.store.raftlog import CONTROL_SERVICE as RAFT_CONTROL_SERVICE
+from orchestrator.store.raftlog import RAFT_SERVICE, RaftLog, RaftSettings
 from orchestrator.store.store import Store
 
 log = logging.getLogger("shoal.manager")
+
+# Who may call what on a manager; a method not named here is refused to everyone.
+POLICY = Policy(
+    {
+        "/shoal.CA/GetRootCACertificate": Access.JOIN,
+        "/shoal.CA/IssueNodeCertificate": Access.JOIN,  # a certificate, if shown, is checked
+        f"/{DISPATCHER_SERVICE}/*": Access.NODES,
+        f"/{RAFT_SERVICE}/*": Access.MANAGERS,
+        f"/{RAFT_CONTROL_SERVICE}/*": Access.MANAGERS,
+    }
+)
 
 
 class ManagerRuntime:
@@ -34,27 +61,44 @@ class ManagerRuntime:
         data_dir: Path,
         raft_id: int,
         advertise: str,
+        certs: NodeCertificates,
         bootstrap: bool = False,
         known: dict[int, str] | None = None,
         settings: RaftSettings | None = None,
+        unlock_key: bytes | None = None,
     ):
+        self.certs = certs
         self.raft = RaftLog(
-            data_dir / "raft", raft_id, advertise, settings, bootstrap=bootstrap, known=known
+            self.raft_dir(data_dir),
+            raft_id,
+            advertise,
+            settings,
+            bootstrap=bootstrap,
+            known=known,
+            channel_factory=lambda target: certs.channel(target, peers.LINK_OPTIONS),
+            unlock_key=unlock_key,
         )
         self.store = Store(self.raft)
-        self.dispatcher = Dispatcher(
-            self.store,
-            ManagerInfo(
-                leader_addr=self.leader_addr,
-                raft_members=lambda: dict(self.raft.members),
-                reachability=self.reachability,
-            ),
+        self.sealer = KeySealer(self.store, self.raft, unlock_key)
+        info = ManagerInfo(
+            leader_addr=self.leader_addr,
+            raft_members=lambda: dict(self.raft.members),
+            reachability=self.reachability,
         )
+        self.dispatcher = Dispatcher(self.store, info)
+        self.ca = CAService(self.store, info.raft_members)
+        self.authorizer = Authorizer(certs.identity.cluster_id, POLICY, self.deny_list)
         self.manager: Manager | None = None
         self.members: RaftMembers | None = None
+        self.rotation: RootRotationLoop | None = None
         self.server: aio.Server | None = None
+        self.join_server: aio.Server | None = None
         self._leadership = asyncio.Lock()
         self._changes: set[asyncio.Task[None]] = set()
+
+    @staticmethod
+    def raft_dir(data_dir: Path) -> Path:
+        return data_dir / "raft"
 
     def leader_addr(self) -> str:
         return self.raft.members.get(self.raft.leader, "")
@@ -78,7 +122,7 @@ class ManagerRuntime:
         addr = self.leader_addr()
         if not addr:
             return out
-        client = jsonrpc.Client(addr)
+        client = jsonrpc.Client(addr, self.certs.channel(addr))
         try:
             reply = await client.call(DISPATCHER_SERVICE, "Managers", {}, deadline=2)
         except aio.AioRpcError:
@@ -89,14 +133,37 @@ class ManagerRuntime:
             out[int(rid)] = str(status)
         return out
 
+    def deny_list(self) -> DenyList:
+        """Removed nodes, refused until their last certificate expires (from the store)."""
+        cluster = next(iter(self.store.list(Cluster)), None)
+        if cluster is None:
+            return DenyList()
+        return DenyList(
+            node_ids={
+                node: datetime.fromisoformat(until) if until else None
+                for node, until in cluster.denied_nodes.items()
+            }
+        )
+
     async def start(self, listen: str) -> None:
-        self.server = jsonrpc.server()
-        self.server.add_generic_rpc_handlers([self.dispatcher.handler(), *self.raft.handlers()])
-        if self.server.add_insecure_port(listen) == 0:
+        guard = [AuthInterceptor(self.authorizer)]
+        self.server = jsonrpc.server(guard)
+        self.server.add_generic_rpc_handlers(
+            [self.dispatcher.handler(), self.ca.handler(), *self.raft.handlers()]
+        )
+        if self.server.add_secure_port(listen, self.certs.source.control_server_credentials()) == 0:
             raise OSError(f"cannot listen on {listen}")
+        self.join_server = jsonrpc.server(guard)
+        self.join_server.add_generic_rpc_handlers([self.ca.handler()])
+        joins = join_address(listen)
+        join_creds = self.certs.source.join_server_credentials()
+        if self.join_server.add_secure_port(joins, join_creds) == 0:
+            raise OSError(f"cannot listen on {joins} (the join port)")
         await self.server.start()
+        await self.join_server.start()
         self.raft.on_leadership(self._on_leadership)
         await self.raft.start()
+        self.sealer.start()
 
     async def wait_leader(self, within: float) -> None:
         """Until some manager leads (this one, for a new cluster); NoQuorum-like OSError if not."""
@@ -120,9 +187,11 @@ class ManagerRuntime:
             log.info("leading in term %d: starting the control loops", term)
             self.manager = Manager(self.store, term)
             self.members = RaftMembers(self.store, self.raft)
+            self.rotation = RootRotationLoop(self.store, term)
             self.dispatcher.start(term)
             self.manager.start()
             self.members.start()
+            self.rotation.start()
 
     async def _stop_loops(self) -> None:
         if self.manager is not None:
@@ -132,6 +201,9 @@ class ManagerRuntime:
         if self.members is not None:
             await self.members.stop()
             self.members = None
+        if self.rotation is not None:
+            await self.rotation.stop()
+            self.rotation = None
         if self.dispatcher.active:
             await self.dispatcher.stop()
 
@@ -142,6 +214,8 @@ class ManagerRuntime:
                 await change
         async with self._leadership:
             await self._stop_loops()
-        if self.server is not None:
-            await self.server.stop(grace=1)
+        await self.sealer.stop()
+        for server in (self.server, self.join_server):
+            if server is not None:
+                await server.stop(grace=1)
         await self.raft.close()

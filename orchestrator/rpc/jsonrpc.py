@@ -8,7 +8,7 @@ messages readable in logs and captures, and avoids a protobuf build step.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -80,5 +80,5 @@ class Client:
         await self.channel.close()
 
 
-def server() -> aio.Server:
-    return aio.server(options=OPTIONS)
+def server(interceptors: Sequence[aio.ServerInterceptor] = ()) -> aio.Server:
+    return aio.server(options=OPTIONS, interceptors=list(interceptors))

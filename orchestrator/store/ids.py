@@ -21,6 +21,11 @@ def new_id() -> str:
     return "".join(reversed(out))[1:26]
 
 
+def new_raft_id() -> int:
+    """A manager's Raft member ID: random, never 0 (Raft's "nobody"), never reused."""
+    return int.from_bytes(os.urandom(8), "big") >> 1 or 1
+
+
 def now_rfc3339(ns: int | None = None) -> str:
     """UTC with nanoseconds, like 2026-11-30T03:44:14.159755344Z."""
     ns = time.time_ns() if ns is None else ns

@@ -76,6 +76,8 @@ class Node:
     state: str = "unknown"  # unknown | down | ready | disconnected
     message: str = ""
     manager_addr: str = ""  # ip:port of its manager listener, for managers
+    cert_root: str = ""  # hex digest of the root its certificate chains to (root rotation)
+    cert_not_after: str = ""  # RFC 3339: when its latest certificate expires
     raft_id: int = 0  # its member ID in the managers' Raft group, for managers
     gateways: dict[str, str] = field(default_factory=dict)  # network id -> this node's address
 
@@ -144,7 +146,14 @@ class Cluster:
     spec: dict[str, Any] = field(default_factory=dict)
     worker_token: str = ""
     manager_token: str = ""
-    root_ca_cert: str = ""
+    root_ca_cert: str = ""  # PEM: the root every node trusts
+    root_ca_key: str = ""  # PEM: its key, which lives in the store and so only on managers
+    # a root rotation under way: {"cert", "key", "cross_signed"} PEMs of the new root
+    ca_rotation: dict[str, str] = field(default_factory=dict)
+    # removed nodes, whose certificates are refused until they expire: node ID -> RFC 3339
+    denied_nodes: dict[str, str] = field(default_factory=dict)
+    # SWMKEY-1-...: with autolock, every manager's Raft data key is sealed under it
+    unlock_key: str = ""
 
 
 Object = Node | Service | Task | Network | Cluster
