@@ -12,11 +12,11 @@ chains verify against the old root too.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 from datetime import UTC, datetime
 
+from orchestrator.background import BackgroundLoop
 from orchestrator.ca.pki import RootCA, RootRotation
 from orchestrator.ca.server import issuing_root_digest, root_of
 from orchestrator.ca.tokens import JoinToken
@@ -81,21 +81,12 @@ def prune_denied(tx: Tx) -> None:
         tx.put(dataclasses.replace(cluster, denied_nodes=kept))
 
 
-class RootRotationLoop:
+class RootRotationLoop(BackgroundLoop):
+    task_name = "root-rotation"
+
     def __init__(self, store: Store, term: int | None):
         self.store = store
         self.term = term
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="root-rotation")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     async def _run(self) -> None:
         while True:

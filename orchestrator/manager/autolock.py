@@ -11,9 +11,9 @@ start (a manager that was down during a change catches up here).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
+from orchestrator.background import BackgroundLoop
 from orchestrator.ca.tokens import TokenError, UnlockKey
 from orchestrator.store.objects import Cluster
 from orchestrator.store.raftlog import RaftLog
@@ -37,24 +37,15 @@ def wanted_key(cluster: Cluster) -> bytes | None:
         return None
 
 
-class KeySealer:
+class KeySealer(BackgroundLoop):
     """Keeps this manager's data key sealed the way the cluster says."""
+
+    task_name = "key-sealer"
 
     def __init__(self, store: Store, raft: RaftLog, sealed_with: bytes | None):
         self.store, self.raft = store, raft
         self._sealed_with = sealed_with
         self._checked = False  # the file is resealed once after a start, whatever it holds
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="key-sealer")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     async def _run(self) -> None:
         changes = self.store.watch()

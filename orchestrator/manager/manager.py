@@ -15,6 +15,7 @@ import logging
 import time
 from collections import defaultdict
 
+from orchestrator.background import BackgroundLoop
 from orchestrator.manager import allocator, reaper, scheduler
 from orchestrator.manager.orchestrator import global_, replicated
 from orchestrator.manager.orchestrator.restart import RestartTracker
@@ -28,7 +29,9 @@ log = logging.getLogger("shoal.manager")
 DEBOUNCE = 0.02
 
 
-class Manager:
+class Manager(BackgroundLoop):
+    task_name = "control-loops"
+
     def __init__(self, store: Store, term: int | None = None):
         """`term`: the leadership term these loops run in; their writes are refused once it
         is over (None: no fencing, a store with one member)."""
@@ -36,16 +39,7 @@ class Manager:
         self.term = term
         self.restarts = RestartTracker()
         self._wake_at: float | None = None
-        self._task: asyncio.Task[None] | None = None
         self.passes = 0
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
         q = self.store.watch()

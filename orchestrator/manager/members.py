@@ -12,9 +12,9 @@ this loop makes Raft agree, one change at a time as Raft requires:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
+from orchestrator.background import BackgroundLoop
 from orchestrator.store.log import NotLeader
 from orchestrator.store.objects import Node
 from orchestrator.store.raftlog import RaftLog
@@ -25,21 +25,12 @@ log = logging.getLogger("shoal.members")
 PERIOD = 0.5
 
 
-class RaftMembers:
+class RaftMembers(BackgroundLoop):
+    task_name = "raft-members"
+
     def __init__(self, store: Store, raft: RaftLog):
         self.store = store
         self.raft = raft
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="raft-members")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     def wanted(self) -> dict[int, str]:
         """Raft ID -> address of every node the store says is a manager."""
