@@ -26,7 +26,7 @@ from grpc import aio
 
 from orchestrator.ca.files import load_node_credentials
 from orchestrator.ca.pki import NodeCSR, Role, RootCA
-from orchestrator.ca.tls import NodeCredentials, member_channel
+from orchestrator.ca.tls import NodeCredentials, join_channel, member_channel
 from orchestrator.lab import daemons, faults
 from orchestrator.lab import lab as labmod
 from orchestrator.lab.lab import Lab
@@ -111,6 +111,23 @@ def test_join_refusals(cluster: tuple[Lab, Path]) -> None:
     for token, message in cases:
         out = shoal(lab, "sw3", "swarm", "join", "--token", token, first, check=False)
         assert out.returncode == 1 and message in out.stderr, (token, out.stderr)
+    # a good token with a CSR that is not one: refused, and no node is left half-made
+    nodes_before = shoal(lab, "sw1", "node", "ls", "-q").stdout
+    joins = f"{lab.node('sw1').address}:2378"
+    root = RootCA.from_pem(node_creds(lab, "sw1").trust_pem)
+
+    async def bad_csr() -> dict[str, Any]:
+        client = jsonrpc.Client(joins, join_channel(joins, root))
+        try:
+            msg = {"token": good, "csr": "not a CSR", "addr": "192.0.2.9"}
+            return await client.call("shoal.CA", "IssueNodeCertificate", msg, deadline=5)
+        finally:
+            await client.close()
+
+    with pytest.raises(grpc.RpcError) as err:
+        asyncio.run(bad_csr())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+    assert shoal(lab, "sw1", "node", "ls", "-q").stdout == nodes_before
     # a rotated-away token no longer works; the new one does
     shoal(lab, "sw1", "swarm", "join-token", "--rotate", "worker")
     out = shoal(lab, "sw3", "swarm", "join", "--token", good, first, check=False)
@@ -197,6 +214,13 @@ def test_a_worker_cannot_call_manager_rpcs(cluster: tuple[Lab, Path]) -> None:
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "is for managers" in (err.details() or "")
     manager = node_creds(lab, "sw1")
+    # nor speak for another node: its certificate says who it is
+    assert "period" in call(
+        lab, worker, "shoal.Dispatcher", "Heartbeat", {"node_id": worker.identity.node_id}
+    )
+    with pytest.raises(grpc.RpcError) as err_info:
+        call(lab, worker, "shoal.Dispatcher", "Heartbeat", {"node_id": manager.identity.node_id})
+    assert err_info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     reply = call(lab, manager, "shoal.RaftControl", "Propose", {"data": ""})
     assert "error" in reply  # admitted (and refused by Raft for its empty data)
 

@@ -107,6 +107,7 @@ class CAService:
         csr = str(req.get("csr", "")).encode()
         caller = peer_identity(ctx)
         reply: Message
+        joining = caller is None
         if caller is None:
             node, reply = await self._admit(cluster, req, ctx)
         else:
@@ -121,7 +122,15 @@ class CAService:
             await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot issue a certificate: {e}")
             raise AssertionError from e  # abort raises
         leaf = Identity.from_pem(chain)
-        await self.store.update(lambda tx: _record_issue(tx, node.id, cluster, leaf))
+
+        def record(tx: Tx) -> None:
+            if joining:  # only now, so that a refused CSR leaves no node behind
+                tx.put(node)
+            _record_issue(tx, node.id, cluster, leaf)
+
+        await self.store.update(record)
+        if joining:
+            log.info("node %s (%s, %s) joined as %s", node.id, node.hostname, node.addr, node.role)
         reply.update(
             {
                 "chain": chain.decode(),
@@ -133,7 +142,7 @@ class CAService:
         return reply
 
     async def _admit(self, cluster: Cluster, req: Message, ctx: Context) -> tuple[Node, Message]:
-        """A new node: the token says in which role."""
+        """A new node (not stored yet): the token says in which role."""
         try:
             role = role_for_token(
                 str(req.get("token", "")),
@@ -167,8 +176,6 @@ class CAService:
             manager_addr=listen if manager else "",
             raft_id=new_raft_id() if manager else 0,
         )
-        await self.store.update(lambda tx: tx.put(node))
-        log.info("node %s (%s, %s) joined as %s", node.id, node.hostname, node.addr, node.role)
         reply: Message = {"node_id": node.id, "cluster_id": cluster.id, "role": node.role}
         if manager:
             reply["raft_id"] = node.raft_id

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import grpc
 
 from orchestrator.ca.server import issuing_root_digest
+from orchestrator.ca.tls import peer_identity
 from orchestrator.manager.meshview import mesh_state
 from orchestrator.manager.orchestrator.tasks import task_name
 from orchestrator.rpc.jsonrpc import Context, Message, service
@@ -114,6 +115,20 @@ class Dispatcher:
                 f"this manager is not the leader (leader: {leader or 'unknown'})",
             )
 
+    async def _caller(self, req: Message, ctx: Context) -> str:
+        """The node a session, heartbeat or status report is from (leader only): the one its
+        certificate names; a node speaks only for itself."""
+        await self._leader_only(ctx)
+        node_id = str(req.get("node_id", ""))
+        caller = peer_identity(ctx)
+        if caller is not None and caller.node_id != node_id:
+            log.warning("node %s tried to speak for node %s: refused", caller.node_id, node_id)
+            await ctx.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this certificate is node {caller.node_id}'s; it cannot speak for {node_id}",
+            )
+        return node_id
+
     def manager_addrs(self) -> list[str]:
         return sorted(
             n.manager_addr for n in self.store.list(Node) if n.role == "manager" and n.manager_addr
@@ -126,13 +141,10 @@ class Dispatcher:
             "reachability": {str(k): v for k, v in self.managers.reachability().items()},
         }
 
-    # ---- joining ------------------------------------------------------------------------
-
     # ---- sessions -----------------------------------------------------------------------
 
     async def session(self, req: Message, ctx: Context) -> AsyncIterator[Message]:
-        await self._leader_only(ctx)
-        node_id = str(req.get("node_id", ""))
+        node_id = await self._caller(req, ctx)
         node = self.store.get(Node, node_id)
         if node is None:
             await ctx.abort(
@@ -241,8 +253,7 @@ class Dispatcher:
     # ---- health -------------------------------------------------------------------------
 
     async def heartbeat(self, req: Message, ctx: Context) -> Message:
-        await self._leader_only(ctx)
-        node_id = str(req.get("node_id", ""))
+        node_id = await self._caller(req, ctx)
         node = self.store.get(Node, node_id)
         if node is None:
             await ctx.abort(grpc.StatusCode.NOT_FOUND, f"node {node_id} is not in this swarm")
@@ -279,8 +290,7 @@ class Dispatcher:
     # ---- task status --------------------------------------------------------------------
 
     async def update_task_status(self, req: Message, ctx: Context) -> Message:
-        await self._leader_only(ctx)
-        node_id = str(req.get("node_id", ""))
+        node_id = await self._caller(req, ctx)
         for u in req.get("updates", []):
             if isinstance(u, dict):
                 self._updates.append((node_id, u))
