@@ -1,16 +1,30 @@
 """bench/raft: the managers' replicated store against etcd, 3 members each, on loopback.
 
     python -m bench.raft [--seconds 5] [--warmup 1] [--reps 5] [--clients 1,64] [--trials 20]
-                         [--shoal-tick S] [--shoal-election-tick N] [--no-etcd]
-                         [--debug] [--node-wrapper SCRIPT]
+                         [--tls on|off|both] [--shoal-tick S] [--shoal-election-tick N]
+                         [--no-etcd] [--debug] [--node-wrapper SCRIPT]
 
 Shoal: three `python -m bench.raftnode` processes (RaftLog + Store + gRPC server each, WAL
-on disk under a temporary directory in /tmp, plain TCP on 127.0.0.1: mutual TLS between
-managers arrives with issue #5), formed as shoald will form them: the first bootstraps, the
-others join as learners and are promoted.
+on disk under a temporary directory in /tmp, encrypted at rest as every manager's is:
+orchestrator/raft/sealing.py), formed as shoald will form them: the first bootstraps, the
+others join as learners and are promoted. With TLS (the default) they talk mutual TLS as real
+managers do (`ManagerRuntime`): this driver makes a root CA (`RootCA.create()`) and signs each
+member a manager certificate of one cluster ID from it (`NodeCSR`, `Issuer.sign_csr`), saved
+with `NodeCertificates.create` in the member's directory; the member serves behind the
+manager's `AuthInterceptor` with `control_server_credentials()` and dials the others with
+`certs.channel(target, peers.LINK_OPTIONS)`. Without TLS: plain TCP, as before #5.
 
 etcd: Debian's etcd-server (3.4), three members on 127.0.0.1, default settings (heartbeat
-100 ms, election timeout 1000 ms, fsync on), data under the same temporary directory.
+100 ms, election timeout 1000 ms, fsync on), data under the same temporary directory. With TLS
+it gets what Shoal gets: peer mutual TLS (--peer-cert-file, --peer-key-file,
+--peer-trusted-ca-file, --peer-client-cert-auth) and client TLS with client certificates
+(--cert-file, --key-file, --trusted-ca-file, --client-cert-auth), https URLs, from a CA of its
+own made here (ECDSA P-256, members' certificates for IP 127.0.0.1), and this driver dials it
+with a client certificate. Each member's log is checked for https URLs (client and peer) before
+anything is measured.
+
+--tls on|off|both: `both` runs a TLS and a plain cluster of each system side by side, so one
+run shows what TLS costs each of them (tls/plain columns).
 
 Throughput and latency, closed loop: N clients each write, wait for the acknowledgement and
 write again, for --seconds after --warmup; committed writes/s and p50/p99 latency of each
@@ -18,6 +32,8 @@ write. A Shoal client is a coroutine in the leader's process calling `store.upda
 puts one Node object (what the API does for a request); an etcd client is a coroutine in this
 driver's process doing a gRPC KV.Put of a value as large as Shoal's log entry, all clients on
 one HTTP/2 connection to the leader (etcd's own benchmark tool defaults to one connection).
+So with TLS, etcd's writes also cross a TLS client connection, Shoal's only the links between
+members (an API request's client connection is not measured).
 Runs alternate between the systems (and which goes first), --reps times; medians reported.
 Also per run: CPU per write of the whole system (user + system time of the three members and,
 for etcd, of this driver, its client; divided by all acknowledged writes), which the noise of
@@ -30,7 +46,8 @@ each given up after 0.25 s) until one is acknowledged. Failover = kill → first
 acknowledgement. The killed member is restarted from its disk and the cluster left to settle
 before the next trial.
 
-Prints a table; raw JSON goes to bench/results/raft-<time>.json.
+Prints a table (with shoal/etcd ratios, and tls/plain ones with --tls both); raw JSON goes to
+bench/results/raft-<time>.json.
 """
 
 from __future__ import annotations
@@ -50,13 +67,23 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
+import grpc
 import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc import aio
 
 from bench.raftnode import percentile
+from orchestrator.ca.certs import NodeCertificates
+from orchestrator.ca.pki import DEFAULT_NODE_CERT_EXPIRY, NodeCSR, Role, RootCA
+from orchestrator.ca.tls import NodeCredentials
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,15 +100,28 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def system_name(product: str, tls: bool) -> str:
+    return f"{product} {'tls' if tls else 'plain'}"
+
+
+_HANDED_OUT: set[int] = set()
+
+
 def free_ports(n: int) -> list[int]:
-    """n distinct ports free on 127.0.0.1 right now (held open together so they differ)."""
-    socks = []
+    """n distinct ports free on 127.0.0.1 right now (held open together so they differ), none
+    handed out before: several clusters run side by side."""
+    socks: list[socket.socket] = []
+    ports: list[int] = []
     try:
-        for _ in range(n):
+        while len(ports) < n:
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
             socks.append(s)
-        return [s.getsockname()[1] for s in socks]
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if port not in _HANDED_OUT:
+                ports.append(port)
+        _HANDED_OUT.update(ports)
+        return ports
     finally:
         for s in socks:
             s.close()
@@ -128,13 +168,22 @@ async def until(cond: Callable[[], Awaitable[bool]], within: float, what: str) -
 class ShoalNode:
     """One bench/raftnode process and its JSON-lines control channel."""
 
-    def __init__(self, rid: int, port: int, directory: Path, extra: list[str], command: list[str]):
+    def __init__(
+        self,
+        rid: int,
+        port: int,
+        directory: Path,
+        extra: list[str],
+        command: list[str],
+        tls: bool,
+    ):
         self.id = rid
         self.command = command
         self.port = port
         self.addr = f"127.0.0.1:{port}"
         self.dir = directory
         self.extra = extra
+        self.tls = tls
         self.proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -149,6 +198,7 @@ class ShoalNode:
             str(self.dir / "raft"),
             "--port",
             str(self.port),
+            *(["--certs", str(self.certs_dir)] if self.tls else ["--plain"]),
             *self.extra,
         ]
         if bootstrap:
@@ -172,7 +222,13 @@ class ShoalNode:
         self._waiting = {0: ready}
         self._rid = 0
         self._reader = asyncio.create_task(self._read())
-        await asyncio.wait_for(ready, 30)
+        doc = await asyncio.wait_for(ready, 30)
+        if doc.get("tls") is not self.tls:
+            raise RuntimeError(f"raftnode {self.id}: tls {doc.get('tls')}, wanted {self.tls}")
+
+    @property
+    def certs_dir(self) -> Path:
+        return self.dir / "certificates"
 
     async def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -225,17 +281,38 @@ class ShoalNode:
 
 
 class ShoalCluster:
-    name = "shoal"
+    product = "shoal"
 
-    def __init__(self, work: Path, extra: list[str], command: list[str] | None = None):
+    def __init__(
+        self, work: Path, extra: list[str], command: list[str] | None = None, tls: bool = True
+    ):
+        self.tls = tls
+        self.name = system_name(self.product, tls)
         ports = free_ports(3)
         command = command or [sys.executable, "-m", "bench.raftnode"]
+        tag = "tls" if tls else "plain"
         self.nodes = {
-            i: ShoalNode(i, ports[i - 1], work / f"shoal{i}", extra, command) for i in (1, 2, 3)
+            i: ShoalNode(i, ports[i - 1], work / f"shoal-{tag}{i}", extra, command, tls)
+            for i in (1, 2, 3)
         }
         for n in self.nodes.values():
             n.dir.mkdir(parents=True)
+        if tls:
+            self._issue_certificates()
         self.elections: list[float] = []  # per failover: kill -> a survivor won the election
+
+    def _issue_certificates(self) -> None:
+        """What `swarm init` and joins give managers: one root CA, and for each member a key
+        and a manager certificate of one cluster, saved as shoald saves them."""
+        root = RootCA.create()
+        issuer = root.issuer(DEFAULT_NODE_CERT_EXPIRY)
+        cluster_id = f"bench-raft-{os.urandom(6).hex()}"
+        for n in self.nodes.values():
+            csr = NodeCSR.generate()
+            chain = issuer.sign_csr(
+                csr.pem, node_id=f"manager-{n.id}", role=Role.MANAGER, cluster_id=cluster_id
+            )
+            NodeCertificates.create(n.certs_dir, NodeCredentials(csr.key_pem, chain, root.cert_pem))
 
     async def form(self) -> None:
         first = self.nodes[1]
@@ -398,6 +475,124 @@ def _identity(b: bytes) -> bytes:
     return b
 
 
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+@dataclass(frozen=True)
+class EtcdPKI:
+    """A CA of etcd's own (ECDSA P-256, as Shoal's) and what it signed: a certificate for each
+    member, used for its client and its peer ports (server and client auth, IP 127.0.0.1),
+    and one for this driver's client."""
+
+    dir: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.dir / "ca.crt"
+
+    def cert(self, name: str) -> Path:
+        return self.dir / f"{name}.crt"
+
+    def key(self, name: str) -> Path:
+        return self.dir / f"{name}.key"
+
+    @classmethod
+    def create(cls, directory: Path, names: list[str]) -> EtcdPKI:
+        directory.mkdir(mode=0o700, parents=True)
+        pki = cls(directory)
+        now = datetime.now(UTC)
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench-etcd-ca")])
+        ca = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(hours=1))
+            .not_valid_after(now + timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_encipherment=False,
+                    content_commitment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        pki.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+        for name in names:
+            key = ec.generate_private_key(ec.SECP256R1())
+            cert = (
+                x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                .issuer_name(ca_name)
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - timedelta(hours=1))
+                .not_valid_after(now + timedelta(days=30))
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(
+                    x509.KeyUsage(
+                        digital_signature=True,
+                        key_encipherment=True,
+                        content_commitment=False,
+                        data_encipherment=False,
+                        key_agreement=False,
+                        key_cert_sign=False,
+                        crl_sign=False,
+                        encipher_only=False,
+                        decipher_only=False,
+                    ),
+                    critical=True,
+                )
+                .add_extension(
+                    x509.ExtendedKeyUsage(
+                        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                    ),
+                    critical=False,
+                )
+                .add_extension(
+                    x509.SubjectAlternativeName(
+                        [x509.IPAddress(IPv4Address("127.0.0.1")), x509.DNSName("localhost")]
+                    ),
+                    critical=False,
+                )
+                .add_extension(
+                    x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                    critical=False,
+                )
+                .sign(ca_key, hashes.SHA256())
+            )
+            pki.cert(name).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+            pki.key(name).write_bytes(_pem_key(key))
+            pki.key(name).chmod(0o600)
+        return pki
+
+    def channel_credentials(self, name: str) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca.read_bytes(),
+            private_key=self.key(name).read_bytes(),
+            certificate_chain=self.cert(name).read_bytes(),
+        )
+
+
 @dataclass
 class EtcdMember:
     index: int
@@ -413,28 +608,63 @@ class EtcdMember:
         return f"127.0.0.1:{self.client_port}"
 
     @property
+    def log_path(self) -> Path:
+        return self.dir / "etcd.log"
+
+    @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+CLIENT = "client"  # the driver's certificate
 
 
 @dataclass
 class EtcdCluster:
     work: Path
+    tls: bool = True
     members: dict[int, EtcdMember] = field(default_factory=dict)
-    name: str = "etcd"
+    product: str = "etcd"
+    pki: EtcdPKI | None = None
 
     def __post_init__(self) -> None:
+        self.name = system_name(self.product, self.tls)
+        tag = "tls" if self.tls else "plain"
         ports = free_ports(6)
         for i in (1, 2, 3):
-            d = self.work / f"etcd{i}"
+            d = self.work / f"etcd-{tag}{i}"
             d.mkdir(parents=True)
             self.members[i] = EtcdMember(i, ports[2 * i - 2], ports[2 * i - 1], d)
+        if self.tls:
+            self.pki = EtcdPKI.create(
+                self.work / f"etcd-{tag}-pki", [*(f"e{i}" for i in self.members), CLIENT]
+            )
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    def _tls_flags(self, m: EtcdMember) -> list[str]:
+        if self.pki is None:
+            return []
+        cert, key, ca = (
+            str(self.pki.cert(f"e{m.index}")),
+            str(self.pki.key(f"e{m.index}")),
+            str(self.pki.ca),
+        )
+        return [
+            "--cert-file", cert, "--key-file", key, "--trusted-ca-file", ca,
+            "--client-cert-auth",
+            "--peer-cert-file", cert, "--peer-key-file", key, "--peer-trusted-ca-file", ca,
+            "--peer-client-cert-auth",
+        ]  # fmt: skip
 
     def _start(self, m: EtcdMember) -> None:
+        url = self.scheme
         initial = ",".join(
-            f"e{o.index}=http://127.0.0.1:{o.peer_port}" for o in self.members.values()
+            f"e{o.index}={url}://127.0.0.1:{o.peer_port}" for o in self.members.values()
         )
-        log_file = _append(m.dir / "etcd.log")
+        log_file = _append(m.log_path)
         try:
             m.proc = subprocess.Popen(
                 [
@@ -444,23 +674,24 @@ class EtcdCluster:
                     "--data-dir",
                     str(m.dir / "data"),
                     "--listen-client-urls",
-                    f"http://{m.endpoint}",
+                    f"{url}://{m.endpoint}",
                     "--advertise-client-urls",
-                    f"http://{m.endpoint}",
+                    f"{url}://{m.endpoint}",
                     "--listen-peer-urls",
-                    f"http://127.0.0.1:{m.peer_port}",
+                    f"{url}://127.0.0.1:{m.peer_port}",
                     "--initial-advertise-peer-urls",
-                    f"http://127.0.0.1:{m.peer_port}",
+                    f"{url}://127.0.0.1:{m.peer_port}",
                     "--initial-cluster",
                     initial,
                     "--initial-cluster-token",
-                    "bench-raft",
+                    f"bench-raft-{self.name.replace(' ', '-')}",
                     "--initial-cluster-state",
                     "new",
+                    *self._tls_flags(m),
                     "--logger",
                     "zap",
                     "--log-level",
-                    "warn",
+                    "info",  # for the URLs and TLS settings it serves with (checked in form)
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
@@ -469,12 +700,39 @@ class EtcdCluster:
         finally:
             log_file.close()
         if m.channel is None:
-            m.channel = aio.insecure_channel(m.endpoint)
+            if self.pki is not None:
+                m.channel = aio.secure_channel(m.endpoint, self.pki.channel_credentials(CLIENT))
+            else:
+                m.channel = aio.insecure_channel(m.endpoint)
+
+    def check_logs(self) -> None:
+        """Each member says it serves clients and peers with TLS (or without) on our URLs."""
+        for m in self.members.values():
+            text = m.log_path.read_text(errors="replace")
+            want = [
+                f"{self.scheme}://{m.endpoint}",
+                f"{self.scheme}://127.0.0.1:{m.peer_port}",
+            ]
+            if self.tls:
+                # etcd 3.4's zap logger, at start: its TLS settings for each port (tls-info
+                # names the files and says "client-cert-auth = true"), then how it serves
+                want += [
+                    '"msg":"starting with peer TLS"',
+                    '"msg":"starting with client TLS"',
+                    "client-cert-auth = true",
+                    '"msg":"serving client traffic securely"',
+                ]
+            else:
+                want += ['"msg":"serving client traffic insecurely']
+            missing = [w for w in want if w not in text]
+            if missing:
+                raise RuntimeError(f"{m.log_path}: no {missing}")
 
     async def form(self) -> None:
         for m in self.members.values():
             self._start(m)
         await self.settle()
+        self.check_logs()
 
     async def status(self, m: EtcdMember) -> tuple[int, int, int, int] | None:
         """(this member's id, its leader, its raft index, its raft term), None if it does not
@@ -674,40 +932,72 @@ def summarize(runs: list[dict[str, Any]], failovers: dict[str, list[float]]) -> 
     return out
 
 
-def print_table(summary: dict[str, Any], clients: list[int]) -> None:
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else ""
+
+
+def print_table(summary: dict[str, Any], clients: list[int], systems: list[str]) -> None:
     load = summary["load"]
     if load:
-        _print_load(load, clients)
+        _print_load(load, clients, systems)
     if any(f["trials"] for f in summary["failover"].values()):
-        _print_failover(summary["failover"])
+        _print_failover(summary["failover"], systems)
 
 
-def _print_load(load: dict[str, Any], clients: list[int]) -> None:
+def _other(system: str) -> tuple[str, str]:
+    """The same product with the other TLS setting, and the other product with the same one."""
+    product, _, tls = system.partition(" ")
+    flipped = "plain" if tls == "tls" else "tls"
+    return f"{product} {flipped}", f"{'etcd' if product == 'shoal' else 'shoal'} {tls}"
+
+
+def _print_load(load: dict[str, Any], clients: list[int], systems: list[str]) -> None:
     print()
-    print("| clients | system | writes/s | p50 ms | p99 ms | CPU ms/write | shoal/etcd writes/s |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| clients | system | writes/s | p50 ms | p99 ms | CPU ms/write "
+        "| shoal/etcd writes/s | tls/plain writes/s | tls/plain CPU/write |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for c in clients:
-        for system in ("shoal", "etcd"):
+        for system in systems:
             row = load.get(f"{system} c{c}")
             if row is None:
                 continue
-            ratio = ""
-            if system == "shoal" and f"etcd c{c}" in load:
-                ratio = f"{row['writes_per_s'] / load[f'etcd c{c}']['writes_per_s']:.2f}"
+            plain, etcd = _other(system)
+            vs_etcd = vs_plain = vs_plain_cpu = ""
+            if system.startswith("shoal") and f"{etcd} c{c}" in load:
+                vs_etcd = _ratio(row["writes_per_s"], load[f"{etcd} c{c}"]["writes_per_s"])
+            if system.endswith("tls") and f"{plain} c{c}" in load:
+                other = load[f"{plain} c{c}"]
+                vs_plain = _ratio(row["writes_per_s"], other["writes_per_s"])
+                vs_plain_cpu = _ratio(row["cpu_ms_per_write"], other["cpu_ms_per_write"])
             print(
                 f"| {c} | {system} | {row['writes_per_s']:,.0f} | {row['p50_ms']:.2f} | "
-                f"{row['p99_ms']:.2f} | {row['cpu_ms_per_write']:.2f} | {ratio} |"
+                f"{row['p99_ms']:.2f} | {row['cpu_ms_per_write']:.2f} | {vs_etcd} | {vs_plain} "
+                f"| {vs_plain_cpu} |"
             )
 
 
-def _print_failover(failover: dict[str, Any]) -> None:
+def _print_failover(failover: dict[str, Any], systems: list[str]) -> None:
     print()
-    print("| failover | trials | median s | p90 s | min s | max s |")
-    print("|---|---|---|---|---|---|")
-    for system, f in failover.items():
+    print(
+        "| failover | trials | median s | p90 s | min s | max s "
+        "| shoal/etcd median | tls/plain median |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for system in systems:
+        f = failover.get(system)
+        if f is None or not f["trials"]:
+            continue
+        plain, etcd = _other(system)
+        vs_etcd = vs_plain = ""
+        if system.startswith("shoal") and failover.get(etcd, {}).get("trials"):
+            vs_etcd = _ratio(f["median_s"], failover[etcd]["median_s"])
+        if system.endswith("tls") and failover.get(plain, {}).get("trials"):
+            vs_plain = _ratio(f["median_s"], failover[plain]["median_s"])
         print(
             f"| {system} | {f['trials']} | {f['median_s']:.3f} | {f['p90_s']:.3f} | "
-            f"{f['min_s']:.3f} | {f['max_s']:.3f} |"
+            f"{f['min_s']:.3f} | {f['max_s']:.3f} | {vs_etcd} | {vs_plain} |"
         )
 
 
@@ -719,44 +1009,56 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.shoal_election_tick is not None:
         extra += ["--election-tick", str(args.shoal_election_tick)]
     command = [sys.executable, args.node_wrapper] if args.node_wrapper else None
-    shoal = ShoalCluster(work, extra, command)
-    etcd = EtcdCluster(work) if args.etcd else None
+    modes = tls_modes(args.tls)
+    # in the order of the table; runs alternate this order and its reverse
+    clusters: dict[str, ShoalCluster | EtcdCluster] = {}
+    for tls in modes:
+        shoal = ShoalCluster(work, extra, command, tls=tls)
+        clusters[shoal.name] = shoal
+        if args.etcd:
+            etcd = EtcdCluster(work, tls=tls)
+            clusters[etcd.name] = etcd
+    systems = list(clusters)
     clients = [int(c) for c in args.clients.split(",")]
     runs: list[dict[str, Any]] = []
-    failovers: dict[str, list[float]] = {"shoal": []}
+    failovers: dict[str, list[float]] = {name: [] for name in systems}
+    size = 0
     try:
-        log(f"forming the clusters in {work}")
-        await shoal.form()
-        if etcd is not None:
-            failovers["etcd"] = []
-            await etcd.form()
-        size = await shoal.entry_bytes()
+        log(f"forming {', '.join(systems)} in {work}")
+        for cluster in clusters.values():
+            await cluster.form()
+        first = next(c for c in clusters.values() if isinstance(c, ShoalCluster))
+        size = await first.entry_bytes()
         log(f"a Shoal write is a {size}-byte log entry; etcd values are as large")
 
         async def one(system: str, c: int) -> None:
             # CPU of the whole system per write: the three members, and for etcd its client
             # (Shoal's clients run inside its leader, so they are counted there).
-            if system == "shoal":
-                pids = shoal.pids()
+            cluster = clusters[system]
+            if isinstance(cluster, ShoalCluster):
+                pids = cluster.pids()
                 cpu0 = cpu_seconds(pids)
-                r = await shoal.load(c, args.seconds, args.warmup)
+                r = await cluster.load(c, args.seconds, args.warmup)
                 cpu = cpu_seconds(pids) - cpu0
             else:
-                assert etcd is not None
-                pids = etcd.pids()
+                pids = cluster.pids()
                 cpu0 = cpu_seconds(pids) + time.process_time()
-                r = await etcd.load(c, args.seconds, args.warmup, size)
+                r = await cluster.load(c, args.seconds, args.warmup, size)
                 cpu = cpu_seconds(pids) + time.process_time() - cpu0
-            r.update(system=system, clients=c, cpu_ms_per_write=cpu / max(r["acked"], 1) * 1e3)
+            r.update(
+                system=system,
+                tls=cluster.tls,
+                clients=c,
+                cpu_ms_per_write=cpu / max(r["acked"], 1) * 1e3,
+            )
             runs.append(r)
             log(
-                f"{system:5} c{c:<3} {r['writes_per_s']:8,.0f} writes/s  p50 {r['p50_ms']:.2f} ms"
-                f"  p99 {r['p99_ms']:.2f} ms  CPU {r['cpu_ms_per_write']:.2f} ms/write"
-                f"  errors {r['errors']}"
+                f"{system:11} c{c:<3} {r['writes_per_s']:8,.0f} writes/s"
+                f"  p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms"
+                f"  CPU {r['cpu_ms_per_write']:.2f} ms/write  errors {r['errors']}"
                 + (f"  elections {r['elections']}" if "elections" in r else "")
             )
 
-        systems = ["shoal", "etcd"] if etcd is not None else ["shoal"]
         for rep in range(args.reps):
             order = systems if rep % 2 == 0 else systems[::-1]
             for c in clients:
@@ -765,15 +1067,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for trial in range(args.trials):
             order = systems if trial % 2 == 0 else systems[::-1]
             for system in order:
-                cluster: ShoalCluster | EtcdCluster = shoal if system == "shoal" else etcd  # type: ignore[assignment]
+                cluster = clusters[system]
                 t = await cluster.failover()
                 failovers[system].append(t)
-                note = f" (elected after {shoal.elections[-1]:.3f} s)" if system == "shoal" else ""
-                log(f"failover {trial + 1:2}/{args.trials} {system:5} {t:.3f} s{note}")
+                note = ""
+                if isinstance(cluster, ShoalCluster):
+                    note = f" (elected after {cluster.elections[-1]:.3f} s)"
+                log(f"failover {trial + 1:2}/{args.trials} {system:11} {t:.3f} s{note}")
     finally:
-        await shoal.close()
-        if etcd is not None:
-            await etcd.close()
+        for cluster in clusters.values():
+            await cluster.close()
         if args.debug:
             log(f"kept {work}")
         else:
@@ -782,14 +1085,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "args": vars(args),
+        "systems": systems,
         "entry_bytes": size,
         "cpus": os.cpu_count(),
         "loadavg": os.getloadavg(),
         "runs": runs,
         "failovers": failovers,
-        "shoal_elections": shoal.elections,
+        "shoal_elections": {
+            name: c.elections for name, c in clusters.items() if isinstance(c, ShoalCluster)
+        },
         "summary": summary,
     }
+
+
+def tls_modes(arg: str) -> list[bool]:
+    return {"on": [True], "off": [False], "both": [True, False]}[arg]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -803,6 +1113,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--clients", default="1,64")
     p.add_argument("--trials", type=int, default=20)
+    p.add_argument(
+        "--tls",
+        choices=["on", "off", "both"],
+        default="on",
+        help="mutual TLS between members (and etcd's clients) as managers run, plain TCP, or a "
+        "cluster of each side by side (default: on)",
+    )
     p.add_argument("--shoal-tick", type=float, help="RaftSettings.tick (default: its default)")
     p.add_argument("--shoal-election-tick", type=int)
     p.add_argument("--no-etcd", dest="etcd", action="store_false")
@@ -820,7 +1137,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.raft: etcd not found (apt-get install etcd-server etcd-client)")
         return 1
     result = uvloop.run(run(args))
-    print_table(result["summary"], [int(c) for c in args.clients.split(",")])
+    print_table(result["summary"], [int(c) for c in args.clients.split(",")], result["systems"])
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"raft-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=1))

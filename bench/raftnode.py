@@ -1,17 +1,30 @@
 """bench/raftnode: one Shoal manager's replicated store in a process of its own, for bench/raft.
 
-    python -m bench.raftnode --id 1 --dir DIR --port PORT [--bootstrap] [--known 1=HOST:PORT]
+    python -m bench.raftnode --id 1 --dir DIR --port PORT (--certs CERTDIR | --plain)
+                             [--bootstrap] [--known 1=HOST:PORT]
                              [--tick S] [--election-tick N] [--verbose]
 
-It runs what a manager runs for its store: a `RaftLog` (WAL in DIR) under a `Store`, served by
-a gRPC server on 127.0.0.1:PORT (plain TCP: mutual TLS between managers arrives with issue #5),
-on uvloop like shoald. Without --tick/--election-tick it uses `RaftSettings()`'s defaults.
+It runs what a manager runs for its store (`ManagerRuntime` in orchestrator/manager/runtime.py,
+without the control loops, the dispatcher, the CA and the join port): a `RaftLog` (WAL in DIR,
+its records and snapshots encrypted at rest with the manager's data key, orchestrator/raft/
+sealing.py, stored in the clear in DIR as without autolock) under a `Store`, served by a gRPC
+server on 127.0.0.1:PORT, on uvloop like shoald.
+
+With --certs, the node's credentials are loaded from CERTDIR (`NodeCertificates.load`, the files
+shoald keeps under <data-root>/certificates/, made by the driver from a root CA of its own) and
+it talks mutual TLS as a manager does: its server is `jsonrpc.server` behind the manager's
+`AuthInterceptor` (runtime.POLICY, the cluster ID from its certificate, an empty deny list) on a
+port with `control_server_credentials()`, and its links to the other members are
+`certs.channel(target, peers.LINK_OPTIONS)`. With --plain, the same server without the
+interceptor on an insecure port, and insecure links (`peers.insecure_channel`): what managers
+did before mutual TLS (#5), kept to measure what TLS costs. Without --tick/--election-tick it
+uses `RaftSettings()`'s defaults.
 
 The bench driver controls it with JSON lines on stdin; every request carries an "rid" and gets
 exactly one JSON line back on stdout with the same "rid" ("error" on failure). Requests run
 concurrently. Operations:
 
-    status                          leader, term, applied, voters, learners
+    status                          leader, term, applied, voters, learners, tls
     add_learner {id, addr}          (on the leader) add a member as a learner
     caught_up {id}                  (on the leader) is that member's log close to ours?
     promote {id}                    (on the leader) make that learner a voter
@@ -49,6 +62,10 @@ from typing import Any
 import uvloop
 from grpc import aio
 
+from orchestrator.ca.authz import AuthInterceptor, Authorizer, DenyList
+from orchestrator.ca.certs import NodeCertificates
+from orchestrator.manager.runtime import POLICY
+from orchestrator.rpc import jsonrpc, peers
 from orchestrator.store.log import NotLeader
 from orchestrator.store.objects import Node
 from orchestrator.store.raftlog import ID_LEN, RaftLog, RaftSettings
@@ -98,12 +115,24 @@ class BenchNode:
         for item in args.known:
             rid, _, addr = item.partition("=")
             known[int(rid)] = addr
+        self.certs: NodeCertificates | None = None
+        channel_factory: peers.ChannelFactory = peers.insecure_channel
+        if not args.plain:
+            certs = NodeCertificates.load(Path(args.certs))
+            if certs is None:
+                raise SystemExit(f"bench.raftnode: no node credentials in {args.certs}")
+            self.certs = certs
+
+            def channel_factory(target: str) -> aio.Channel:
+                return certs.channel(target, peers.LINK_OPTIONS)  # as ManagerRuntime's
+
         self.rlog = RaftLog(
             Path(args.dir),
             self.id,
             self.addr,
             settings,
             random.Random(),
+            channel_factory=channel_factory,
             bootstrap=args.bootstrap,
             known=known,
         )
@@ -119,15 +148,23 @@ class BenchNode:
 
     async def run(self) -> None:
         # made here, not in __init__: a grpc.aio server belongs to the loop it is created on
-        server = aio.server()
-        server.add_insecure_port(self.addr)
+        if self.certs is not None:
+            # as ManagerRuntime.start serves its control port
+            authorizer = Authorizer(self.certs.identity.cluster_id, POLICY, DenyList)
+            server = jsonrpc.server([AuthInterceptor(authorizer)])
+            port = server.add_secure_port(self.addr, self.certs.source.control_server_credentials())
+        else:
+            server = jsonrpc.server()
+            port = server.add_insecure_port(self.addr)
+        if port == 0:
+            raise OSError(f"cannot listen on {self.addr}")
         server.add_generic_rpc_handlers(self.rlog.handlers())
         await server.start()
         await self.rlog.start()
         reader = asyncio.StreamReader(limit=1 << 20)
         loop = asyncio.get_running_loop()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        self._reply({"rid": 0, "ready": True, "addr": self.addr})
+        self._reply({"rid": 0, "ready": True, "addr": self.addr, "tls": self.certs is not None})
         while line := await reader.readline():
             req = json.loads(line)
             task = asyncio.create_task(self._serve(req))
@@ -165,6 +202,7 @@ class BenchNode:
                 "applied": r.applied,
                 "voters": sorted(r.voters()),
                 "learners": sorted(r.learners()),
+                "tls": self.certs is not None,
             }
         if op == "debug":
             raft = r.raft
@@ -292,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--id", type=int, required=True)
     p.add_argument("--dir", required=True)
     p.add_argument("--port", type=int, required=True)
+    tls = p.add_mutually_exclusive_group(required=True)
+    tls.add_argument("--certs", metavar="CERTDIR", help="mutual TLS with these credentials")
+    tls.add_argument("--plain", action="store_true", help="plain TCP, no TLS")
     p.add_argument("--bootstrap", action="store_true")
     p.add_argument("--known", action="append", default=[], metavar="ID=HOST:PORT")
     p.add_argument("--tick", type=float)
