@@ -20,8 +20,8 @@ so only ours are touched.
 Rotation follows Docker's order so no packet is lost: new inbound SAs first, then the
 outbound SA of the new primary, then the policy switched to it, then old SAs removed. With
 the primary being the second-newest key (mesh/state.py), every node accepts a key before any
-node sends with it. Keys come with the mesh state; `KeyRotation` is the control plane's
-schedule (a new key every 12 h by default).
+node sends with it. Keys come with the mesh state; the managers rotate them
+(orchestrator/manager/netkeys.py; a new key every 12 h by default).
 
 Kernel support (esp4, AES-GCM) is probed by adding and deleting a throwaway SA. Without it an
 encrypted network is refused: nothing of it is attached, so nothing of it is sent.
@@ -145,22 +145,6 @@ def rotate(enc: Encryption | None, keep: int = KEYRING_SIZE) -> Encryption:
     keys = [*keys, EncryptionKey(tag, os.urandom(32))][-keep:]
     primary = keys[-2].tag if len(keys) > 1 else keys[-1].tag
     return Encryption(tuple(keys), primary)
-
-
-@dataclass
-class KeyRotation:
-    """The control plane's key schedule (the managers', once issue #5 lands): the keyring,
-    rotated every `interval` seconds; hand `keyring(now)` to every node's mesh state."""
-
-    interval: float = DEFAULT_ROTATION_SECONDS
-    encryption: Encryption | None = None
-    rotated_at: float = 0.0
-
-    def keyring(self, now: float) -> Encryption:
-        if self.encryption is None or now - self.rotated_at >= self.interval:
-            self.encryption = rotate(self.encryption)
-            self.rotated_at = now
-        return self.encryption
 
 
 # ---- the kernel ----------------------------------------------------------------------------

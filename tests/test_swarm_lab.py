@@ -530,6 +530,75 @@ def test_overlay_network_vips_and_dns_between_services(swarm: Lab, sdk: Any) -> 
         shoal(swarm, "sw1", "network", "rm", "appnet")
 
 
+def test_an_encrypted_network_gets_its_keys_and_is_refused_without_esp(
+    swarm: Lab, sdk: Any
+) -> None:
+    """This kernel has no ESP: the managers send the node the keyring, the node refuses to
+    attach the network rather than send in the clear, and the task says why. Where ESP exists
+    (Debian's kernel, in VMs), tests/test_vm_mesh.py carries such a network."""
+    shoal(
+        swarm,
+        "sw1",
+        "network",
+        "create",
+        "-d",
+        "overlay",
+        "--opt",
+        "encrypted",
+        "--subnet",
+        "10.31.0.0/24",
+        "secnet",
+    )
+    shoal(
+        swarm,
+        "sw1",
+        "service",
+        "create",
+        "-d",
+        "--name",
+        "sec",
+        "--network",
+        "secnet",
+        "--constraint",
+        "node.hostname==sw2",
+        "micro",
+    )
+
+    def mesh_doc(node: str) -> dict[str, Any]:
+        path = daemons.node_dir(swarm, node) / "data" / "mesh" / "state.json"
+        try:
+            doc: dict[str, Any] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return doc
+
+    try:
+        wait(
+            lambda: (
+                "encryption" in mesh_doc("sw2")
+                and any(n["name"] == "secnet" for n in mesh_doc("sw2")["networks"])
+            ),
+            "sw2's mesh state with the network and the keys",
+        )
+        path = daemons.node_dir(swarm, "sw2") / "data" / "mesh" / "state.json"
+        assert path.stat().st_mode & 0o077 == 0, "the mesh state holds keys: root only"
+        doc = mesh_doc("sw2")
+        keys = doc["encryption"]["keys"]
+        assert keys and all(len(k["key"]) == 64 for k in keys)
+        assert all("encryption" not in mesh_doc(n) for n in ("sw1", "sw3"))
+
+        def refused() -> bool:
+            tasks = sdk.services.get("sec").tasks()
+            return any("cannot encrypt" in t["Status"].get("Err", "") for t in tasks)
+
+        wait(refused, "the task refused, with the reason")
+        vni = next(n["vni"] for n in doc["networks"] if n["name"] == "secnet")
+        assert f"sh-vx{vni}" not in run(swarm, "sw2", "ip", "-o", "link").stdout
+    finally:
+        shoal(swarm, "sw1", "service", "rm", "sec")
+        shoal(swarm, "sw1", "network", "rm", "secnet")
+
+
 def test_a_lost_node_goes_down_and_its_tasks_move(swarm: Lab, sdk: Any) -> None:
     shoal(swarm, "sw1", "service", "create", "--name", "survivor", "--replicas", "3", "micro")
     try:

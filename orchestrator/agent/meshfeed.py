@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,7 +57,11 @@ class MeshFeed:
         doc["generation"] = self._generation
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
+        # it may hold the encrypted overlays' keys: readable by root only
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a leftover from a crash may have been made otherwise
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(doc, indent=1))
         tmp.replace(self.state_path)
         self._written = comparable
         if self.on_write is not None:
@@ -69,7 +74,18 @@ class MeshFeed:
         while time.monotonic() < deadline:
             applied, errors = read_applied(self.run_dir)
             if applied >= generation:
-                mine = [f"{k}: {v}" for k, v in errors.items() if task_id in k or task_id[:12] in k]
+                # errors naming the task, or one of its networks (an encrypted network the
+                # node refuses to attach leaves the task without it)
+                nets = {
+                    f"network {ep.get('network')}"
+                    for ep in self._view.get("endpoints", [])
+                    if task_id in str(ep.get("task", ""))
+                }
+                mine = [
+                    f"{k}: {v}"
+                    for k, v in errors.items()
+                    if task_id in k or task_id[:12] in k or k in nets
+                ]
                 return "; ".join(mine) or None
             await asyncio.sleep(POLL)
         return f"the node's mesh did not apply the task's network within {within:.0f} s"

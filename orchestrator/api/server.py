@@ -35,6 +35,7 @@ from orchestrator.ca.pki import PKIError
 from orchestrator.ca.rotation import start_rotation
 from orchestrator.ca.server import cert_expiry, root_of
 from orchestrator.ca.tokens import JoinToken, UnlockKey
+from orchestrator.manager import netkeys
 from orchestrator.manager.autolock import autolocked
 from orchestrator.node import DEFAULT_PORT, NodeRuntime, SwarmError
 from orchestrator.store.log import NotLeader
@@ -250,6 +251,10 @@ async def swarm_update(request: web.Request) -> web.Response:
         cert_expiry(Cluster(id="", spec=spec))
     except PKIError as e:
         raise ApiError(400, f"invalid CAConfig.NodeCertExpiry: {e}") from None
+    try:
+        netkeys.check_interval(spec)
+    except ValueError as e:
+        raise ApiError(400, f"invalid {e}") from None
 
     def fn(tx: Tx) -> None:
         cluster = next(iter(tx.list(Cluster)))

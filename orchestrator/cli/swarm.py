@@ -51,6 +51,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     up.add_argument(
         "--autolock", type=boolean, default=None, metavar="true|false", help="lock managers"
     )
+    up.add_argument(
+        "--network-key-rotation",
+        type=duration,
+        default=None,
+        help="how often encrypted overlays get a new key (default 12h)",
+    )
     up.set_defaults(func=cmd_update)
     unlock = s.add_parser(
         "unlock", help="unlock a locked manager (reads the unlock key from standard input)"
@@ -206,8 +212,11 @@ def cmd_update(args: argparse.Namespace) -> int:
             spec.setdefault("Dispatcher", {})["HeartbeatPeriod"] = int(
                 args.dispatcher_heartbeat * 1e9
             )
+        encryption = spec.setdefault("EncryptionConfig", {})
         if args.autolock is not None:
-            spec["EncryptionConfig"] = {"AutoLockManagers": args.autolock}
+            encryption["AutoLockManagers"] = args.autolock
+        if args.network_key_rotation:
+            encryption["NetworkKeyRotation"] = args.network_key_rotation
 
     _update_spec(client, change)
     print("Swarm updated.")

@@ -29,6 +29,7 @@ import grpc
 
 from orchestrator.ca.server import issuing_root_digest
 from orchestrator.ca.tls import peer_identity
+from orchestrator.manager import netkeys
 from orchestrator.manager.meshview import mesh_state
 from orchestrator.manager.orchestrator.tasks import task_name
 from orchestrator.rpc.jsonrpc import Context, Message, service
@@ -226,7 +227,9 @@ class Dispatcher:
         cluster = next(iter(self.store.list(Cluster)), None)
         out: Message = {
             "tasks": sorted(mine, key=lambda m: m["id"]),
-            "mesh": mesh_state(node_id, nodes, services, tasks, networks, generation),
+            "mesh": mesh_state(
+                node_id, nodes, services, tasks, networks, generation, netkeys.for_mesh(cluster)
+            ),
             "role": me.role if me is not None else "worker",
         }
         if cluster is not None and cluster.root_ca_cert:

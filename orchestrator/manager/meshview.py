@@ -32,7 +32,10 @@ def mesh_state(
     tasks: list[Task],
     networks: list[Network],
     generation: int,
+    encryption: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """`encryption`: the keyring (manager/netkeys.py), sent only to a node with an encrypted
+    network."""
     by_id = {n.id: n for n in nodes}
     svc_by_id = {s.id: s for s in services}
     mine = {nid for t in tasks if t.node_id == node_id and _attached(t) for nid in t.networks}
@@ -116,7 +119,7 @@ def mesh_state(
                 "tasks": sorted(running.get(svc.id, [])),
             }
         )
-    return {
+    out = {
         "version": 1,
         "node": node_id,
         "generation": generation,
@@ -125,3 +128,6 @@ def mesh_state(
         "endpoints": endpoints,
         "services": out_services,
     }
+    if encryption is not None and any(n.encrypted for n in here):
+        out["encryption"] = encryption
+    return out

@@ -35,6 +35,7 @@ from orchestrator.manager.dispatcher import SERVICE as DISPATCHER_SERVICE
 from orchestrator.manager.dispatcher import Dispatcher, ManagerInfo
 from orchestrator.manager.manager import Manager
 from orchestrator.manager.members import RaftMembers
+from orchestrator.manager.netkeys import NetworkKeyLoop
 from orchestrator.rpc import jsonrpc, peers
 from orchestrator.store.objects import Cluster
 from orchestrator.store.raftlog import CONTROL_SERVICE as RAFT_CONTROL_SERVICE
@@ -91,6 +92,7 @@ class ManagerRuntime:
         self.manager: Manager | None = None
         self.members: RaftMembers | None = None
         self.rotation: RootRotationLoop | None = None
+        self.network_keys: NetworkKeyLoop | None = None
         self.server: aio.Server | None = None
         self.join_server: aio.Server | None = None
         self._leadership = asyncio.Lock()
@@ -188,10 +190,12 @@ class ManagerRuntime:
             self.manager = Manager(self.store, term)
             self.members = RaftMembers(self.store, self.raft)
             self.rotation = RootRotationLoop(self.store, term)
+            self.network_keys = NetworkKeyLoop(self.store, term)
             self.dispatcher.start(term)
             self.manager.start()
             self.members.start()
             self.rotation.start()
+            self.network_keys.start()
 
     async def _stop_loops(self) -> None:
         if self.manager is not None:
@@ -204,6 +208,9 @@ class ManagerRuntime:
         if self.rotation is not None:
             await self.rotation.stop()
             self.rotation = None
+        if self.network_keys is not None:
+            await self.network_keys.stop()
+            self.network_keys = None
         if self.dispatcher.active:
             await self.dispatcher.stop()
 

@@ -1,8 +1,8 @@
 """gRPC with JSON messages: the control plane's wire format.
 
 Services are plain async functions registered by name; messages are JSON objects. gRPC gives
-the transport (HTTP/2 streams, deadlines, flow control, TLS once issue #5 lands); JSON keeps
-messages readable in logs and captures, and avoids a protobuf build step.
+the transport (HTTP/2 streams, deadlines, flow control, mutual TLS from orchestrator/ca/tls.py);
+JSON keeps messages readable in logs and captures, and avoids a protobuf build step.
 """
 
 from __future__ import annotations

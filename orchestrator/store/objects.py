@@ -154,6 +154,9 @@ class Cluster:
     denied_nodes: dict[str, str] = field(default_factory=dict)
     # SWMKEY-1-...: with autolock, every manager's Raft data key is sealed under it
     unlock_key: str = ""
+    # encrypted overlays' keyring (manager/netkeys.py): {"keys": [{tag, key}], "primary",
+    # "rotated_at"}
+    network_keys: dict[str, Any] = field(default_factory=dict)
 
 
 Object = Node | Service | Task | Network | Cluster
