@@ -129,16 +129,6 @@ def test_rotation_keeps_three_keys_and_sends_with_the_second_newest() -> None:
     assert len({k.key for k in enc.keys}) == 3 and all(len(k.key) == 32 for k in enc.keys)
 
 
-def test_the_schedule_rotates_every_interval_12_hours_unless_set() -> None:
-    assert ipsec.KeyRotation().interval == 12 * 3600
-    schedule = ipsec.KeyRotation(interval=60)
-    first = schedule.keyring(1000.0)
-    assert schedule.keyring(1059.0) is first
-    second = schedule.keyring(1060.0)
-    assert [k.tag for k in second.keys] == [1, 2] and second.primary == 1
-    assert [k.tag for k in schedule.keyring(1120.0).keys] == [1, 2, 3]
-
-
 def test_overlay_mtu_leaves_room_for_esp() -> None:
     secure, plain = state_from_dict(doc()).networks
     assert network_mtu(secure, 1500) == 1416  # 1500 - 50 (VXLAN) - 34 (ESP), 4-aligned
