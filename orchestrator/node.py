@@ -29,8 +29,9 @@ from orchestrator.agent.meshfeed import MeshFeed
 from orchestrator.agent.meshprocess import MeshProcess
 from orchestrator.api.convert import default_cluster_spec
 from orchestrator.api.docker import ENGINE_VERSION
-from orchestrator.ca.certs import CA_SERVICE, NodeCertificates
+from orchestrator.ca.certs import NodeCertificates
 from orchestrator.ca.pki import NodeCSR, PKIError, Role, RootCA, verify_chain
+from orchestrator.ca.server import SERVICE as CA_SERVICE
 from orchestrator.ca.server import cert_expiry
 from orchestrator.ca.tls import NodeCredentials, fetch_root_ca, join_address, join_channel
 from orchestrator.ca.tokens import JoinToken, TokenError, UnlockKey

@@ -18,14 +18,13 @@ from pathlib import Path
 from grpc import aio
 
 from orchestrator.ca.files import load_node_credentials, save_node_credentials
-from orchestrator.ca.pki import Identity, NodeCSR, PKIError, RootCA, certs_from_pem, verify_chain
+from orchestrator.ca.pki import Identity, NodeCSR, PKIError, certs_from_pem, verify_chain
 from orchestrator.ca.renewal import RenewalWindow
+from orchestrator.ca.server import SERVICE as CA_SERVICE
 from orchestrator.ca.tls import ChannelOptions, CredentialsSource, NodeCredentials, member_channel
 from orchestrator.rpc import jsonrpc
 
 log = logging.getLogger("shoal.ca")
-
-CA_SERVICE = "shoal.CA"
 
 
 @dataclass
@@ -100,12 +99,4 @@ class NodeCertificates:
             log.info("not trusting the new root yet: %s", e)
             return False
         log.info("now trusting the swarm's new root CA")
-        return True
-
-    def chains_to(self, root_pem: str) -> bool:
-        """Whether our certificate verifies against that root."""
-        try:
-            verify_chain(self.creds.chain_pem, RootCA.from_pem(root_pem.encode()))
-        except PKIError:
-            return False
         return True
