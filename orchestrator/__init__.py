@@ -6,6 +6,4 @@ import os
 # gRPC threads are busy, children crashed (SIGSEGV) and sessions broke. Nothing here uses gRPC
 # in a child, so the handlers are off; set before anything imports grpc.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-# gRPC core logs every GOAWAY and reconnect at INFO on stderr: noise in shoald's log when a
-# manager restarts; our own code logs what matters.
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+# shoald sets gRPC's log level (orchestrator/daemon.py), before anything imports grpc.

@@ -19,8 +19,6 @@ import uvloop
 from aiohttp import web
 
 from mesh.cli import setup_logging
-from orchestrator.api.server import build
-from orchestrator.node import NodeConfig, NodeRuntime, default_hostname
 
 log = logging.getLogger("shoal.daemon")
 
@@ -35,6 +33,9 @@ def parse_host(host: str) -> Path:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    from orchestrator.api.server import build  # noqa: PLC0415 - after GRPC_VERBOSITY (main)
+    from orchestrator.node import NodeConfig, NodeRuntime  # noqa: PLC0415 - likewise
+
     sock = parse_host(args.host)
     node = NodeRuntime(
         NodeConfig(
@@ -67,6 +68,10 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # gRPC logs a refused TLS handshake (a plain client, a certificate from another CA or an
+    # expired one) only at INFO, with GOAWAYs when a manager restarts; the refusals matter
+    # more. It reads the level once, when grpc is first imported (serve() imports it).
+    os.environ.setdefault("GRPC_VERBOSITY", "INFO")
     p = argparse.ArgumentParser(
         prog="shoald", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -79,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--hostname",
-        default=default_hostname(),
+        default=os.uname().nodename,
         help="this node's name in the swarm (default: the machine's hostname)",
     )
     p.add_argument(

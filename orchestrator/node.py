@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -576,7 +575,3 @@ class NodeRuntime:
         """shoald stops: tasks stop, the data plane stays (established connections live on)."""
         async with self._lock:
             await self._teardown(cleanup=False)
-
-
-def default_hostname() -> str:
-    return os.uname().nodename

@@ -203,6 +203,10 @@ def test_plain_clients_and_other_cas_get_nothing(cluster: tuple[Lab, Path]) -> N
     other = NodeCredentials(csr.key_pem, chain, node_creds(lab, "sw2").trust_pem)
     err = refused(lab, other, "shoal.Dispatcher", "Managers")
     assert err.code() == grpc.StatusCode.UNAVAILABLE  # refused in the TLS handshake
+    # and the manager's log says so, with the reason
+    logs = (daemons.node_dir(lab, "sw1") / "shoald.log").read_text()
+    assert "Handshake failed" in logs and "WRONG_VERSION_NUMBER" in logs
+    assert "CERTIFICATE_VERIFY_FAILED" in logs
 
 
 def test_a_worker_cannot_call_manager_rpcs(cluster: tuple[Lab, Path]) -> None:
