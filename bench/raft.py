@@ -506,36 +506,11 @@ class EtcdPKI:
         directory.mkdir(mode=0o700, parents=True)
         pki = cls(directory)
         now = datetime.now(UTC)
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench-etcd-ca")])
-        ca = (
-            x509.CertificateBuilder()
-            .subject_name(ca_name)
-            .issuer_name(ca_name)
-            .public_key(ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(hours=1))
-            .not_valid_after(now + timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    key_encipherment=False,
-                    content_commitment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-            )
-            .sign(ca_key, hashes.SHA256())
-        )
+        # the same kind of root as a swarm's (ECDSA P-256); etcd's leaves need IP SANs, which
+        # node certificates do not carry, so those are made here
+        root = RootCA.create()
+        ca, ca_key, ca_name = root.cert, root.key, root.cert.subject
+        assert ca_key is not None
         pki.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
         for name in names:
             key = ec.generate_private_key(ec.SECP256R1())
