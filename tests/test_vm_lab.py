@@ -54,12 +54,13 @@ def test_vm_lab_up_exec_ls_down(tmp_path: Path) -> None:
     if labmod.load(LAB) is not None:
         labmod.down(LAB)
     try:
-        up = shoal("up", "--vm", "--name", LAB, "--nodes", "2")
+        # shoald in VMs is tests/test_vm_swarm.py's; these tests drive the VMs by hand
+        up = shoal("up", "--vm", "--name", LAB, "--nodes", "2", "--no-daemons")
         assert up.returncode == 0, up.stdout + up.stderr
         accel = vm.choose_accel()
         assert ("TCG" if accel.name == "tcg" else "KVM") in up.stdout  # says which, and why
         assert "sw2    192.168.56.12" in up.stdout
-        again = shoal("up", "--vm", "--name", LAB, "--nodes", "2")
+        again = shoal("up", "--vm", "--name", LAB, "--nodes", "2", "--no-daemons")
         assert again.returncode == 0 and "booting" not in again.stdout + again.stderr
         listed = shoal("ls")
         assert f"{LAB:10} sw1    192.168.56.11    {vm.lab_netns(LAB)}" in listed.stdout

@@ -45,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     up.add_argument(
         "--no-daemons",
         action="store_true",
-        help="do not start shoald in the nodes (for driving shoal-mesh by hand)",
+        help="do not start shoald in the nodes or VMs (for driving shoal-mesh by hand)",
     )
     up.set_defaults(func=cmd_up)
 
@@ -105,12 +105,16 @@ def _require(name: str) -> labmod.Lab:
 def cmd_up(args: argparse.Namespace) -> int:
     if args.vm:
         lab = vm.up(args.name, args.nodes, args.subnet)
+        if not args.no_daemons:
+            daemons.start_all(lab)
         print(
             f"lab {lab.name}: {len(lab.nodes)} VM(s) on {lab.subnet} (bridge {lab.bridge} "
             f"{lab.gateway} in netns {vm.lab_netns(lab.name)}; {vm.info(lab).get('accel')})"
         )
         for n in lab.nodes:
             print(f"  {n.name:6} {n.address:16} VM")
+        if not args.no_daemons:
+            print(f"shoald runs in every VM: `shoal lab exec --name {lab.name} sw1 -- shoal ...`")
         return 0
     lab = labmod.up(args.name, args.nodes, args.subnet)
     if not args.no_daemons:
@@ -183,6 +187,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_env(args: argparse.Namespace) -> int:
     lab = _require(args.name)
+    if lab.kind == vm.KIND:
+        lab.node(args.node)  # a clear error for an unknown node
+        raise LabError(
+            f"lab {lab.name} is a VM lab: {args.node}'s shoald listens on "
+            f"{daemons.VM_SOCKET} inside its VM, which this machine cannot reach; run the CLI "
+            f"there, where DOCKER_HOST points at it: "
+            f"`shoal lab exec --name {lab.name} {args.node} -- shoal node ls`"
+        )
     print(f"export DOCKER_HOST={daemons.docker_host(lab, args.node)}")
     print(f"# run this command to point docker and shoal at {args.node}:")
     print(f"# eval $(shoal lab env {args.node})")
@@ -195,7 +207,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if lab.kind == vm.KIND and args.node != vm.HOST:
         return vm.exec_interactive(lab, args.node, argv)
     cmd = labmod.exec_argv(lab, args.node, argv)
-    if daemons.socket_path(lab, args.node).exists():
+    if lab.kind != vm.KIND and daemons.socket_path(lab, args.node).exists():
         os.environ["DOCKER_HOST"] = daemons.docker_host(lab, args.node)
     # the project's commands (shoal, shoal-mesh) on PATH even outside an activated virtualenv
     bindir = os.path.dirname(sys.executable)

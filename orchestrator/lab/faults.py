@@ -29,6 +29,10 @@ from orchestrator.lab import daemons
 from orchestrator.lab.lab import Lab, LabError, processes_in, running, stop_pids
 
 TABLE = "shoal-lab"
+_NETNS_ONLY = (
+    "kill and start work on namespace labs; in a VM lab, stop a node's shoald with "
+    "`shoal lab exec swN -- pkill -f orchestrator.daemon`"
+)
 CUT = "cut-off"
 
 
@@ -37,7 +41,7 @@ def kill(lab: Lab, node: str) -> list[int]:
     namespace), without warning: the node is gone as far as peers know. Tasks, in namespaces
     of their own, keep running, as containers do when dockerd dies."""
     if lab.kind != "netns":
-        raise LabError("kill and start work on shoald in namespace labs (VM labs run no shoald)")
+        raise LabError(_NETNS_ONLY)
     pids = sorted(set(running(lab, node)) | set(processes_in([lab.node(node).netns])))
     stop_pids(pids, signal.SIGKILL)
     return pids
@@ -46,7 +50,7 @@ def kill(lab: Lab, node: str) -> list[int]:
 def start(lab: Lab, node: str) -> int | None:
     """Start the node's shoald again (it keeps its membership in its data root)."""
     if lab.kind != "netns":
-        raise LabError("kill and start work on shoald in namespace labs (VM labs run no shoald)")
+        raise LabError(_NETNS_ONLY)
     if running(lab, node):
         raise LabError(f"{node} is already running (shoal lab kill {node} first)")
     return daemons.start(lab, lab.node(node))

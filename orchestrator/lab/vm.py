@@ -15,7 +15,8 @@ can leave it:
 
 The agent (orchestrator/lab/vmagent.py) runs commands in a VM; `exec_argv` gives a command
 line that runs one there as a local process (signals are forwarded, and killing it kills
-the remote command), so what drives processes in the namespace lab drives them here too.
+the remote command), so what drives processes in the namespace lab drives them here too:
+orchestrator/lab/daemons.py starts shoald in the VMs that way (`shoal lab up --vm`).
 KVM is used when this machine offers a usable one, TCG (emulation) otherwise. The lab is
 recorded like a namespace lab (orchestrator/lab/lab.py, kind "vm"); `down` stops the VMs and
 deletes the namespace, with its bridge and taps.

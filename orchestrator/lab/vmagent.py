@@ -25,6 +25,8 @@ import sys
 from dataclasses import dataclass
 
 PORT = 7799
+# The VM's shoald (orchestrator/lab/daemons.py) listens here, on the VM's own tmpfs /run.
+SHOALD_SOCKET = "/run/shoal/shoal.sock"
 FRAME = struct.Struct(">BI")
 STDIN, STDOUT, STDERR, EXIT, SIGNAL = range(5)
 
@@ -150,8 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--listen", default="10.0.2.15")
     p.add_argument("--port", type=int, default=PORT)
     args = p.parse_args(argv)
-    # Commands find the project's tools (shoal-mesh, shoal) as on the host.
+    # Commands find the project's tools (shoal-mesh, shoal) as on the host, and the CLI the
+    # VM's shoald.
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
+    os.environ["DOCKER_HOST"] = f"unix://{SHOALD_SOCKET}"
     asyncio.run(Agent(args.listen, args.port).serve())
 
 

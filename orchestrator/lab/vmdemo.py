@@ -42,9 +42,10 @@ def run(name: str = labmod.DEFAULT_LAB, replicas: int = 10, rounds: int = 2) -> 
     _say("Three VMs running Debian's kernel, on 192.168.56.0/24")
     if labmod.load(name) is not None:
         _run([*shoal, "down", "--name", name], f"shoal lab down --name {name}")
+    # no shoald: this demo plays the control plane itself (VmMeshLab)
     _run(
-        [*shoal, "up", "--vm", "--nodes", "3", "--name", name],
-        f"shoal lab up --vm --nodes 3 --name {name}",
+        [*shoal, "up", "--vm", "--nodes", "3", "--name", name, "--no-daemons"],
+        f"shoal lab up --vm --nodes 3 --name {name} --no-daemons",
     )
     lab = labmod.load(name)
     assert lab is not None
