@@ -161,7 +161,10 @@ def test_scaling_up_and_down_updates_every_node(mesh: VmMeshLab) -> None:
         mesh.wait_synced(timeout=60)
         for target in NODES:
             counts = answers(OUTSIDE, ADDR[target], 30000, 50)
-            assert balanced(counts, web_ips(mesh)) and len(counts) == 5, (target, counts)
+            if not (balanced(counts, web_ips(mesh)) and len(counts) == 5):
+                # seen once in ~10 runs (11/10/10/10/9): IPVS's own view, for the next time
+                stats = vm.check(mesh.lab, target, ["ipvsadm", "-Ln", "--stats"])
+                raise AssertionError(f"{target}: {counts}\n{stats}")
     finally:
         mesh.remove_task(new.name)
         mesh.publish()
