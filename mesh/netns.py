@@ -82,3 +82,25 @@ def list_netns() -> list[str]:
     if not NETNS_RUN_DIR.is_dir():
         return []
     return sorted(p.name for p in NETNS_RUN_DIR.iterdir())
+
+
+def processes_in(names: list[str]) -> list[int]:
+    """Every process (but this one) whose network namespace is one of these named ones."""
+    wanted = set()
+    for name in names:
+        try:
+            st = os.stat(netns_path(name))
+        except OSError:
+            continue
+        wanted.add((st.st_dev, st.st_ino))
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            st = os.stat(entry / "ns" / "net")
+        except OSError:  # gone meanwhile
+            continue
+        if (st.st_dev, st.st_ino) in wanted:
+            pids.append(int(entry.name))
+    return pids

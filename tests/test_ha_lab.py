@@ -22,6 +22,7 @@ import docker.errors
 import pytest
 import requests
 
+from mesh.netns import processes_in
 from orchestrator.lab import daemons, faults
 from orchestrator.lab import lab as labmod
 from orchestrator.lab.lab import Lab
@@ -114,6 +115,14 @@ def test_three_managers_one_leader(cluster: Lab) -> None:
         assert info["ControlAvailable"] is True and info["Managers"] == 3
     ls = shoal(cluster, "sw2", "node", "ls").stdout
     assert ls.count("Leader") == 1 and ls.count("Reachable") == 2
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def never_connected(e: BaseException) -> bool:
@@ -304,6 +313,15 @@ def test_every_manager_restarts_and_the_cluster_serves_again(cluster: Lab) -> No
         "micro",
     )
     before = {t["ID"] for t in api(cluster, "sw1").tasks(filters={"service": "web"})}
+    lab = fresh(cluster)
+    task_namespaces = [
+        ns
+        for n in NODES
+        for ns in labmod.node_namespaces(lab, lab.node(n))
+        if ns != lab.node(n).netns
+    ]
+    old_tasks = processes_in(task_namespaces)
+    assert old_tasks
     for n in NODES:
         faults.kill(fresh(cluster), n)
     for n in NODES:
@@ -317,6 +335,9 @@ def test_every_manager_restarts_and_the_cluster_serves_again(cluster: Lab) -> No
             return False
 
     wait(meshed, "the mesh to answer from all three tasks", 30)
+    # the tasks the killed daemons left running were stopped, not left behind: each task runs
+    # once, under the new shoald
+    wait(lambda: not any(alive(pid) for pid in old_tasks), "the old task processes gone")
     svc = api(cluster, "sw3").inspect_service("web")
     assert svc["Spec"]["Mode"]["Replicated"]["Replicas"] == 3
     assert before <= {t["ID"] for t in api(cluster, "sw3").tasks(filters={"service": "web"})}

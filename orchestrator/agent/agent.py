@@ -22,7 +22,7 @@ import grpc
 from grpc import aio
 
 from orchestrator.agent import logs
-from orchestrator.agent.executor import Hooks, TaskRunner
+from orchestrator.agent.executor import Hooks, TaskRunner, remove_leftovers
 from orchestrator.agent.meshfeed import MeshFeed
 from orchestrator.rpc.jsonrpc import Client, Message
 from orchestrator.store.ids import now_rfc3339
@@ -99,6 +99,14 @@ class Agent:
 
     async def _run(self) -> None:
         backoff = 0.5
+        left = await remove_leftovers(self.cfg.netns_prefix)
+        if left:
+            log.warning(
+                "stopped %d tasks an earlier shoald left running (%s); the managers' "
+                "assignments start them again",
+                len(left),
+                ", ".join(left),
+            )
         sender = asyncio.create_task(self._send_statuses())
         try:
             while True:

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from mesh.netns import list_netns, processes_in
 from orchestrator.agent import images
 from orchestrator.agent.logs import TaskLog
 from orchestrator.store.objects import TaskState
@@ -54,6 +56,25 @@ class Rejected(RuntimeError):
 
 def netns_name(prefix: str, task_id: str) -> str:
     return f"{prefix}-{task_id[:12]}"
+
+
+def _leftover_namespaces(prefix: str) -> list[str]:
+    shape = re.compile(rf"{re.escape(prefix)}-[0-9a-z]{{12}}")  # netns_name's, and only it
+    return [n for n in list_netns() if shape.fullmatch(n)]
+
+
+async def remove_leftovers(prefix: str) -> list[str]:
+    """The tasks an earlier shoald left running (it was killed, or the node crashed): their
+    processes killed and their namespaces removed, so that every task runs once, under this
+    shoald; the managers' assignments start them again. Returns the namespaces removed."""
+    names = await asyncio.to_thread(_leftover_namespaces, prefix)
+    for name in names:
+        for pid in await asyncio.to_thread(processes_in, [name]):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await _run_quietly("ip", "netns", "del", name)
+        shutil.rmtree(ETC_NETNS / name, ignore_errors=True)
+    return names
 
 
 class TaskRunner:

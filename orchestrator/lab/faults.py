@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import signal
 
-from mesh.netns import run_in_netns
+from mesh.netns import processes_in, run_in_netns
 from mesh.nft import expr as E
 from mesh.nft.transaction import (
     HOOK_OUTPUT,
@@ -26,7 +26,7 @@ from mesh.nft.transaction import (
 )
 from mesh.nft.wire import NftSocket
 from orchestrator.lab import daemons
-from orchestrator.lab.lab import Lab, LabError, processes_in, running, stop_pids
+from orchestrator.lab.lab import Lab, LabError, running, stop_pids
 
 TABLE = "shoal-lab"
 _NETNS_ONLY = (
@@ -39,7 +39,8 @@ CUT = "cut-off"
 def kill(lab: Lab, node: str) -> list[int]:
     """SIGKILL the node's daemons (shoald, its shoal-mesh, anything else running in the node's
     namespace), without warning: the node is gone as far as peers know. Tasks, in namespaces
-    of their own, keep running, as containers do when dockerd dies."""
+    of their own, keep running until shoald comes back, which stops them and runs them anew
+    (as Docker without live-restore does)."""
     if lab.kind != "netns":
         raise LabError(_NETNS_ONLY)
     pids = sorted(set(running(lab, node)) | set(processes_in([lab.node(node).netns])))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from mesh.netns import netns_exists, run_in_netns
+from mesh.netns import netns_exists, processes_in, run_in_netns
 from mesh.overlay import iproute, netns_fd, write_sysctl
 
 DEFAULT_LAB = os.environ.get("SHOAL_LAB", "shoal")
@@ -277,24 +277,6 @@ def start_time(pid: int) -> int | None:
     except OSError:
         return None
     return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def processes_in(namespaces: list[str]) -> list[int]:
-    """Every process whose network namespace is one of these named ones."""
-    wanted = set()
-    for ns in namespaces:
-        with contextlib.suppress(OSError):
-            st = os.stat(f"/run/netns/{ns}")
-            wanted.add((st.st_dev, st.st_ino))
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            st = os.stat(entry / "ns" / "net")
-            if (st.st_dev, st.st_ino) in wanted:
-                pids.append(int(entry.name))
-    return pids
 
 
 def _kill(procs: list[list[int]]) -> None:
