@@ -102,8 +102,8 @@ class MeshLab:
         svc = self.services[service]
         slot = slot or 1 + sum(1 for t in self.tasks.values() if t.service == service)
         name = f"{service}.{slot}"
-        netns = f"{self.lab.node(node).netns}-{name}"
-        subprocess.run(["ip", "netns", "add", netns], check=True, capture_output=True)
+        netns = self._task_netns(node, name)
+        self._ip_netns(node, "add", netns)
         task = Task(
             name, service, node, netns, {n: self._alloc(self.nets[n]) for n in svc.networks}
         )
@@ -113,7 +113,14 @@ class MeshLab:
     def remove_task(self, name: str) -> None:
         task = self.tasks.pop(name)
         self.stop_workload(task)
-        subprocess.run(["ip", "netns", "del", task.netns], capture_output=True)
+        self._ip_netns(task.node, "del", task.netns, check=False)
+
+    def _task_netns(self, node: str, name: str) -> str:
+        return f"{self.lab.node(node).netns}-{name}"
+
+    def _ip_netns(self, node: str, *args: str, check: bool = True) -> None:
+        """`ip netns ARGS` where the node's task namespaces live: here, the host."""
+        subprocess.run(["ip", "netns", *args], check=check, capture_output=True)
 
     def state(self, node: str) -> dict[str, object]:
         return {

@@ -78,22 +78,15 @@ class VmMeshLab(KeyedMeshLab):
         """A command in a node's VM; its stdout (LabError if it fails)."""
         return vm.check(self.lab, node, argv, timeout=timeout)
 
-    def add_task(self, service: str, node: str, slot: int | None = None) -> Task:
-        svc = self.services[service]
-        slot = slot or 1 + sum(1 for t in self.tasks.values() if t.service == service)
-        name = f"{service}.{slot}"
-        netns = f"{self.lab.name}-{node}-{name}"
-        self.run(node, ["ip", "netns", "add", netns])
-        task = Task(
-            name, service, node, netns, {n: self._alloc(self.nets[n]) for n in svc.networks}
-        )
-        self.tasks[name] = task
-        return task
+    def _task_netns(self, node: str, name: str) -> str:
+        return f"{self.lab.name}-{node}-{name}"
 
-    def remove_task(self, name: str) -> None:
-        task = self.tasks.pop(name)
-        self.stop_workload(task)
-        vm.run(self.lab, task.node, ["ip", "netns", "del", task.netns])
+    def _ip_netns(self, node: str, *args: str, check: bool = True) -> None:
+        """`ip netns ARGS` in the node's VM."""
+        if check:
+            self.run(node, ["ip", "netns", *args])
+        else:
+            vm.run(self.lab, node, ["ip", "netns", *args])
 
     def _popen(self, node: str, argv: list[str], log: Path | None) -> subprocess.Popen[bytes]:
         cmd = vm.exec_argv(self.lab, node, argv)
