@@ -339,9 +339,14 @@ def test_metrics_count_connections_and_pass_promtool(mesh: MeshLab) -> None:
         return out
 
     before = published_total()
-    answers(None, ADDR["sw2"], 30000, 40)
+    answered = answers(None, ADDR["sw2"], 30000, 40)
     after = published_total()
-    assert {ip: after[ip] - before.get(ip, 0) for ip in after} == {ip: 10.0 for ip in web_ips(mesh)}
+    counted = {ip: after[ip] - before.get(ip, 0) for ip in after}
+    assert set(counted) == web_ips(mesh) == set(answered)
+    # A counter counts DNAT decisions. A SYN lost before conntrack confirmed its entry (seen
+    # once in CI under load) is re-picked when it is resent: one decision more, never fewer.
+    assert all(counted[ip] >= answered[ip] for ip in counted), (counted, answered)
+    assert sum(counted.values()) - 40 <= 1, (counted, answered)
     text = mesh.metrics("sw1")
     for name in (
         "shoal_mesh_sync_duration_seconds_bucket",
