@@ -7,8 +7,9 @@ namespaces. Image names map to what runs:
   alpine, busybox, debian, ubuntu (any    "the host's userland": the service's command and
   tag)                                    arguments run as given (`alpine ping 192.168.56.1`
                                           runs the host's ping); without a command, sh
-Anything else is refused when the service is created ("no runtime for image"), so a task never
-sits failing on a node.
+A node running this executor tells the managers these repositories (`known()`, its description's
+`images`), and the scheduler places no other image on it: another image waits PENDING for a node
+with a container engine instead of failing here ("no runtime for image" if one arrives anyway).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import dataclass
+
+from orchestrator.images import reference
 
 DEMO_APPS = {"micro", "gianarb/micro"}
 HOST_USERLAND = {"alpine", "busybox", "debian", "ubuntu"}
@@ -25,26 +28,19 @@ class UnknownImage(ValueError):
     pass
 
 
-def repository(image: str) -> str:
-    """The repository of an image reference: `docker.io/library/alpine:3.20@sha256:..` ->
-    `alpine`; `gianarb/micro:1` -> `gianarb/micro`."""
-    name = image.split("@", 1)[0]
-    last = name.rsplit("/", 1)[-1]
-    if ":" in last:
-        name = name[: len(name) - len(last)] + last.split(":", 1)[0]
-    for prefix in ("docker.io/library/", "docker.io/", "index.docker.io/library/", "library/"):
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
-            break
-    return name.lower()
-
-
 def known() -> list[str]:
     return sorted(DEMO_APPS | HOST_USERLAND)
 
 
+def _repository(image: str) -> str:
+    try:
+        return reference.repository(image)
+    except reference.ReferenceError:
+        return ""  # runs nothing here; check() says which images do
+
+
 def check(image: str) -> None:
-    repo = repository(image)
+    repo = _repository(image)
     if repo not in DEMO_APPS and repo not in HOST_USERLAND:
         raise UnknownImage(
             f"no runtime for image {image!r} on the native executor; it runs "
@@ -63,7 +59,7 @@ _VALID_ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 def command(image: str, entrypoint: tuple[str, ...], args: tuple[str, ...]) -> Command:
     """What to execute for a task (ContainerSpec Command = entrypoint, Args = arguments)."""
     check(image)
-    repo = repository(image)
+    repo = _repository(image)
     if repo in DEMO_APPS:
         return Command((sys.executable, "-m", "orchestrator.apps.micro", "--udp", *args))
     argv = (*entrypoint, *args) or ("/bin/sh",)

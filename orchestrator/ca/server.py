@@ -20,6 +20,7 @@ import functools
 import logging
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import grpc
 
@@ -35,6 +36,7 @@ from orchestrator.ca.pki import (
 )
 from orchestrator.ca.tls import peer_identity
 from orchestrator.ca.tokens import TokenError, role_for_token
+from orchestrator.images import reference
 from orchestrator.rpc.jsonrpc import Context, Message, service
 from orchestrator.store.ids import new_id, new_raft_id
 from orchestrator.store.objects import Cluster, Node
@@ -44,6 +46,36 @@ log = logging.getLogger("shoal.ca")
 
 SERVICE = "shoal.CA"
 SECOND = 1_000_000_000
+EXECUTORS = ("container", "native")
+MAX_NODE_IMAGES = 256  # a native executor runs a handful; bound what a node makes us store
+
+
+def described(desc: Any) -> dict[str, Any]:
+    """The Node fields a node's description sets: its executor, the images it runs, its
+    capacity. Only what it gives, valid and bounded, so what an older agent does not send
+    stays as stored (at join and at every session)."""
+    out: dict[str, Any] = {}
+    if not isinstance(desc, dict):
+        return out
+    executor = desc.get("executor")
+    if isinstance(executor, str) and executor in EXECUTORS:
+        out["executor"] = executor
+    images = desc.get("images")
+    if isinstance(images, list):
+        repos = []
+        for image in images[:MAX_NODE_IMAGES]:
+            try:
+                repos.append(reference.repository(image) if isinstance(image, str) else "")
+            except reference.ReferenceError:
+                continue  # not a repository: it could never match a service's image
+        out["images"] = sorted({r for r in repos if r})
+    elif "executor" in out:
+        out["images"] = []  # an executor that says nothing of images runs any
+    for key in ("nano_cpus", "memory_bytes"):
+        value = desc.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            out[key] = value
+    return out
 
 
 def root_of(cluster: Cluster) -> RootCA:
@@ -179,10 +211,9 @@ class CAService:
             addr=str(req.get("addr", "")),
             state="unknown",
             engine_version=str(desc.get("engine_version", "")),
-            nano_cpus=int(desc.get("nano_cpus", 0)),
-            memory_bytes=int(desc.get("memory_bytes", 0)),
             manager_addr=listen if manager else "",
             raft_id=new_raft_id() if manager else 0,
+            **described(desc),
         )
         reply: Message = {"node_id": node.id, "cluster_id": cluster.id, "role": node.role}
         if manager:

@@ -1,16 +1,23 @@
 """Service and network specs: Docker's JSON shape in, validated and normalised; typed views out.
 
 The API stores the normalised spec and hands it back exactly (the docker CLI posts back the
-Spec it read); managers read it through `ServiceView`, never by poking at dicts.
+Spec it read); managers read it through `ServiceView`, never by poking at dicts, and agents read
+a task's TaskTemplate through `ContainerView`. Everything a client controls is bounded (entries,
+string lengths), so one request cannot make a manager store or check megabytes of spec.
 """
 
 from __future__ import annotations
 
 import copy
 import ipaddress
+import posixpath
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
+
+from orchestrator.images import reference
 
 NAME = re.compile(r"^[a-zA-Z0-9](?:[-_]*[A-Za-z0-9]+)*$")  # Docker's service/network name rule
 CONSTRAINT = re.compile(r"^\s*([\w.\-]+)\s*(==|!=)\s*(.+?)\s*$")
@@ -26,6 +33,34 @@ SECOND = 1_000_000_000
 DEFAULT_RESTART_DELAY = 5 * SECOND
 DEFAULT_STOP_GRACE = 10 * SECOND
 PUBLISHED_RANGE = (30000, 32767)
+CONTAINER = "TaskTemplate.ContainerSpec"
+
+# Bounds on what one request may ask a manager to store, check and send to every node.
+MAX_ENTRIES = 1000  # Command, Args, Env, Groups entries; labels per map
+MAX_MOUNTS = 100
+MAX_STRING = 4096  # names, paths, keys
+MAX_VALUE = 65536  # Env entries, label values, Command and Args entries: content, not names
+
+MIN_MEMORY_LIMIT = 6 * 1024 * 1024  # Docker's: less cannot even start a container
+MIN_NANO_CPUS = 1_000_000  # swarmkit's: 0.001 CPU, the finest the kernel's CFS quota gives
+MOUNT_TYPES = ("bind", "volume", "tmpfs")
+PROPAGATIONS = ("rprivate", "private", "rshared", "shared", "rslave", "slave")
+VOLUME_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")  # Docker's local volume names
+
+# Linux signal numbers by name, as Docker's signal.ParseSignal reads StopSignal (SIG optional,
+# any case, or a number).
+SIGNALS: Mapping[str, int] = MappingProxyType(
+    {
+        "HUP": 1, "INT": 2, "QUIT": 3, "ILL": 4, "TRAP": 5, "ABRT": 6, "IOT": 6, "BUS": 7,
+        "FPE": 8, "KILL": 9, "USR1": 10, "SEGV": 11, "USR2": 12, "PIPE": 13, "ALRM": 14,
+        "TERM": 15, "STKFLT": 16, "CHLD": 17, "CLD": 17, "CONT": 18, "STOP": 19, "TSTP": 20,
+        "TTIN": 21, "TTOU": 22, "URG": 23, "XCPU": 24, "XFSZ": 25, "VTALRM": 26, "PROF": 27,
+        "WINCH": 28, "IO": 29, "POLL": 29, "PWR": 30, "SYS": 31, "RTMIN": 34, "RTMAX": 64,
+        **{f"RTMIN+{i}": 34 + i for i in range(1, 16)},
+        **{f"RTMAX-{i}": 64 - i for i in range(1, 15)},
+    }
+)  # fmt: skip
+MAX_SIGNAL = 64
 
 
 class SpecError(ValueError):
@@ -49,6 +84,53 @@ class Constraint:
 
 
 @dataclass(frozen=True)
+class Resources:
+    nano_cpus: int = 0
+    memory_bytes: int = 0
+    pids: int = 0  # limits only
+
+
+@dataclass(frozen=True)
+class MountSpec:
+    type: str  # bind | volume | tmpfs
+    source: str  # host path (bind), volume name ("" anonymous), "" (tmpfs); may hold templates
+    target: str
+    read_only: bool = False
+    propagation: str = ""  # bind: rprivate unless given; "" otherwise
+    no_copy: bool = False
+    volume_labels: tuple[tuple[str, str], ...] = ()
+    volume_driver: str = ""  # "" the engine's default (local)
+    volume_options: tuple[tuple[str, str], ...] = ()
+    tmpfs_size: int = 0  # bytes; 0 the kernel's default
+    tmpfs_mode: int = 0  # permission bits; 0 the engine's default (1777)
+
+
+@dataclass(frozen=True)
+class ContainerView:
+    """What a task runs, from its TaskTemplate. Hostname, Env values and mount sources may
+    hold placeholders: `templates.expand` them for the task."""
+
+    image: str
+    command: tuple[str, ...] = ()  # the entrypoint, replacing the image's
+    args: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()  # KEY=VALUE or KEY
+    hostname: str = ""
+    dir: str = ""
+    user: str = ""
+    groups: tuple[str, ...] = ()
+    # read-only; not hashed (a mapping proxy cannot be), compared
+    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    mounts: tuple[MountSpec, ...] = ()
+    read_only: bool = False
+    init: bool | None = None  # None: the engine's default
+    tty: bool = False
+    stop_signal: str = ""  # as given; "": the image's, else SIGTERM (see signal_number)
+    stop_grace: int = DEFAULT_STOP_GRACE  # ns
+    limits: Resources = Resources()
+    reservations: Resources = Resources()
+
+
+@dataclass(frozen=True)
 class ServiceView:
     name: str
     image: str
@@ -68,6 +150,7 @@ class ServiceView:
     stop_grace: int  # ns
     update_parallelism: int
     update_delay: int  # ns
+    reservations: Resources = Resources()  # what each task needs of its node
 
 
 def _obj(value: Any, where: str) -> dict[str, Any]:
@@ -96,11 +179,73 @@ def _int(value: Any, where: str, lo: int = 0, hi: int = 2**63 - 1, default: int 
     return value
 
 
-def _strings(value: Any, where: str) -> tuple[str, ...]:
+def _str(value: Any, where: str, limit: int = MAX_STRING) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise SpecError(f"{where}: expected a string, got {type(value).__name__}")
+    if len(value) > limit:
+        raise SpecError(f"{where}: {len(value)} characters, at most {limit} are allowed")
+    return value
+
+
+def _bool(value: Any, where: str) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise SpecError(f"{where}: expected true or false, got {value!r}")
+    return value
+
+
+def _strings(
+    value: Any, where: str, limit: int = MAX_STRING, count: int = MAX_ENTRIES
+) -> tuple[str, ...]:
     items = _list(value, where)
-    if not all(isinstance(x, str) for x in items):
-        raise SpecError(f"{where}: expected a list of strings")
+    if len(items) > count:
+        raise SpecError(f"{where}: {len(items)} entries, at most {count} are allowed")
+    for i, x in enumerate(items):
+        if not isinstance(x, str):
+            raise SpecError(f"{where}: expected a list of strings")
+        if len(x) > limit:
+            raise SpecError(f"{where}[{i}]: {len(x)} characters, at most {limit} are allowed")
     return tuple(items)
+
+
+def _labels(value: Any, where: str) -> dict[str, str]:
+    labels = _obj(value, where)
+    if len(labels) > MAX_ENTRIES:
+        raise SpecError(f"{where}: {len(labels)} labels, at most {MAX_ENTRIES} are allowed")
+    for k, v in labels.items():
+        if not isinstance(v, str):
+            raise SpecError(f"{where}: values must be strings")
+        if len(k) > MAX_STRING:
+            raise SpecError(
+                f"{where}: a key of {len(k)} characters, at most {MAX_STRING} are allowed"
+            )
+        if len(v) > MAX_VALUE:
+            raise SpecError(
+                f"{where}[{_short(k)!r}]: {len(v)} characters, at most {MAX_VALUE} are allowed"
+            )
+    return labels
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """User input quoted back in a message, cut."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def signal_number(text: str) -> int:
+    """A StopSignal's number, as Docker reads it: SIGTERM, TERM, term or 15; raises SpecError."""
+    if text.isascii() and text.isdigit():
+        number = int(text) if len(text) <= 3 else 0
+        if 1 <= number <= MAX_SIGNAL:
+            return number
+    else:
+        number = SIGNALS.get(text.upper().removeprefix("SIG"), 0)
+        if number:
+            return number
+    raise SpecError(
+        f"invalid signal {_short(text)!r}: use a name like SIGTERM, TERM or SIGUSR1, "
+        f"or a number from 1 to {MAX_SIGNAL}"
+    )
 
 
 def parse_constraint(text: str) -> Constraint:
@@ -151,6 +296,181 @@ def same_task_template(a: dict[str, Any], b: dict[str, Any]) -> bool:
     )
 
 
+def _check_image(cs: dict[str, Any]) -> None:
+    image = cs.get("Image")
+    if not isinstance(image, str) or not image.strip():
+        raise SpecError(f"{CONTAINER}.Image: an image is required")
+    if len(image) > MAX_STRING:
+        raise SpecError(
+            f"{CONTAINER}.Image: {len(image)} characters, at most {MAX_STRING} are allowed"
+        )
+    try:
+        reference.parse(image)
+    except reference.ReferenceError as e:
+        shown = _short(image, 300)
+        raise SpecError(f"invalid reference format for image {shown!r}: {e.reason}") from None
+
+
+def _template(text: str, where: str) -> str:
+    """Check a field's placeholders; the field as a task would see it (an example task)."""
+    from orchestrator.manager import templates  # noqa: PLC0415 - templates builds on this module
+
+    templates.check(text, where)
+    return templates.expand(text, templates.EXAMPLE)
+
+
+def _check_env(cs: dict[str, Any]) -> None:
+    for i, entry in enumerate(_strings(cs.get("Env"), f"{CONTAINER}.Env", MAX_VALUE)):
+        where = f"{CONTAINER}.Env[{i}]"
+        key, eq, value = entry.partition("=")
+        if not key:
+            raise SpecError(
+                f"{where}: invalid environment variable {_short(entry)!r}: expected "
+                "KEY=VALUE or KEY, with a name before the '='"
+            )
+        if "\0" in entry:
+            raise SpecError(f"{where}: invalid environment variable: it contains a NUL character")
+        if eq:
+            _template(value, where)
+
+
+def _check_container(cs: dict[str, Any]) -> None:
+    """ContainerSpec, checked where it is given; stored as given (it round-trips)."""
+    _check_image(cs)
+    for key in ("Command", "Args"):
+        for i, arg in enumerate(_strings(cs.get(key), f"{CONTAINER}.{key}", MAX_VALUE)):
+            if "\0" in arg:
+                raise SpecError(f"{CONTAINER}.{key}[{i}]: contains a NUL character")
+    _check_env(cs)
+    _template(_str(cs.get("Hostname"), f"{CONTAINER}.Hostname"), f"{CONTAINER}.Hostname")
+    workdir = _str(cs.get("Dir"), f"{CONTAINER}.Dir")
+    if workdir and not workdir.startswith("/"):
+        raise SpecError(
+            f"{CONTAINER}.Dir: the working directory {_short(workdir)!r} is invalid, "
+            "it needs to be an absolute path"
+        )
+    _str(cs.get("User"), f"{CONTAINER}.User")
+    _strings(cs.get("Groups"), f"{CONTAINER}.Groups")
+    _labels(cs.get("Labels"), f"{CONTAINER}.Labels")
+    for key in ("ReadOnly", "Init", "TTY", "OpenStdin"):
+        _bool(cs.get(key), f"{CONTAINER}.{key}")
+    stop_signal = _str(cs.get("StopSignal"), f"{CONTAINER}.StopSignal")
+    if stop_signal:
+        try:
+            signal_number(stop_signal)
+        except SpecError as e:
+            raise SpecError(f"{CONTAINER}.StopSignal: {e}") from None
+    _int(cs.get("StopGracePeriod"), f"{CONTAINER}.StopGracePeriod")
+    _check_mounts(cs.get("Mounts"))
+
+
+def _check_mounts(raw: Any) -> None:
+    mounts = _list(raw, f"{CONTAINER}.Mounts")
+    if len(mounts) > MAX_MOUNTS:
+        raise SpecError(
+            f"{CONTAINER}.Mounts: {len(mounts)} mounts, at most {MAX_MOUNTS} are allowed"
+        )
+    targets: set[str] = set()
+    for i, m in enumerate(mounts):
+        where = f"{CONTAINER}.Mounts[{i}]"
+        mount = _obj(m, where)
+        kind = _str(mount.get("Type"), f"{where}.Type") or "volume"
+        if kind not in MOUNT_TYPES:
+            raise SpecError(
+                f"{where}.Type: invalid mount type {_short(kind)!r}: use bind, volume or tmpfs"
+            )
+        source = _str(mount.get("Source"), f"{where}.Source")
+        target = _str(mount.get("Target"), f"{where}.Target")
+        _bool(mount.get("ReadOnly"), f"{where}.ReadOnly")
+        if not target:
+            raise SpecError(
+                f"{where}.Target: a target, an absolute path in the container, is needed"
+            )
+        if not target.startswith("/"):
+            raise SpecError(
+                f"{where}.Target: invalid mount target {_short(target)!r}, must be an absolute path"
+            )
+        clean = posixpath.normpath(target)
+        if clean in targets:
+            raise SpecError(f"{where}.Target: duplicate mount point: {_short(target)}")
+        targets.add(clean)
+        example = _template(source, f"{where}.Source")
+        for key, owner in (
+            ("BindOptions", "bind"),
+            ("VolumeOptions", "volume"),
+            ("TmpfsOptions", "tmpfs"),
+        ):
+            if mount.get(key) is not None and kind != owner:
+                raise SpecError(f"{where}.{key}: must not be specified on mount type {kind!r}")
+        if kind == "bind":
+            if not source.startswith("/"):
+                raise SpecError(
+                    f"{where}.Source: invalid bind mount source {_short(source)!r}, must be "
+                    "an absolute path on the node"
+                )
+            options = _obj(mount.get("BindOptions"), f"{where}.BindOptions")
+            propagation = _str(options.get("Propagation"), f"{where}.BindOptions.Propagation")
+            if propagation and propagation not in PROPAGATIONS:
+                raise SpecError(
+                    f"{where}.BindOptions.Propagation: invalid propagation mode "
+                    f"{_short(propagation)!r}: use {', '.join(PROPAGATIONS)}"
+                )
+        elif kind == "volume":
+            if source and not VOLUME_NAME.fullmatch(example):
+                raise SpecError(
+                    f"{where}.Source: {_short(source)!r} includes invalid characters for a "
+                    "local volume name, only [a-zA-Z0-9][a-zA-Z0-9_.-]+ are allowed; for a "
+                    "host directory, use a bind mount with an absolute path"
+                )
+            options = _obj(mount.get("VolumeOptions"), f"{where}.VolumeOptions")
+            _bool(options.get("NoCopy"), f"{where}.VolumeOptions.NoCopy")
+            _labels(options.get("Labels"), f"{where}.VolumeOptions.Labels")
+            driver = _obj(options.get("DriverConfig"), f"{where}.VolumeOptions.DriverConfig")
+            _str(driver.get("Name"), f"{where}.VolumeOptions.DriverConfig.Name")
+            _labels(driver.get("Options"), f"{where}.VolumeOptions.DriverConfig.Options")
+        else:
+            if source:
+                raise SpecError(f"{where}.Source: invalid tmpfs source, source must be empty")
+            options = _obj(mount.get("TmpfsOptions"), f"{where}.TmpfsOptions")
+            _int(options.get("SizeBytes"), f"{where}.TmpfsOptions.SizeBytes")
+            _int(options.get("Mode"), f"{where}.TmpfsOptions.Mode", 0, 0o7777)
+
+
+def _resources(raw: Any, where: str, keys: tuple[str, ...]) -> Resources:
+    res = _obj(raw, where)
+    values = {k: _int(res.get(k), f"{where}.{k}") for k in keys}
+    cpus = values.get("NanoCPUs", 0)
+    if 0 < cpus < MIN_NANO_CPUS:
+        raise SpecError(
+            f"{where}.NanoCPUs: invalid cpu value {cpus / 1e9:g}: "
+            f"Must be at least {MIN_NANO_CPUS / 1e9:g}"
+        )
+    return Resources(cpus, values.get("MemoryBytes", 0), values.get("Pids", 0))
+
+
+def _check_resources(tt: dict[str, Any]) -> None:
+    res = _obj(tt.get("Resources"), "TaskTemplate.Resources")
+    where = "TaskTemplate.Resources"
+    limits = _resources(res.get("Limits"), f"{where}.Limits", ("NanoCPUs", "MemoryBytes", "Pids"))
+    wanted = _resources(
+        res.get("Reservations"), f"{where}.Reservations", ("NanoCPUs", "MemoryBytes")
+    )
+    if 0 < limits.memory_bytes < MIN_MEMORY_LIMIT:
+        raise SpecError(
+            f"{where}.Limits.MemoryBytes: Minimum memory limit allowed is 6MB "
+            f"({limits.memory_bytes} bytes asked)"
+        )
+    for key, limit, reserved in (
+        ("NanoCPUs", limits.nano_cpus, wanted.nano_cpus),
+        ("MemoryBytes", limits.memory_bytes, wanted.memory_bytes),
+    ):
+        if limit and reserved > limit:
+            raise SpecError(
+                f"{where}.Reservations.{key}: the reservation ({reserved}) is larger than "
+                f"the limit ({limit}); reserve at most what the task may use"
+            )
+
+
 def normalize_service_spec(raw: Any) -> dict[str, Any]:
     """Apply Docker's defaults to a ServiceSpec and check it; raises SpecError."""
     spec: dict[str, Any] = copy.deepcopy(_obj(raw, "Spec"))
@@ -162,18 +482,11 @@ def normalize_service_spec(raw: Any) -> dict[str, Any]:
             f"invalid name {name!r}: only [a-zA-Z0-9-_] allowed, starting and "
             "ending with a letter or digit, at most 63 characters"
         )
-    labels = _obj(spec.get("Labels"), "Labels")
-    if not all(isinstance(v, str) for v in labels.values()):
-        raise SpecError("Labels: values must be strings")
-    spec["Labels"] = labels
+    spec["Labels"] = _labels(spec.get("Labels"), "Labels")
     tt = spec["TaskTemplate"] = _obj(spec.get("TaskTemplate"), "TaskTemplate")
-    cs = tt["ContainerSpec"] = _obj(tt.get("ContainerSpec"), "TaskTemplate.ContainerSpec")
-    image = cs.get("Image")
-    if not isinstance(image, str) or not image.strip():
-        raise SpecError("TaskTemplate.ContainerSpec.Image: an image is required")
-    for key in ("Command", "Args", "Env"):
-        if key in cs and cs[key] is not None:
-            _strings(cs[key], f"TaskTemplate.ContainerSpec.{key}")
+    cs = tt["ContainerSpec"] = _obj(tt.get("ContainerSpec"), CONTAINER)
+    _check_container(cs)
+    _check_resources(tt)
     mode = _obj(spec.get("Mode"), "Mode")
     if "Global" in mode and "Replicated" in mode:
         raise SpecError("Mode: choose replicated or global, not both")
@@ -283,9 +596,78 @@ def view(spec: dict[str, Any]) -> ServiceView:
         restart_delay=restart.get("Delay", DEFAULT_RESTART_DELAY),
         restart_max_attempts=restart.get("MaxAttempts", 0),
         restart_window=restart.get("Window", 0),
-        stop_grace=cs.get("StopGracePeriod", DEFAULT_STOP_GRACE),
+        stop_grace=_stop_grace(cs),
         update_parallelism=update.get("Parallelism", 1),
         update_delay=update.get("Delay", 0),
+        reservations=reservations_of(tt),
+    )
+
+
+def _stop_grace(cs: dict[str, Any]) -> int:
+    grace = cs.get("StopGracePeriod")
+    return DEFAULT_STOP_GRACE if grace is None else int(grace)
+
+
+def _resources_view(raw: Any) -> Resources:
+    res = raw or {}
+    return Resources(
+        int(res.get("NanoCPUs") or 0), int(res.get("MemoryBytes") or 0), int(res.get("Pids") or 0)
+    )
+
+
+def reservations_of(task_template: dict[str, Any]) -> Resources:
+    """What a task of this TaskTemplate reserves of its node (the scheduler's sums)."""
+    return _resources_view((task_template.get("Resources") or {}).get("Reservations"))
+
+
+def _pairs(raw: Any) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((raw or {}).items()))
+
+
+def _mount_view(m: dict[str, Any]) -> MountSpec:
+    kind = m.get("Type") or "volume"
+    volume = m.get("VolumeOptions") or {}
+    driver = volume.get("DriverConfig") or {}
+    tmpfs = m.get("TmpfsOptions") or {}
+    propagation = (m.get("BindOptions") or {}).get("Propagation") or ""
+    return MountSpec(
+        type=kind,
+        source=m.get("Source") or "",
+        target=m.get("Target") or "",
+        read_only=bool(m.get("ReadOnly")),
+        propagation=propagation or ("rprivate" if kind == "bind" else ""),
+        no_copy=bool(volume.get("NoCopy")),
+        volume_labels=_pairs(volume.get("Labels")),
+        volume_driver=driver.get("Name") or "",
+        volume_options=_pairs(driver.get("Options")),
+        tmpfs_size=int(tmpfs.get("SizeBytes") or 0),
+        tmpfs_mode=int(tmpfs.get("Mode") or 0),
+    )
+
+
+def container_view(task_template: dict[str, Any]) -> ContainerView:
+    """The typed view of what a task runs, from its TaskTemplate (validated when stored)."""
+    cs = task_template.get("ContainerSpec") or {}
+    res = task_template.get("Resources") or {}
+    init = cs.get("Init")
+    return ContainerView(
+        image=cs.get("Image") or "",
+        command=tuple(cs.get("Command") or ()),
+        args=tuple(cs.get("Args") or ()),
+        env=tuple(cs.get("Env") or ()),
+        hostname=cs.get("Hostname") or "",
+        dir=cs.get("Dir") or "",
+        user=cs.get("User") or "",
+        groups=tuple(cs.get("Groups") or ()),
+        labels=MappingProxyType(dict(cs.get("Labels") or {})),
+        mounts=tuple(_mount_view(m) for m in cs.get("Mounts") or ()),
+        read_only=bool(cs.get("ReadOnly")),
+        init=None if init is None else bool(init),
+        tty=bool(cs.get("TTY")),
+        stop_signal=cs.get("StopSignal") or "",
+        stop_grace=_stop_grace(cs),
+        limits=_resources_view(res.get("Limits")),
+        reservations=_resources_view(res.get("Reservations")),
     )
 
 

@@ -71,8 +71,10 @@ class Node:
     engine_version: str = ""
     os: str = "linux"
     arch: str = "x86_64"
-    nano_cpus: int = 0
+    nano_cpus: int = 0  # capacity for reservations; 0: unknown, no limit
     memory_bytes: int = 0
+    executor: str = ""  # container | native | "" (unknown: a node from before executors)
+    images: list[str] = field(default_factory=list)  # repositories it runs; empty: any
     state: str = "unknown"  # unknown | down | ready | disconnected
     message: str = ""
     manager_addr: str = ""  # ip:port of its manager listener, for managers
@@ -93,6 +95,9 @@ class Service:
     ports: list[dict[str, Any]] = field(default_factory=list)  # Endpoint.Ports, allocated
     vips: dict[str, str] = field(default_factory=dict)  # network id -> "a.b.c.d/len"
     update_status: dict[str, Any] | None = None
+    # X-Registry-Auth of the client that created or last updated it with
+    # --with-registry-auth: handed to nodes to pull its image, never shown by the API
+    registry_auth: str = ""
 
     @property
     def name(self) -> str:

@@ -1,0 +1,1 @@
+"""Container images: references as Docker parses them."""
