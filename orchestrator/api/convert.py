@@ -9,6 +9,7 @@ from orchestrator.manager.spec import task_template_with_defaults, view
 from orchestrator.store.objects import Cluster, Network, Node, Service, Task, TaskState
 
 SECOND = 1_000_000_000
+EXECUTOR_LABEL = "com.shoal.executor"  # in a node's Description.Engine.Labels
 
 
 def _meta(obj: Node | Service | Task | Network | Cluster) -> dict[str, Any]:
@@ -31,6 +32,10 @@ def node_json(
     }
     if node.name:
         spec["Name"] = node.name
+    engine: dict[str, Any] = {"EngineVersion": node.engine_version or engine_version}
+    if node.executor:  # what runs its tasks: container | native (unknown for older nodes)
+        engine["Labels"] = {EXECUTOR_LABEL: node.executor}
+    engine["Plugins"] = [{"Type": "Network", "Name": "overlay"}]
     out: dict[str, Any] = {
         **_meta(node),
         "Spec": spec,
@@ -38,10 +43,7 @@ def node_json(
             "Hostname": node.hostname,
             "Platform": {"Architecture": node.arch, "OS": node.os},
             "Resources": {"NanoCPUs": node.nano_cpus, "MemoryBytes": node.memory_bytes},
-            "Engine": {
-                "EngineVersion": node.engine_version or engine_version,
-                "Plugins": [{"Type": "Network", "Name": "overlay"}],
-            },
+            "Engine": engine,
         },
         "Status": {
             "State": node.state,

@@ -1,25 +1,517 @@
-"""`shoal service create | ls | inspect | ps | scale | update | logs | rm`."""
+"""`shoal service create | ls | inspect | ps | scale | update | logs | rm`.
+
+The flags are docker CLI 20.10's, with the same names, values and JSON: durations are Go's
+(`10s`, `1m30s`, `500ms`), sizes docker's (`64m`, `1g`, plain bytes), CPUs decimals (`0.5`),
+`--mount` the CSV syntax, and booleans pflag's (`--read-only`, `--read-only=false`). Values are
+checked here, so a bad one is refused naming its flag before anything is sent.
+"""
 
 from __future__ import annotations
 
 import argparse
+import base64
+import csv
+import json
+import re
 import shlex
 import sys
 import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta, timezone
+from fractions import Fraction
 from typing import Any
 
+import docker.auth
 import docker.errors
 
 from orchestrator.cli.client import CliError, api_message, connect
 from orchestrator.cli.output import image_name, pretty_json, short, table
 from orchestrator.cli.tasks import print_tasks
+from orchestrator.manager.spec import PROPAGATIONS, SpecError, signal_number
 
 CONVERGE_TIMEOUT = 300.0
+SECOND = 1_000_000_000
+MAX_INT64 = 2**63 - 1
+# What the docker CLI sends for a restart policy it fills in (swarmkit's defaults).
+DEFAULT_RESTART: dict[str, Any] = {"Condition": "any", "Delay": 5 * SECOND, "MaxAttempts": 0}
+
+
+# ---- pflag's booleans -----------------------------------------------------------------------
+
+
+class GoBool(argparse.Action):
+    """A pflag boolean flag: `--init` is true, `--init=false` false (strconv.ParseBool's
+    spellings, see DockerFlagParser). Default None on `update` (unchanged)."""
+
+    def __init__(
+        self,
+        option_strings: Sequence[str],
+        dest: str,
+        default: bool | None = False,
+        help: str | None = None,
+    ):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, True)
+
+
+def go_bool(text: str) -> bool | None:
+    """strconv.ParseBool; None if it is not one of its spellings."""
+    if text in ("1", "t", "T", "TRUE", "true", "True"):
+        return True
+    if text in ("0", "f", "F", "FALSE", "false", "False"):
+        return False
+    return None
+
+
+class DockerFlagParser(argparse.ArgumentParser):
+    """argparse, parsing as pflag does: GoBool flags take `=VALUE` (`--read-only=false`,
+    `-t=0`), the last one given winning, and a flag's value is the next word even if it starts
+    with '-' (`--hostname --init`). A bad boolean is kept in `flag_errors`: the command refuses
+    it (CliError, naming the flag) rather than argparse exiting with its usage."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        tokens = list(sys.argv[1:] if args is None else args)
+        given: dict[str, tuple[str, str]] = {}  # dest -> (flag, value)
+        rest: list[str] = []
+        i = 0
+        while i < len(tokens):
+            token = tokens[i]
+            if token in ("-", "--") or not token.startswith("-"):
+                rest += tokens[i:]  # the positionals: IMAGE [COMMAND...] stay as given
+                break
+            name, eq, value = token.partition("=")
+            action = self._option_string_actions.get(name)
+            if isinstance(action, GoBool):
+                given[action.dest] = (name, value if eq else "true")
+            elif action is not None and not eq and action.nargs is None and i + 1 < len(tokens):
+                i += 1  # its value, as pflag takes it even if it starts with '-' (`-5s`)
+                rest.append(f"{name}={tokens[i]}")
+            else:
+                rest.append(token)
+            i += 1
+        ns, extra = super().parse_known_args(rest, namespace)
+        errors: list[str] = list(getattr(ns, "flag_errors", None) or [])
+        for dest, (flag, value) in given.items():
+            parsed = go_bool(value)
+            if parsed is None:
+                errors.append(
+                    f"invalid argument {_q(value)} for {_q(flag)} flag: strconv.ParseBool: "
+                    f"parsing {_q(value)}: invalid syntax (use true or false)"
+                )
+            else:
+                setattr(ns, dest, parsed)
+        ns.flag_errors = errors
+        return ns, extra
+
+
+def _refuse_bad_flags(args: argparse.Namespace) -> None:
+    errors = getattr(args, "flag_errors", None)
+    if errors:
+        raise CliError(errors[0])
+
+
+# ---- values: docker's syntaxes --------------------------------------------------------------
+
+
+def _q(text: str) -> str:
+    """Quoted as Go's %q does (near enough): in double quotes, escaped."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _invalid(text: str, flag: str, reason: str) -> CliError:
+    """pflag's message for a value its flag refuses."""
+    return CliError(f"invalid argument {_q(text)} for {_q(flag)} flag: {reason}")
+
+
+_DURATION_UNITS = {
+    "ns": 1,
+    "us": 1_000,
+    "\u00b5s": 1_000,  # µs, micro sign
+    "\u03bcs": 1_000,  # μs, Greek mu
+    "ms": 1_000_000,
+    "s": SECOND,
+    "m": 60 * SECOND,
+    "h": 3600 * SECOND,
+}
+_DURATION_PART = re.compile(r"([0-9]*)(?:\.([0-9]*))?([^0-9.]*)")
+
+
+def go_duration(text: str) -> int:
+    """Go's time.ParseDuration, in ns: `10s`, `1m30s`, `1.5h`, `500ms`, `-2m`, `0`. Raises
+    ValueError with Go's message."""
+    s = text
+    negative = False
+    if s[:1] in ("-", "+"):
+        negative, s = s[0] == "-", s[1:]
+    if s == "0":
+        return 0
+    if not s:
+        raise ValueError(f"time: invalid duration {_q(text)}")
+    total = Fraction(0)
+    while s:
+        m = _DURATION_PART.match(s)
+        assert m is not None  # every group may be empty
+        whole, frac, unit = m.group(1), m.group(2), m.group(3)
+        if s[0] not in "0123456789." or not (whole or frac):
+            raise ValueError(f"time: invalid duration {_q(text)}")
+        if not unit:
+            raise ValueError(f"time: missing unit in duration {_q(text)}")
+        if unit not in _DURATION_UNITS:
+            raise ValueError(f"time: unknown unit {_q(unit)} in duration {_q(text)}")
+        value = Fraction(int(whole or "0"))
+        if frac:
+            value += Fraction(int(frac), 10 ** len(frac))
+        total += value * _DURATION_UNITS[unit]
+        s = s[m.end() :]
+    ns = int(total)  # Go truncates the fraction of a nanosecond
+    if ns > MAX_INT64 + negative:
+        raise ValueError(f"time: invalid duration {_q(text)}")
+    return -ns if negative else ns
+
+
+def parse_duration(text: str, flag: str, seconds: bool = False) -> int:
+    """A duration flag's value in ns, not negative. seconds: a plain number counts as seconds
+    (`--restart-delay 0.2`, as shoal took it before it took durations)."""
+    if seconds and re.fullmatch(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+", text):
+        return int(Fraction(text) * SECOND)
+    try:
+        ns = go_duration(text)
+    except ValueError as e:
+        raise _invalid(text, flag, f"{e} (use a duration like 10s, 1m30s or 500ms)") from None
+    if ns < 0:
+        raise _invalid(text, flag, "duration cannot be negative")
+    return ns
+
+
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)*) ?([kKmMgGtTpP])?[iI]?[bB]?")
+_SIZE_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+
+
+def ram_in_bytes(text: str) -> int:
+    """go-units' RAMInBytes, as docker reads --limit-memory and tmpfs-size: `64m`, `1g`,
+    `512k`, `1.5GiB`, `100` (bytes); binary units. Raises ValueError."""
+    m = _SIZE.fullmatch(text)
+    if m is None:
+        raise ValueError(f"invalid size: '{text}'")
+    try:
+        size = float(m.group(1))
+    except ValueError:
+        raise ValueError(f"invalid size: '{text}'") from None
+    value = int(size * _SIZE_UNITS.get((m.group(2) or "").lower(), 1))
+    if value > MAX_INT64:
+        raise ValueError(f"invalid size: '{text}' is too large")
+    return value
+
+
+def parse_bytes(text: str, flag: str) -> int:
+    try:
+        return ram_in_bytes(text)
+    except ValueError as e:
+        raise _invalid(text, flag, f"{e} (use bytes or a size like 512k, 64m, 1g)") from None
+
+
+_DECIMAL = re.compile(
+    r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?[0-9]+/[0-9]+"
+)
+
+
+def parse_cpus(text: str, flag: str) -> int:
+    """A number of CPUs (`0.5`, `2`, `1/4`) in NanoCPUs, as docker's ParseCPUs reads it."""
+    if not _DECIMAL.fullmatch(text):
+        raise _invalid(
+            text, flag, f"failed to parse {text} as a rational number (use CPUs like 0.5 or 2)"
+        )
+    try:
+        nano = Fraction(text) * SECOND
+    except ZeroDivisionError:
+        raise _invalid(text, flag, f"failed to parse {text} as a rational number") from None
+    if nano.denominator != 1:
+        raise _invalid(text, flag, "value is too precise (at most 9 decimals)")
+    if nano < 0:
+        raise _invalid(text, flag, "the number of CPUs cannot be negative")
+    if nano > MAX_INT64:
+        raise _invalid(text, flag, "too many CPUs")
+    return int(nano)
+
+
+def _shell_words(text: str, flag: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as e:
+        raise _invalid(text, flag, str(e)) from None
+
+
+def _workdir(text: str, flag: str) -> str:
+    if text and not text.startswith("/"):
+        raise _invalid(text, flag, "the working directory must be an absolute path")
+    return text
+
+
+def _stop_signal(text: str, flag: str = "--stop-signal") -> str:
+    if text:
+        try:
+            signal_number(text)
+        except SpecError as e:
+            raise _invalid(text, flag, str(e)) from None
+    return text
+
+
+def _labels(entries: list[str], flag: str) -> dict[str, str]:
+    """KEY=VALUE or KEY (empty value), as docker's ValidateLabel and ConvertKVStringsToMap."""
+    out: dict[str, str] = {}
+    for entry in entries:
+        key, _, value = entry.partition("=")
+        if not key.lstrip(" \t"):
+            raise _invalid(entry, flag, f"invalid label '{entry}': empty name")
+        if any(c in key.lstrip(" \t") for c in " \t"):
+            raise _invalid(entry, flag, f"label '{key}' contains whitespaces")
+        out[key] = value
+    return out
+
+
+def parse_mount(text: str, flag: str = "--mount") -> dict[str, Any]:
+    """`--mount`'s CSV syntax to a Mount, as docker's MountOpt: type=bind|volume|tmpfs (volume
+    by default), source|src, target|destination|dst, readonly|ro[=BOOL], consistency,
+    bind-propagation, bind-nonrecursive, volume-nocopy[=BOOL], volume-label=K=V,
+    volume-driver, volume-opt=K=V, tmpfs-size, tmpfs-mode (octal)."""
+    try:
+        fields = next(csv.reader([text], strict=True), [])
+    except csv.Error as e:
+        raise _invalid(text, flag, f"not a comma-separated list: {e}") from None
+    mount: dict[str, Any] = {"Type": "volume"}
+    bind: dict[str, Any] | None = None
+    volume: dict[str, Any] | None = None
+    tmpfs: dict[str, Any] | None = None
+
+    def volume_options() -> dict[str, Any]:
+        nonlocal volume
+        if volume is None:
+            volume = {"Labels": {}, "DriverConfig": {}}
+        return volume
+
+    def boolean(key: str, value: str) -> bool:
+        parsed = go_bool(value)
+        if parsed is None:
+            raise _invalid(text, flag, f"invalid value for {key}: {value} (use true or false)")
+        return parsed
+
+    for field in fields:
+        key, eq, value = field.partition("=")
+        key = key.lower()
+        if not eq and key in ("readonly", "ro", "volume-nocopy", "bind-nonrecursive"):
+            value = "true"
+        elif not eq:
+            raise _invalid(text, flag, f"invalid field '{field}' must be a key=value pair")
+        if key == "type":
+            mount["Type"] = value.lower()
+        elif key in ("source", "src"):
+            mount["Source"] = value
+        elif key in ("target", "dst", "destination"):
+            mount["Target"] = value
+        elif key in ("readonly", "ro"):
+            mount["ReadOnly"] = boolean(key, value)
+        elif key == "consistency":
+            mount["Consistency"] = value.lower()
+        elif key == "bind-propagation":
+            propagation = value.lower()
+            if propagation not in PROPAGATIONS:
+                raise _invalid(
+                    text,
+                    flag,
+                    f"invalid bind-propagation {_q(value)}: use {', '.join(PROPAGATIONS)}",
+                )
+            bind = {**(bind or {}), "Propagation": propagation}
+        elif key == "bind-nonrecursive":
+            bind = {**(bind or {}), "NonRecursive": boolean(key, value)}
+        elif key == "volume-nocopy":
+            volume_options()["NoCopy"] = boolean(key, value)
+        elif key == "volume-label":
+            name, _, label = value.partition("=")
+            volume_options()["Labels"][name] = label
+        elif key == "volume-driver":
+            volume_options()["DriverConfig"]["Name"] = value
+        elif key == "volume-opt":
+            name, _, option = value.partition("=")
+            volume_options()["DriverConfig"].setdefault("Options", {})[name] = option
+        elif key == "tmpfs-size":
+            try:
+                size = ram_in_bytes(value)
+            except ValueError:
+                raise _invalid(
+                    text, flag, f"invalid value for {key}: {value} (use a size like 64m)"
+                ) from None
+            tmpfs = {**(tmpfs or {}), "SizeBytes": size}
+        elif key == "tmpfs-mode":
+            if not re.fullmatch(r"[0-7]{1,11}", value) or int(value, 8) > 0xFFFFFFFF:
+                raise _invalid(
+                    text, flag, f"invalid value for {key}: {value} (use octal, like 1770)"
+                )
+            tmpfs = {**(tmpfs or {}), "Mode": int(value, 8)}
+        else:
+            raise _invalid(text, flag, f"unexpected key '{key}' in '{field}'")
+    kind = mount["Type"]
+    if not kind:
+        raise _invalid(text, flag, "type is required")
+    if kind not in ("bind", "volume", "tmpfs"):
+        raise _invalid(text, flag, f"invalid mount type {_q(kind)}: use bind, volume or tmpfs")
+    if not mount.get("Target"):
+        raise _invalid(text, flag, "target is required")
+    if not mount["Target"].startswith("/"):
+        raise _invalid(text, flag, "the target must be an absolute path in the container")
+    for options, owner in ((volume, "volume"), (bind, "bind"), (tmpfs, "tmpfs")):
+        if options is not None and kind != owner:
+            raise _invalid(text, flag, f"cannot mix '{owner}-*' options with mount type '{kind}'")
+    if mount.get("ReadOnly") is False:
+        del mount["ReadOnly"]  # Go's omitempty
+    if bind is not None:
+        mount["BindOptions"] = {k: v for k, v in bind.items() if v}
+    if volume is not None:  # as docker sends them: DriverConfig always, the rest if set
+        volume["DriverConfig"] = {k: v for k, v in volume["DriverConfig"].items() if v}
+        mount["VolumeOptions"] = {k: v for k, v in volume.items() if v or k == "DriverConfig"}
+    if tmpfs is not None:
+        mount["TmpfsOptions"] = {k: v for k, v in tmpfs.items() if v}
+    return mount
+
+
+def parse_since(text: str, now_ns: int | None = None) -> str:
+    """`service logs --since` as the API's `since`, as docker's GetTimestamp: a Go duration
+    (`10m`: that long ago), an RFC 3339 time or a prefix of one (`2013-01-02`,
+    `2013-01-02T13:23`, `2013-01-02T13:23:37.5+01:00`; local time without a zone), or a Unix
+    timestamp (`1700000000.5`, passed on). Times become `SECONDS.NANOSECONDS`."""
+    now = time.time_ns() if now_ns is None else now_ns
+    if text != "0":
+        try:
+            ago = go_duration(text)
+        except ValueError:
+            pass
+        else:
+            return _unix(now - ago)
+    m = re.fullmatch(
+        r"([0-9]{4})-([0-9]{2})-([0-9]{2})"
+        r"(?:T([0-9]{2})(?::([0-9]{2})(?::([0-9]{2})(?:\.([0-9]{1,9}))?)?)?)?"
+        r"(Z|[+-][0-9]{2}:[0-9]{2})?",
+        text,
+    )
+    if m is not None:
+        year, month, day, hour, minute, sec, frac, zone = m.groups()
+        if zone is None:  # the local zone, at its offset now (Go's FixedZone(reference.Zone()))
+            tz = datetime.fromtimestamp(now / 1e9).astimezone().tzinfo
+        elif zone == "Z":
+            tz = UTC
+        else:
+            sign = -1 if zone[0] == "-" else 1
+            tz = timezone(sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6])))
+        try:
+            at = datetime(
+                int(year), int(month), int(day), int(hour or 0), int(minute or 0), int(sec or 0),
+                tzinfo=tz,
+            )  # fmt: skip
+        except ValueError as e:
+            raise _invalid(text, "--since", f"not a valid time: {e}") from None
+        whole = int(at.timestamp())
+        return _unix(whole * SECOND + int((frac or "0").ljust(9, "0")))
+    if "-" not in text and re.fullmatch(r"[0-9]+(?:\.[0-9]+)?", text):
+        return text  # already a Unix timestamp
+    raise _invalid(
+        text,
+        "--since",
+        f"failed to parse value as time or duration: {_q(text)} (use a time like "
+        "2013-01-02T13:23:37Z, a Unix timestamp, or a duration like 42m)",
+    )
+
+
+def _unix(ns: int) -> str:
+    secs, frac = divmod(ns, SECOND)
+    return f"{secs}.{frac:09d}"
+
+
+def registry_auth(image: str, config_path: str | None = None) -> str:
+    """X-Registry-Auth for the image's registry, as `--with-registry-auth` sends it: the
+    credentials `docker login` stored (~/.docker/config.json or $DOCKER_CONFIG, credential
+    helpers included) as compact base64url JSON, else `{}` (pulls stay anonymous)."""
+    try:
+        registry, _ = docker.auth.resolve_repository_name(image)
+        config = docker.auth.load_config(config_path)
+        creds = docker.auth.resolve_authconfig(config, registry) or {}
+    except docker.errors.DockerException as e:
+        raise CliError(
+            f"--with-registry-auth: cannot find the credentials for {image}: {e}"
+        ) from None
+    text = json.dumps({k: v for k, v in creds.items() if v is not None}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(text.encode()).decode("ascii")
+
+
+# ---- the commands' flags --------------------------------------------------------------------
+
+
+def _container_flags(p: argparse.ArgumentParser, update: bool) -> None:
+    """The ContainerSpec and Resources flags `create` and `update` share (docker's names)."""
+    unset = None if update else False
+    p.add_argument(
+        "--entrypoint", metavar="COMMAND", help="overwrite the image's ENTRYPOINT (shell words)"
+    )
+    p.add_argument("-u", "--user", help="username or UID (<name|uid>[:<group|gid>])")
+    p.add_argument("-w", "--workdir", help="working directory inside the container")
+    p.add_argument("--hostname", help="container hostname (templates: {{.Task.Slot}}, ...)")
+    p.add_argument(
+        "--init",
+        action=GoBool,
+        default=unset,
+        help="use an init inside the container (--init=false: none)",
+    )
+    p.add_argument(
+        "--read-only",
+        action=GoBool,
+        default=unset,
+        help="mount the root filesystem read-only (--read-only=false: writable)",
+    )
+    p.add_argument(
+        "-t",
+        "--tty",
+        action=GoBool,
+        default=unset,
+        help="allocate a pseudo-TTY (--tty=false: none)",
+    )
+    p.add_argument("--stop-signal", help="signal to stop the container (SIGTERM, TERM, 15)")
+    p.add_argument(
+        "--stop-grace-period", metavar="DURATION", help="time before a SIGKILL (default 10s)"
+    )
+    p.add_argument("--limit-cpu", metavar="DECIMAL", help="limit CPUs (0.5)")
+    p.add_argument("--limit-memory", metavar="BYTES", help="limit memory (64m, 1g)")
+    p.add_argument("--limit-pids", type=int, metavar="INT", help="limit processes (0: no limit)")
+    p.add_argument("--reserve-cpu", metavar="DECIMAL", help="reserve CPUs")
+    p.add_argument("--reserve-memory", metavar="BYTES", help="reserve memory")
+    p.add_argument("--restart-condition", choices=("any", "on-failure", "none"))
+    p.add_argument(
+        "--restart-delay", metavar="DURATION", help="delay between restarts (5s; plain: seconds)"
+    )
+    p.add_argument("--restart-max-attempts", type=int, metavar="UINT")
+    p.add_argument(
+        "--restart-window", metavar="DURATION", help="window evaluating the restart policy"
+    )
+    p.add_argument(
+        "--with-registry-auth",
+        action=GoBool,
+        default=False,
+        help="send the registry credentials of `docker login` to the nodes",
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("service", help="manage services")
-    s = p.add_subparsers(dest="service_command", metavar="COMMAND", required=True)
+    s = p.add_subparsers(
+        dest="service_command", metavar="COMMAND", required=True, parser_class=DockerFlagParser
+    )
     c = s.add_parser(
         "create",
         help="create a service",
@@ -32,17 +524,24 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "-p", "--publish", action="append", default=[], metavar="[PUBLISHED:]TARGET[/PROTO]"
     )
     c.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("-l", "--label", action="append", default=[], metavar="KEY[=VALUE]")
+    c.add_argument("--container-label", action="append", default=[], metavar="KEY[=VALUE]")
+    c.add_argument("--group", action="append", default=[], help="supplementary user group")
+    c.add_argument(
+        "--mount",
+        action="append",
+        default=[],
+        metavar="type=bind|volume|tmpfs,source=...,target=...[,readonly]",
+    )
     c.add_argument("--constraint", action="append", default=[], metavar="EXPR")
     c.add_argument("--network", action="append", default=[])
     c.add_argument("--endpoint-mode", choices=("vip", "dnsrr"), default="vip")
-    c.add_argument("--restart-condition", choices=("any", "on-failure", "none"))
-    c.add_argument("--restart-delay", type=float, help="seconds")
-    c.add_argument("--restart-max-attempts", type=int)
+    _container_flags(c, update=False)
     c.add_argument("--update-parallelism", type=int, help="tasks updated at once (0: all)")
     c.add_argument(
         "-d",
         "--detach",
-        action="store_true",
+        action=GoBool,
         help="return at once instead of waiting for the tasks to run",
     )
     c.add_argument("image", metavar="IMAGE")
@@ -62,7 +561,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     ps.set_defaults(func=cmd_ps)
     sc = s.add_parser("scale", help="set the number of replicas")
     sc.add_argument("pairs", nargs="+", metavar="SERVICE=REPLICAS")
-    sc.add_argument("-d", "--detach", action="store_true")
+    sc.add_argument("-d", "--detach", action=GoBool)
     sc.set_defaults(func=cmd_scale)
     up = s.add_parser(
         "update",
@@ -74,22 +573,35 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     up.add_argument("--replicas", type=int)
     up.add_argument("--env-add", action="append", default=[], metavar="KEY=VALUE")
     up.add_argument("--env-rm", action="append", default=[], metavar="KEY")
+    up.add_argument("--label-add", action="append", default=[], metavar="KEY[=VALUE]")
+    up.add_argument("--label-rm", action="append", default=[], metavar="KEY")
+    up.add_argument("--container-label-add", action="append", default=[], metavar="KEY[=VALUE]")
+    up.add_argument("--container-label-rm", action="append", default=[], metavar="KEY")
+    up.add_argument("--group-add", action="append", default=[], metavar="GROUP")
+    up.add_argument("--group-rm", action="append", default=[], metavar="GROUP")
+    up.add_argument("--mount-add", action="append", default=[], metavar="MOUNT")
+    up.add_argument("--mount-rm", action="append", default=[], metavar="TARGET")
     up.add_argument("--publish-add", action="append", default=[], metavar="[PUB:]TARGET[/PROTO]")
     up.add_argument("--publish-rm", action="append", default=[], metavar="TARGET[/PROTO]")
     up.add_argument("--constraint-add", action="append", default=[], metavar="EXPR")
     up.add_argument("--constraint-rm", action="append", default=[], metavar="EXPR")
+    _container_flags(up, update=True)
     up.add_argument("--update-parallelism", type=int)
-    up.add_argument(
-        "--force", action="store_true", help="replace the tasks even if nothing changed"
-    )
-    up.add_argument("-d", "--detach", action="store_true")
+    up.add_argument("--force", action=GoBool, help="replace the tasks even if nothing changed")
+    up.add_argument("-d", "--detach", action=GoBool)
     up.add_argument("service", metavar="SERVICE")
     up.set_defaults(func=cmd_update)
     lg = s.add_parser("logs", help="a service's logs")
     lg.add_argument("service", metavar="SERVICE")
-    lg.add_argument("-f", "--follow", action="store_true")
-    lg.add_argument("-t", "--timestamps", action="store_true")
+    lg.add_argument("-f", "--follow", action=GoBool)
+    lg.add_argument("-t", "--timestamps", action=GoBool)
     lg.add_argument("--tail", default="all")
+    lg.add_argument(
+        "--since",
+        metavar="TIME",
+        help='logs since a time ("2013-01-02T13:23:37Z", a Unix timestamp) or for a '
+        'duration ("42m": the last 42 minutes)',
+    )
     lg.set_defaults(func=cmd_logs)
     rm = s.add_parser("rm", help="remove services")
     rm.add_argument("services", nargs="+", metavar="SERVICE")
@@ -120,45 +632,169 @@ def parse_publish(text: str) -> dict[str, Any]:
     return port
 
 
-def cmd_create(args: argparse.Namespace) -> int:
-    client = connect(args.host)
+def _resources(args: argparse.Namespace) -> dict[str, Any]:
+    """TaskTemplate.Resources from the flags, as docker sends it: Limits and Reservations
+    always, with only the values set."""
+    limits: dict[str, Any] = {}
+    reservations: dict[str, Any] = {}
+    _set_resource(limits, "NanoCPUs", args.limit_cpu, "--limit-cpu")
+    _set_resource(limits, "MemoryBytes", args.limit_memory, "--limit-memory")
+    _set_resource(limits, "Pids", args.limit_pids, "--limit-pids")
+    _set_resource(reservations, "NanoCPUs", args.reserve_cpu, "--reserve-cpu")
+    _set_resource(reservations, "MemoryBytes", args.reserve_memory, "--reserve-memory")
+    return {"Limits": limits, "Reservations": reservations}
+
+
+def _set_resource(into: dict[str, Any], key: str, value: str | int | None, flag: str) -> None:
+    """One resource flag into Limits or Reservations: given 0 unsets it (docker's omitempty)."""
+    if value is None:
+        return
+    if isinstance(value, int):
+        if value < 0:
+            raise _invalid(str(value), flag, "must not be negative (0: no limit)")
+        number = value
+    elif key == "NanoCPUs":
+        number = parse_cpus(value, flag)
+    else:
+        number = parse_bytes(value, flag)
+    if number:
+        into[key] = number
+    else:
+        into.pop(key, None)
+
+
+def _restart_policy(args: argparse.Namespace, current: dict[str, Any] | None) -> dict[str, Any]:
+    """The restart policy with the flags applied; docker's defaults (any, 5s, 0 attempts) under
+    a policy the spec lacks."""
+    policy = dict(current) if current is not None else dict(DEFAULT_RESTART)
+    if args.restart_condition is not None:
+        policy["Condition"] = args.restart_condition
+    if args.restart_delay is not None:
+        policy["Delay"] = parse_duration(args.restart_delay, "--restart-delay", seconds=True)
+    if args.restart_max_attempts is not None:
+        if args.restart_max_attempts < 0:
+            raise _invalid(
+                str(args.restart_max_attempts), "--restart-max-attempts", "must not be negative"
+            )
+        policy["MaxAttempts"] = args.restart_max_attempts
+    if args.restart_window is not None:
+        policy["Window"] = parse_duration(args.restart_window, "--restart-window")
+    return policy
+
+
+def _restart_flags(args: argparse.Namespace) -> bool:
+    return any(
+        v is not None
+        for v in (
+            args.restart_condition,
+            args.restart_delay,
+            args.restart_max_attempts,
+            args.restart_window,
+        )
+    )
+
+
+def create_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The ServiceSpec `service create` sends, as the docker CLI builds it from the same flags.
+    Raises CliError for a bad value, naming its flag."""
+    _refuse_bad_flags(args)
     if args.mode == "global" and args.replicas is not None:
         raise CliError("replicas can only be used with replicated mode")
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
     container: dict[str, Any] = {"Image": args.image}
+    labels = _labels(args.container_label, "--container-label")
+    if labels:
+        container["Labels"] = labels
+    if args.entrypoint is not None:
+        entrypoint = _shell_words(args.entrypoint, "--entrypoint")
+        if entrypoint:
+            container["Command"] = entrypoint
     if cmd:
         container["Args"] = cmd
     if args.env:
         container["Env"] = args.env
+    for key, value in (
+        ("Hostname", args.hostname),
+        ("Dir", _workdir(args.workdir or "", "--workdir")),
+        ("User", args.user),
+    ):
+        if value:
+            container[key] = value
+    if args.group:
+        container["Groups"] = args.group
+    if args.tty:
+        container["TTY"] = True
+    if args.read_only:
+        container["ReadOnly"] = True
+    mounts = [parse_mount(m, "--mount") for m in args.mount]
+    if mounts:
+        container["Mounts"] = mounts
+    if args.stop_signal:
+        container["StopSignal"] = _stop_signal(args.stop_signal)
+    if args.stop_grace_period is not None:
+        container["StopGracePeriod"] = parse_duration(args.stop_grace_period, "--stop-grace-period")
+    container["Init"] = bool(args.init)  # docker sends it, false too
     template: dict[str, Any] = {"ContainerSpec": container}
+    template["Resources"] = _resources(args)
+    if _restart_flags(args):
+        template["RestartPolicy"] = _restart_policy(args, None)
     if args.constraint:
         template["Placement"] = {"Constraints": args.constraint}
-    restart: dict[str, Any] = {}
-    if args.restart_condition:
-        restart["Condition"] = args.restart_condition
-    if args.restart_delay is not None:
-        restart["Delay"] = int(args.restart_delay * 1e9)
-    if args.restart_max_attempts is not None:
-        restart["MaxAttempts"] = args.restart_max_attempts
-    if restart:
-        template["RestartPolicy"] = restart
     if args.network:
         template["Networks"] = [{"Target": n} for n in args.network]
-    update_config = (
-        {"Parallelism": args.update_parallelism} if args.update_parallelism is not None else None
-    )
-    mode = (
-        {"Global": {}}
-        if args.mode == "global"
-        else {"Replicated": {"Replicas": 1 if args.replicas is None else args.replicas}}
-    )
     endpoint: dict[str, Any] = {"Mode": args.endpoint_mode}
     ports = [parse_publish(p) for p in args.publish]
     if ports:
         endpoint["Ports"] = ports
-    result = client.create_service(
-        template, name=args.name, mode=mode, endpoint_spec=endpoint, update_config=update_config
-    )
+    spec: dict[str, Any] = {
+        "Name": args.name,
+        "Labels": _labels(args.label, "--label"),
+        "TaskTemplate": template,
+        "Mode": (
+            {"Global": {}}
+            if args.mode == "global"
+            else {"Replicated": {"Replicas": 1 if args.replicas is None else args.replicas}}
+        ),
+        "EndpointSpec": endpoint,
+    }
+    if args.update_parallelism is not None:
+        spec["UpdateConfig"] = {"Parallelism": args.update_parallelism}
+    return spec
+
+
+def _post(
+    client: Any,
+    spec: dict[str, Any],
+    path: str,
+    *path_args: str,
+    params: dict[str, Any] | None = None,
+    auth: str | None = None,
+) -> dict[str, Any]:
+    """POST a ServiceSpec as the docker CLI does: the spec as given, X-Registry-Auth only when
+    asked (the SDK's create_service and update_service would send whatever `docker login`
+    stored, and rebuild the spec)."""
+    headers = {"X-Registry-Auth": auth} if auth else {}
+    url = client._url(path, *path_args)
+    resp = client._post_json(url, data=spec, params=params or {}, headers=headers)
+    client._raise_for_status(resp)
+    if not resp.content.strip():
+        return {}
+    result: dict[str, Any] = resp.json()
+    return result
+
+
+def _print_warnings(result: dict[str, Any]) -> None:
+    """The API's Warnings on stderr, as the docker CLI prints them (before the ID)."""
+    for warning in result.get("Warnings") or ():
+        print(warning, file=sys.stderr)
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    spec = create_spec(args)
+    auth = registry_auth(args.image) if args.with_registry_auth else None
+    client = connect(args.host)
+    result = _post(client, spec, "/services/create", auth=auth)
+    _print_warnings(result)
     service_id = result["ID"]
     print(service_id)
     if not args.detach:
@@ -259,22 +895,27 @@ def cmd_ps(args: argparse.Namespace) -> int:
     return 0
 
 
-def _push(client: Any, svc: dict[str, Any], spec: dict[str, Any]) -> None:
-    """Send a changed spec, as of the version read (a concurrent change is refused)."""
-    client.update_service(
+def _push(
+    client: Any,
+    svc: dict[str, Any],
+    spec: dict[str, Any],
+    auth: str | None = None,
+    params: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Send a changed spec, as of the version read (a concurrent change is refused); the rest of
+    the spec goes back as it was read. Returns the answer (its Warnings)."""
+    return _post(
+        client,
+        spec,
+        "/services/{0}/update",
         svc["ID"],
-        svc["Version"]["Index"],
-        task_template=spec["TaskTemplate"],
-        name=spec["Name"],
-        labels=spec.get("Labels"),
-        mode=spec["Mode"],
-        update_config=spec.get("UpdateConfig"),
-        endpoint_spec=spec.get("EndpointSpec"),
-        fetch_current_spec=False,
+        params={"version": svc["Version"]["Index"], **(params or {})},
+        auth=auth,
     )
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
+    _refuse_bad_flags(args)
     client = connect(args.host)
     failed = False
     for pair in args.pairs:
@@ -287,7 +928,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
                 raise CliError(f"scale can only be used with replicated mode ({name} is global)")
             spec = svc["Spec"]
             spec["Mode"] = {"Replicated": {"Replicas": int(count)}}
-            _push(client, svc, spec)
+            _print_warnings(_push(client, svc, spec))
             print(f"{name} scaled to {count}")
             if not args.detach:
                 converge(client, svc["ID"])
@@ -297,19 +938,97 @@ def cmd_scale(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _set(into: dict[str, Any], key: str, value: Any) -> None:
+    """Set a field, or drop it when empty (what docker's omitempty sends)."""
+    if value in (None, "", [], {}, False):
+        into.pop(key, None)
+    else:
+        into[key] = value
+
+
+def _update_labels(into: dict[str, Any], add: list[str], rm: list[str], flag: str) -> None:
+    """docker's updateLabels: remove the keys, then add (or replace)."""
+    if not add and not rm:
+        return
+    labels = dict(into.get("Labels") or {})
+    for key in rm:
+        labels.pop(key, None)
+    labels.update(_labels(add, flag))
+    into["Labels"] = labels
+
+
+def _update_mounts(container: dict[str, Any], add: list[str], rm: list[str]) -> None:
+    """docker's updateMounts: added ones replace those with their target, removed by target,
+    sorted by source then target."""
+    if not add and not rm:
+        return
+    by_target: dict[str, dict[str, Any]] = {}
+    for text in add:
+        mount = parse_mount(text, "--mount-add")
+        if mount["Target"] in by_target:
+            raise _invalid(text, "--mount-add", f"duplicate mount target {mount['Target']}")
+        by_target[mount["Target"]] = mount
+    for mount in container.get("Mounts") or ():
+        by_target.setdefault(mount.get("Target", ""), mount)
+    gone = set(rm)
+    mounts = [m for target, m in by_target.items() if target not in gone]
+    mounts.sort(key=lambda m: (m.get("Source", ""), m.get("Target", "")))
+    _set(container, "Mounts", mounts)
+
+
+def _update_resources(args: argparse.Namespace, template: dict[str, Any]) -> None:
+    """docker's: a changed limit (or reservation) flag changes only that value; Resources,
+    Limits and Reservations are made if missing."""
+    limit_flags = (args.limit_cpu, args.limit_memory, args.limit_pids)
+    reserve_flags = (args.reserve_cpu, args.reserve_memory)
+    if all(v is None for v in (*limit_flags, *reserve_flags)):
+        return
+    res = dict(template.get("Resources") or {})
+    res["Limits"] = limits = dict(res.get("Limits") or {})
+    res["Reservations"] = reservations = dict(res.get("Reservations") or {})
+    _set_resource(limits, "NanoCPUs", args.limit_cpu, "--limit-cpu")
+    _set_resource(limits, "MemoryBytes", args.limit_memory, "--limit-memory")
+    _set_resource(limits, "Pids", args.limit_pids, "--limit-pids")
+    _set_resource(reservations, "NanoCPUs", args.reserve_cpu, "--reserve-cpu")
+    _set_resource(reservations, "MemoryBytes", args.reserve_memory, "--reserve-memory")
+    template["Resources"] = res
+
+
 def _updated_spec(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
-    """The service's spec with the command line's changes applied (docker's semantics)."""
-    template = spec["TaskTemplate"]
-    container = template["ContainerSpec"]
+    """The service's spec with the command line's changes applied (docker's semantics): only
+    what a flag names changes, the rest stays as read."""
+    _refuse_bad_flags(args)
+    template = spec.setdefault("TaskTemplate", {})
+    container = template.setdefault("ContainerSpec", {})
+    _update_labels(spec, args.label_add, args.label_rm, "--label-add")
+    _update_labels(
+        container, args.container_label_add, args.container_label_rm, "--container-label-add"
+    )
     if args.image:
         container["Image"] = args.image
     if args.args is not None:
-        container["Args"] = shlex.split(args.args)
+        _set(container, "Args", _shell_words(args.args, "--args"))
+    if args.entrypoint is not None:
+        _set(container, "Command", _shell_words(args.entrypoint, "--entrypoint"))
     if args.env_add or args.env_rm:
         added = {e.split("=", 1)[0] for e in args.env_add}
         gone = set(args.env_rm) | added
         env = [e for e in container.get("Env") or [] if e.split("=", 1)[0] not in gone]
         container["Env"] = env + args.env_add
+    if args.workdir is not None:
+        _set(container, "Dir", _workdir(args.workdir, "--workdir"))
+    if args.user is not None:
+        _set(container, "User", args.user)
+    if args.hostname is not None:
+        _set(container, "Hostname", args.hostname)
+    if args.init is not None:
+        container["Init"] = args.init  # a pointer in docker's spec: false is sent
+    _update_mounts(container, args.mount_add, args.mount_rm)
+    _update_resources(args, template)
+    if args.stop_grace_period is not None:
+        container["StopGracePeriod"] = parse_duration(args.stop_grace_period, "--stop-grace-period")
+    if _restart_flags(args):
+        template["RestartPolicy"] = _restart_policy(args, template.get("RestartPolicy"))
     if args.constraint_add or args.constraint_rm:
         placement = template.setdefault("Placement", {})
         kept = [c for c in placement.get("Constraints") or [] if c not in args.constraint_rm]
@@ -318,6 +1037,9 @@ def _updated_spec(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, A
         if "Replicated" not in spec["Mode"]:
             raise CliError("replicas can only be used with replicated mode")
         spec["Mode"] = {"Replicated": {"Replicas": args.replicas}}
+    if args.group_add or args.group_rm:
+        groups = [*(container.get("Groups") or []), *args.group_add]
+        _set(container, "Groups", sorted(g for g in groups if g not in set(args.group_rm)))
     if args.publish_add or args.publish_rm:
         endpoint = spec.setdefault("EndpointSpec", {})
         ports = endpoint.get("Ports") or []
@@ -335,14 +1057,27 @@ def _updated_spec(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, A
         spec.setdefault("UpdateConfig", {})["Parallelism"] = args.update_parallelism
     if args.force:
         template["ForceUpdate"] = int(template.get("ForceUpdate") or 0) + 1
+    if args.tty is not None:
+        _set(container, "TTY", args.tty)
+    if args.read_only is not None:
+        _set(container, "ReadOnly", args.read_only)
+    if args.stop_signal is not None:
+        _set(container, "StopSignal", _stop_signal(args.stop_signal))
     return spec
 
 
 def cmd_update(args: argparse.Namespace) -> int:
+    _refuse_bad_flags(args)
     client = connect(args.host)
     svc = client.inspect_service(args.service)
     spec = _updated_spec(args, svc["Spec"])
-    _push(client, svc, spec)
+    if args.with_registry_auth:
+        # the image as updated (or the service's own): its registry's credentials
+        auth = registry_auth(spec["TaskTemplate"]["ContainerSpec"]["Image"])
+        result = _push(client, svc, spec, auth=auth)
+    else:  # the service keeps the credentials it has, as docker asks
+        result = _push(client, svc, spec, params={"registryAuthFrom": "spec"})
+    _print_warnings(result)
     print(args.service)
     if not args.detach:
         converge(client, svc["ID"])
@@ -350,6 +1085,8 @@ def cmd_update(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
+    _refuse_bad_flags(args)
+    since = parse_since(args.since) if args.since else 0
     client = connect(args.host)
     svc = client.inspect_service(args.service)
     tail: int | str = int(args.tail) if str(args.tail).isdigit() else "all"
@@ -361,6 +1098,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
         follow=args.follow,
         stdout=True,
         stderr=True,
+        since=since,
         timestamps=args.timestamps,
         tail=tail,
     ):

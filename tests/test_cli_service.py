@@ -1,0 +1,920 @@
+"""`shoal service create | update | logs`: docker CLI 20.10's flags and the JSON they make.
+
+The expected specs are what Debian's docker 20.10.24 (`/usr/bin/docker`) posted for the same
+command lines to a socket recording them, less the empty fields it adds (`"Placement": {}`,
+`"DNSConfig": {}`, `"ForceUpdate": 0`) and with `"Replicas": 1` where it leaves the default
+to the engine. Nothing here starts a daemon: the parser and the spec builders are called, and
+a stand-in client records what would be posted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.api.convert import node_json
+from orchestrator.api.docker import canonical
+from orchestrator.cli import service
+from orchestrator.cli.client import CliError
+from orchestrator.cli.main import build_parser
+from orchestrator.cli.service import (
+    SECOND,
+    _updated_spec,
+    create_spec,
+    go_duration,
+    parse_bytes,
+    parse_cpus,
+    parse_duration,
+    parse_mount,
+    parse_since,
+    ram_in_bytes,
+    registry_auth,
+)
+from orchestrator.manager.spec import normalize_service_spec
+from orchestrator.store.objects import Node
+
+MIB = 1 << 20
+
+
+def args_of(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["service", *argv])
+
+
+def created(*flags: str, image: str = "alpine:3") -> dict[str, Any]:
+    return create_spec(args_of("create", "--name", "web", *flags, image))
+
+
+def refused(fn: Any, *args: Any) -> str:
+    with pytest.raises(CliError) as e:
+        fn(*args)
+    return str(e.value)
+
+
+# ---- create ---------------------------------------------------------------------------------
+
+
+def test_create_every_new_flag_makes_dockers_json() -> None:
+    args = args_of(
+        "create", "--name", "web", "-d",
+        "--entrypoint", "/bin/sh -c",
+        "-u", "nobody:nogroup",
+        "-w", "/srv",
+        "--hostname", "{{.Service.Name}}-{{.Task.Slot}}",
+        "--group", "audio", "--group", "video",
+        "--mount", "type=bind,src=/etc,dst=/host/etc,ro,bind-propagation=rslave",
+        "--mount", "type=volume,source=data,target=/data,volume-nocopy,volume-label=a=b,"
+        "volume-driver=local,volume-opt=type=tmpfs",
+        "--mount", "type=tmpfs,target=/tmp,tmpfs-size=64m,tmpfs-mode=1770",
+        "--read-only", "--init", "--stop-signal", "SIGUSR1", "--stop-grace-period", "1m30s",
+        "-t", "--limit-cpu", "0.5", "--limit-memory", "64m",
+        "--reserve-memory", "512k", "--reserve-cpu", "0.25",
+        "-l", "a=b", "-l", "c", "--container-label", "x=y",
+        "--with-registry-auth", "--restart-window", "10m",
+        "--init=false",  # the last one wins, as with pflag
+        "redis:7", "redis-server", "--appendonly", "yes",
+    )  # fmt: skip
+    assert args.with_registry_auth is True and args.detach is True
+    assert create_spec(args) == {
+        "Name": "web",
+        "Labels": {"a": "b", "c": ""},
+        "TaskTemplate": {
+            "ContainerSpec": {
+                "Image": "redis:7",
+                "Labels": {"x": "y"},
+                "Command": ["/bin/sh", "-c"],
+                "Args": ["redis-server", "--appendonly", "yes"],
+                "Hostname": "{{.Service.Name}}-{{.Task.Slot}}",
+                "Dir": "/srv",
+                "User": "nobody:nogroup",
+                "Groups": ["audio", "video"],
+                "TTY": True,
+                "ReadOnly": True,
+                "Mounts": [
+                    {
+                        "Type": "bind",
+                        "Source": "/etc",
+                        "Target": "/host/etc",
+                        "ReadOnly": True,
+                        "BindOptions": {"Propagation": "rslave"},
+                    },
+                    {
+                        "Type": "volume",
+                        "Source": "data",
+                        "Target": "/data",
+                        "VolumeOptions": {
+                            "NoCopy": True,
+                            "Labels": {"a": "b"},
+                            "DriverConfig": {"Name": "local", "Options": {"type": "tmpfs"}},
+                        },
+                    },
+                    {
+                        "Type": "tmpfs",
+                        "Target": "/tmp",
+                        "TmpfsOptions": {"SizeBytes": 64 * MIB, "Mode": 0o1770},
+                    },
+                ],
+                "StopSignal": "SIGUSR1",
+                "StopGracePeriod": 90 * SECOND,
+                "Init": False,
+            },
+            "Resources": {
+                "Limits": {"NanoCPUs": SECOND // 2, "MemoryBytes": 64 * MIB},
+                "Reservations": {"NanoCPUs": SECOND // 4, "MemoryBytes": 512 * 1024},
+            },
+            "RestartPolicy": {
+                "Condition": "any",
+                "Delay": 5 * SECOND,
+                "MaxAttempts": 0,
+                "Window": 600 * SECOND,
+            },
+        },
+        "Mode": {"Replicated": {"Replicas": 1}},
+        "EndpointSpec": {"Mode": "vip"},
+    }
+
+
+def test_the_api_takes_what_create_and_update_send() -> None:
+    spec = created(
+        "--entrypoint", "sh -c", "-u", "1:1", "-w", "/w", "--hostname", "{{.Task.Slot}}",
+        "--group", "g", "--mount", "type=bind,src=/srv,dst=/srv,ro,bind-propagation=rshared",
+        "--mount", "src=data,dst=/data,volume-label=a=b,volume-opt=o=1,volume-nocopy",
+        "--mount", "type=tmpfs,dst=/tmp,tmpfs-size=1m,tmpfs-mode=700", "--read-only",
+        "--init", "-t", "--stop-signal", "USR1", "--stop-grace-period", "3s",
+        "--limit-cpu", "1", "--limit-memory", "64m", "--limit-pids", "9", "--reserve-cpu",
+        "0.5", "--reserve-memory", "32m", "-l", "a=b", "--container-label", "c=d",
+        "--restart-window", "1m",
+    )  # fmt: skip
+    stored_spec = normalize_service_spec(canonical(json.loads(json.dumps(spec))))
+    assert stored_spec["TaskTemplate"] == spec["TaskTemplate"]
+    again = _updated_spec(args_of("update", "--mount-rm", "/srv", "--init=false", "web"), spec)
+    normalize_service_spec(again)
+
+
+def test_create_without_the_new_flags_sends_what_docker_does() -> None:
+    assert created() == {
+        "Name": "web",
+        "Labels": {},
+        "TaskTemplate": {
+            "ContainerSpec": {"Image": "alpine:3", "Init": False},
+            "Resources": {"Limits": {}, "Reservations": {}},
+        },
+        "Mode": {"Replicated": {"Replicas": 1}},
+        "EndpointSpec": {"Mode": "vip"},
+    }
+
+
+def test_create_entrypoint_is_shell_split_and_empty_sends_none() -> None:
+    cs = created("--entrypoint", "/bin/sh -c 'echo hi'")["TaskTemplate"]["ContainerSpec"]
+    assert cs["Command"] == ["/bin/sh", "-c", "echo hi"]
+    assert "Command" not in created("--entrypoint", "")["TaskTemplate"]["ContainerSpec"]
+    message = refused(created, "--entrypoint", "sh -c 'unclosed")
+    assert message.startswith('invalid argument "sh -c \'unclosed" for "--entrypoint" flag:')
+
+
+def test_create_resources_restart_and_pids() -> None:
+    tt = created(
+        "--limit-cpu", "1.25", "--limit-memory", "1g", "--limit-pids", "50",
+        "--reserve-cpu", "1/4", "--reserve-memory", "100",
+        "--restart-delay", "2s", "--restart-max-attempts", "3",
+        "--restart-condition", "on-failure",
+    )["TaskTemplate"]  # fmt: skip
+    assert tt["Resources"] == {
+        "Limits": {"NanoCPUs": 1_250_000_000, "MemoryBytes": 1 << 30, "Pids": 50},
+        "Reservations": {"NanoCPUs": 250_000_000, "MemoryBytes": 100},
+    }
+    assert tt["RestartPolicy"] == {
+        "Condition": "on-failure",
+        "Delay": 2 * SECOND,
+        "MaxAttempts": 3,
+    }
+    # shoal took --restart-delay in seconds before it took durations: a plain number still is
+    policy = created("--restart-delay", "0.2")["TaskTemplate"]["RestartPolicy"]
+    assert policy["Delay"] == SECOND // 5
+    assert "Limits" in created("--limit-cpu", "0")["TaskTemplate"]["Resources"]
+    assert created("--limit-cpu", "0")["TaskTemplate"]["Resources"]["Limits"] == {}
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ("--limit-memory", "12x"),
+            'invalid argument "12x" for "--limit-memory" flag: invalid size: \'12x\'',
+        ),
+        (
+            ("--reserve-memory", "-1"),
+            'invalid argument "-1" for "--reserve-memory" flag: invalid size: \'-1\'',
+        ),
+        (
+            ("--limit-cpu", "abc"),
+            'invalid argument "abc" for "--limit-cpu" flag: failed to parse abc as a rational '
+            "number",
+        ),
+        (
+            ("--reserve-cpu", "0.0000000001"),
+            'invalid argument "0.0000000001" for "--reserve-cpu" flag: value is too precise',
+        ),
+        (
+            ("--limit-cpu=-1",),
+            'invalid argument "-1" for "--limit-cpu" flag: the number of CPUs cannot be negative',
+        ),
+        (
+            ("--limit-pids", "-3"),
+            'invalid argument "-3" for "--limit-pids" flag: must not be negative',
+        ),
+        (
+            ("--stop-grace-period", "10"),
+            'invalid argument "10" for "--stop-grace-period" flag: time: missing unit in '
+            'duration "10"',
+        ),
+        (
+            ("--stop-grace-period", "-5s"),  # a value, as pflag takes it
+            'invalid argument "-5s" for "--stop-grace-period" flag: duration cannot be negative',
+        ),
+        (
+            ("--restart-window", "5"),
+            'invalid argument "5" for "--restart-window" flag: time: missing unit in duration',
+        ),
+        (
+            ("--restart-delay", "1x"),
+            'invalid argument "1x" for "--restart-delay" flag: time: unknown unit "x" in '
+            'duration "1x"',
+        ),
+        (
+            ("--read-only=maybe",),
+            'invalid argument "maybe" for "--read-only" flag: strconv.ParseBool: parsing '
+            '"maybe": invalid syntax',
+        ),
+        (
+            ("-t=yes",),
+            'invalid argument "yes" for "-t" flag: strconv.ParseBool',
+        ),
+        (
+            ("--with-registry-auth=2",),
+            'invalid argument "2" for "--with-registry-auth" flag',
+        ),
+        (
+            ("-w", "srv"),
+            'invalid argument "srv" for "--workdir" flag: the working directory must be an '
+            "absolute path",
+        ),
+        (
+            ("--stop-signal", "SIGFOO"),
+            'invalid argument "SIGFOO" for "--stop-signal" flag: invalid signal \'SIGFOO\'',
+        ),
+        (
+            ("-l", "=x"),
+            'invalid argument "=x" for "--label" flag: invalid label \'=x\': empty name',
+        ),
+        (
+            ("--container-label", "a b=1"),
+            'invalid argument "a b=1" for "--container-label" flag: label \'a b\' contains '
+            "whitespaces",
+        ),
+        (
+            ("--mount", "type=bind"),
+            'invalid argument "type=bind" for "--mount" flag: target is required',
+        ),
+    ],
+)
+def test_create_refuses_bad_values_naming_the_flag(flags: tuple[str, ...], message: str) -> None:
+    assert refused(created, *flags).startswith(message)
+
+
+def test_bad_values_are_refused_before_connecting(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_daemon(host: str | None) -> Any:
+        raise AssertionError("connected")
+
+    monkeypatch.setattr(service, "connect", no_daemon)
+    args = args_of("create", "--name", "web", "--limit-memory", "lots", "alpine")
+    assert "--limit-memory" in refused(args.func, args)
+    args = args_of("logs", "--since", "yesterday", "web")
+    assert "--since" in refused(args.func, args)
+
+
+def test_booleans_take_pflag_values_only_before_the_image() -> None:
+    args = args_of(
+        "create", "--name", "web", "--read-only=false", "--init=1", "-t=F", "-d=true",
+        "alpine", "sh", "--init=false", "-t",
+    )  # fmt: skip
+    assert (args.read_only, args.init, args.tty, args.detach) == (False, True, False, True)
+    cs = create_spec(args)["TaskTemplate"]["ContainerSpec"]
+    assert cs["Args"] == ["sh", "--init=false", "-t"]
+    assert "ReadOnly" not in cs and "TTY" not in cs and cs["Init"] is True
+    # a flag's value that looks like a boolean flag is the value
+    args = args_of("create", "--name", "web", "--hostname", "--init", "alpine")
+    assert args.hostname == "--init" and args.init is False
+    # short booleans bundled, as pflag takes them
+    args = args_of("create", "--name", "web", "-td", "alpine")
+    assert args.tty is True and args.detach is True
+
+
+def test_create_posts_the_spec_prints_warnings_then_the_id(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    client = RecordingClient({"ID": "svc1", "Warnings": ["image redis:7 could not be pinned"]})
+    monkeypatch.setattr(service, "connect", lambda host: client)
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
+    write_docker_config(tmp_path)
+    args = args_of("create", "--name", "web", "-d", "--mount", "type=tmpfs,dst=/t", "redis:7")
+    assert args.func(args) == 0
+    (url, spec, params, headers), *_ = client.posts
+    assert url == "/services/create" and spec == create_spec(args) and not params
+    assert "X-Registry-Auth" not in headers  # docker sends credentials only when asked
+    out, err = capsys.readouterr()
+    assert out == "svc1\n" and err == "image redis:7 could not be pinned\n"
+
+    args = args_of("create", "--name", "web", "-d", "--with-registry-auth", "redis:7")
+    args.func(args)
+    assert decoded(client.posts[-1][3]["X-Registry-Auth"]) == {
+        "username": "hubuser",
+        "password": "hubpass",
+        "serveraddress": "https://index.docker.io/v1/",
+    }
+
+
+# ---- --mount --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "mount"),
+    [
+        ("src=vol,dst=/v", {"Type": "volume", "Source": "vol", "Target": "/v"}),
+        (
+            "type=bind,source=/a,target=/b,readonly=false",
+            {"Type": "bind", "Source": "/a", "Target": "/b"},
+        ),
+        (
+            "type=volume,target=/anon,volume-nocopy=false",
+            {"Type": "volume", "Target": "/anon", "VolumeOptions": {"DriverConfig": {}}},
+        ),
+        (
+            "Type=BIND,Source=/x,Destination=/y,ro=1,bind-propagation=RSHARED",
+            {
+                "Type": "bind",
+                "Source": "/x",
+                "Target": "/y",
+                "ReadOnly": True,
+                "BindOptions": {"Propagation": "rshared"},
+            },
+        ),
+        (
+            '"type=volume",target=/q,"volume-opt=o=addr=1.2.3.4,rw",volume-label=flag',
+            {
+                "Type": "volume",
+                "Target": "/q",
+                "VolumeOptions": {
+                    "Labels": {"flag": ""},
+                    "DriverConfig": {"Options": {"o": "addr=1.2.3.4,rw"}},
+                },
+            },
+        ),
+        (
+            "type=tmpfs,destination=/t,tmpfs-size=1.5g,tmpfs-mode=0700",
+            {
+                "Type": "tmpfs",
+                "Target": "/t",
+                "TmpfsOptions": {"SizeBytes": 3 << 29, "Mode": 0o700},
+            },
+        ),
+        (
+            "type=volume,target=/c,consistency=Cached",
+            {"Type": "volume", "Target": "/c", "Consistency": "cached"},
+        ),
+    ],
+)
+def test_mount_csv_syntax(text: str, mount: dict[str, Any]) -> None:
+    assert parse_mount(text) == mount
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("", "target is required"),
+        ("type=,target=/x", "type is required"),
+        ("type=npipe,target=/x", 'invalid mount type "npipe": use bind, volume or tmpfs'),
+        ("type=bind,src=/a,target=rel", "the target must be an absolute path"),
+        ("target=/x,foo=bar", "unexpected key 'foo' in 'foo=bar'"),
+        ("target=/x,source", "invalid field 'source' must be a key=value pair"),
+        ("target=/x,ro=maybe", "invalid value for ro: maybe"),
+        ("target=/x,volume-nocopy=2", "invalid value for volume-nocopy: 2"),
+        ("type=tmpfs,target=/x,tmpfs-mode=9", "invalid value for tmpfs-mode: 9"),
+        ("type=tmpfs,target=/x,tmpfs-size=big", "invalid value for tmpfs-size: big"),
+        ("type=bind,src=/a,target=/x,bind-propagation=up", 'invalid bind-propagation "up"'),
+        (
+            "type=bind,src=/a,target=/x,volume-nocopy",
+            "cannot mix 'volume-*' options with mount type 'bind'",
+        ),
+        (
+            "type=volume,target=/x,bind-propagation=shared",
+            "cannot mix 'bind-*' options with mount type 'volume'",
+        ),
+        ("target=/x,tmpfs-size=1m", "cannot mix 'tmpfs-*' options with mount type 'volume'"),
+        ('target=/x,"src=a"b', "not a comma-separated list"),
+    ],
+)
+def test_mount_refusals(text: str, reason: str) -> None:
+    message = refused(parse_mount, text, "--mount-add")
+    assert message.startswith(f'invalid argument {json.dumps(text)} for "--mount-add" flag: ')
+    assert reason in message
+
+
+# ---- durations, sizes, CPUs -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "ns"),
+    [
+        ("0", 0),
+        ("10s", 10 * SECOND),
+        ("1m30s", 90 * SECOND),
+        ("500ms", SECOND // 2),
+        ("1.5h", 5400 * SECOND),
+        ("1h30m", 5400 * SECOND),
+        ("2us", 2000),
+        ("2\u00b5s", 2000),
+        ("3ns", 3),
+        (".5s", SECOND // 2),
+        ("1.s", SECOND),
+        ("-2m", -120 * SECOND),
+        ("+1h1s", 3601 * SECOND),
+        ("1.0000000001s", SECOND),  # Go drops what is below a nanosecond
+    ],
+)
+def test_go_durations(text: str, ns: int) -> None:
+    assert go_duration(text) == ns
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("", 'time: invalid duration ""'),
+        ("10", 'time: missing unit in duration "10"'),
+        ("1x", 'time: unknown unit "x" in duration "1x"'),
+        ("s", 'time: invalid duration "s"'),
+        (".s", 'time: invalid duration ".s"'),
+        ("1h-2m", 'time: unknown unit "h-" in duration "1h-2m"'),
+        ("3000000h", 'time: invalid duration "3000000h"'),
+    ],
+)
+def test_go_duration_errors(text: str, error: str) -> None:
+    with pytest.raises(ValueError) as e:
+        go_duration(text)
+    assert str(e.value) == error
+
+
+def test_duration_flags() -> None:
+    assert parse_duration("1m", "--stop-grace-period") == 60 * SECOND
+    assert "--restart-window" in refused(parse_duration, "10", "--restart-window")
+    assert parse_duration("10", "--restart-delay", seconds=True) == 10 * SECOND
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("0", 0),
+        ("100", 100),
+        ("512k", 512 << 10),
+        ("64m", 64 << 20),
+        ("64M", 64 << 20),
+        ("64mb", 64 << 20),
+        ("64 MiB", 64 << 20),
+        ("1g", 1 << 30),
+        ("1.5g", 3 << 29),
+        ("2t", 2 << 40),
+        ("7b", 7),
+    ],
+)
+def test_sizes_are_dockers_binary_units(text: str, size: int) -> None:
+    assert ram_in_bytes(text) == size
+    assert parse_bytes(text, "--limit-memory") == size
+
+
+@pytest.mark.parametrize("text", ["", "m", "-1", "1.2.3", "12x", "1 g b", "1e3", "64  m"])
+def test_bad_sizes(text: str) -> None:
+    assert refused(parse_bytes, text, "--reserve-memory").startswith(
+        f'invalid argument {json.dumps(text)} for "--reserve-memory" flag: invalid size'
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "nano"),
+    [("0.5", 500_000_000), ("2", 2 * SECOND), ("1/4", 250_000_000), ("1e-3", 1_000_000),
+     (".001", 1_000_000), ("0", 0)],
+)  # fmt: skip
+def test_cpus(text: str, nano: int) -> None:
+    assert parse_cpus(text, "--limit-cpu") == nano
+
+
+@pytest.mark.parametrize("text", ["", "abc", "1/0", "0x10", "1,5", "nan", "inf", "1_0"])
+def test_bad_cpus(text: str) -> None:
+    assert refused(parse_cpus, text, "--reserve-cpu").startswith(
+        f'invalid argument {json.dumps(text)} for "--reserve-cpu" flag: failed to parse'
+    )
+
+
+# ---- update ---------------------------------------------------------------------------------
+
+
+def stored() -> dict[str, Any]:
+    """A service's spec as the API returns it."""
+    return {
+        "Name": "web",
+        "Labels": {"keep": "1", "old": "1"},
+        "TaskTemplate": {
+            "ContainerSpec": {
+                "Image": "alpine:3@sha256:" + "a" * 64,
+                "Args": ["sleep", "1d"],
+                "Env": ["A=1"],
+                "Labels": {"c": "1", "d": "1"},
+                "Groups": ["b", "a"],
+                "Mounts": [
+                    {"Type": "volume", "Source": "zz", "Target": "/z"},
+                    {"Type": "bind", "Source": "/a", "Target": "/old"},
+                ],
+                "User": "app",
+                "ReadOnly": True,
+                "TTY": True,
+                "Init": True,
+                "StopSignal": "SIGINT",
+                "Healthcheck": {"Test": ["NONE"]},
+            },
+            "Resources": {"Limits": {"NanoCPUs": SECOND, "MemoryBytes": 64 * MIB}},
+            "RestartPolicy": {"Condition": "none", "Delay": SECOND, "MaxAttempts": 1},
+            "Placement": {"Constraints": ["node.role==worker"]},
+            "ForceUpdate": 2,
+        },
+        "Mode": {"Replicated": {"Replicas": 3}},
+        "UpdateConfig": {"Parallelism": 2, "Order": "start-first"},
+        "RollbackConfig": {"Parallelism": 1},
+        "EndpointSpec": {"Mode": "vip", "Ports": [{"Protocol": "tcp", "TargetPort": 80}]},
+    }
+
+
+def updated(*flags: str) -> dict[str, Any]:
+    return _updated_spec(args_of("update", *flags, "web"), stored())
+
+
+def test_update_without_flags_sends_the_spec_back_as_read() -> None:
+    assert updated() == stored()
+    assert updated("-d", "--with-registry-auth") == stored()
+
+
+def test_update_changes_only_what_is_named() -> None:
+    spec = updated(
+        "--entrypoint", "sh -c",
+        "-u", "root", "-w", "/srv", "--hostname", "{{.Node.Hostname}}",
+        "--mount-add", "type=tmpfs,target=/t",
+        "--mount-add", "type=bind,src=/a,target=/z",  # replaces the volume on /z
+        "--mount-rm", "/old",
+        "--read-only=false", "--init=false", "-t=0",
+        "--stop-signal", "SIGTERM", "--stop-grace-period", "20s",
+        "--limit-memory", "1g", "--reserve-cpu", "0.1",
+        "--label-add", "new=2", "--label-rm", "old", "--label-add", "keep=2",
+        "--container-label-add", "e=2", "--container-label-rm", "c",
+        "--group-add", "c", "--group-rm", "b",
+        "--restart-window", "1m",
+    )  # fmt: skip
+    want = stored()
+    want["Labels"] = {"keep": "2", "new": "2"}
+    cs = want["TaskTemplate"]["ContainerSpec"]
+    cs.update(
+        Command=["sh", "-c"],
+        User="root",
+        Dir="/srv",
+        Hostname="{{.Node.Hostname}}",
+        Init=False,
+        StopSignal="SIGTERM",
+        StopGracePeriod=20 * SECOND,
+        Labels={"d": "1", "e": "2"},
+        Groups=["a", "c"],
+        Mounts=[  # docker's order: by source, then target
+            {"Type": "tmpfs", "Target": "/t"},
+            {"Type": "bind", "Source": "/a", "Target": "/z"},
+        ],
+    )
+    del cs["ReadOnly"], cs["TTY"]
+    want["TaskTemplate"]["Resources"] = {
+        "Limits": {"NanoCPUs": SECOND, "MemoryBytes": 1 << 30},
+        "Reservations": {"NanoCPUs": 100_000_000},
+    }
+    want["TaskTemplate"]["RestartPolicy"]["Window"] = 60 * SECOND
+    assert spec == want
+
+
+def test_update_clears_and_fills_in_as_docker_does() -> None:
+    spec = updated("--entrypoint", "", "-u", "", "--stop-signal", "", "--limit-cpu", "0")
+    cs = spec["TaskTemplate"]["ContainerSpec"]
+    assert "Command" not in cs and "User" not in cs and "StopSignal" not in cs
+    assert spec["TaskTemplate"]["Resources"]["Limits"] == {"MemoryBytes": 64 * MIB}
+    bare = {
+        "Name": "web",
+        "TaskTemplate": {"ContainerSpec": {"Image": "alpine"}},
+        "Mode": {"Replicated": {"Replicas": 1}},
+    }
+    spec = _updated_spec(
+        args_of("update", "--restart-max-attempts", "4", "--limit-pids", "20", "--init", "web"),
+        copy.deepcopy(bare),
+    )
+    assert spec["TaskTemplate"] == {
+        "ContainerSpec": {"Image": "alpine", "Init": True},
+        "Resources": {"Limits": {"Pids": 20}, "Reservations": {}},
+        "RestartPolicy": {"Condition": "any", "Delay": 5 * SECOND, "MaxAttempts": 4},
+    }
+    spec = _updated_spec(args_of("update", "--group-rm", "x", "--mount-rm", "/n", "web"), bare)
+    assert spec["TaskTemplate"]["ContainerSpec"] == {"Image": "alpine"}
+
+
+def test_update_refusals() -> None:
+    message = refused(updated, "--mount-add", "type=tmpfs,target=/t", "--mount-add", "dst=/t")
+    assert message == 'invalid argument "dst=/t" for "--mount-add" flag: duplicate mount target /t'
+    assert refused(updated, "--mount-add", "type=tmpfs").endswith("target is required")
+    assert "--stop-grace-period" in refused(updated, "--stop-grace-period", "5")
+    assert "--limit-cpu" in refused(updated, "--limit-cpu", "one")
+    assert "--init" in refused(updated, "--init=perhaps")
+    assert "--label-add" in refused(updated, "--label-add", "=v")
+    assert "--args" in refused(updated, "--args", "'open")
+    assert refused(updated, "-w", "here").startswith('invalid argument "here" for "--workdir"')
+
+
+def test_update_posts_the_whole_spec_with_its_version(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    client = RecordingClient({"Warnings": ["a warning"]}, current=stored())
+    monkeypatch.setattr(service, "connect", lambda host: client)
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
+    write_docker_config(tmp_path)
+    args = args_of("update", "-d", "--image", "registry.lab:5000/app:2", "web")
+    assert args.func(args) == 0
+    url, spec, params, headers = client.posts[-1]
+    assert url == "/services/svc1/update" and params == {"version": 9, "registryAuthFrom": "spec"}
+    assert spec["RollbackConfig"] == {"Parallelism": 1} and "X-Registry-Auth" not in headers
+    assert capsys.readouterr() == ("web\n", "a warning\n")
+
+    args = args_of(
+        "update", "-d", "--image", "registry.lab:5000/app:2", "--with-registry-auth", "web"
+    )
+    args.func(args)
+    url, spec, params, headers = client.posts[-1]
+    assert params == {"version": 9}
+    assert decoded(headers["X-Registry-Auth"]) == {
+        "username": "labuser",
+        "password": "labpass",
+        "serveraddress": "registry.lab:5000",
+    }
+
+
+# ---- --with-registry-auth -------------------------------------------------------------------
+
+
+def write_docker_config(directory: Path) -> Path:
+    def auth(user: str, password: str) -> str:
+        return base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    path = directory / "config.json"
+    path.write_text(
+        json.dumps(
+            {
+                "auths": {
+                    "https://index.docker.io/v1/": {"auth": auth("hubuser", "hubpass")},
+                    "registry.lab:5000": {"auth": auth("labuser", "labpass")},
+                }
+            }
+        )
+    )
+    return path
+
+
+def decoded(header: str) -> Any:
+    return json.loads(base64.urlsafe_b64decode(header))
+
+
+def test_registry_auth_is_what_docker_login_stored(tmp_path: Path) -> None:
+    config = str(write_docker_config(tmp_path))
+    # byte for byte what docker 20.10 sent for these images with this config.json
+    assert registry_auth("redis:7", config) == (
+        "eyJ1c2VybmFtZSI6Imh1YnVzZXIiLCJwYXNzd29yZCI6Imh1YnBhc3MiLCJzZXJ2ZXJhZGRyZXNzIjoiaHR0"
+        "cHM6Ly9pbmRleC5kb2NrZXIuaW8vdjEvIn0="
+    )
+    assert decoded(registry_auth("docker.io/library/redis", config))["username"] == "hubuser"
+    assert decoded(registry_auth("registry.lab:5000/app:1", config)) == {
+        "username": "labuser",
+        "password": "labpass",
+        "serveraddress": "registry.lab:5000",
+    }
+    assert registry_auth("other.example/x", config) == "e30="  # {}: anonymous
+    assert registry_auth("redis", str(tmp_path / "none.json")) == "e30="
+    assert "--with-registry-auth" in refused(registry_auth, "http://x/y", config)
+
+
+# ---- logs --since ---------------------------------------------------------------------------
+
+NOW = 1_700_000_000 * SECOND + 250_000_000
+
+
+@pytest.mark.parametrize(
+    ("text", "since"),
+    [
+        ("10m", "1699999400.250000000"),
+        ("1h30m", "1699994600.250000000"),
+        ("2013-01-02T13:23:37Z", "1357133017.000000000"),
+        ("2013-01-02T13:23:37.5+01:00", "1357129417.500000000"),
+        ("2013-01-02T13:23:37.123456789-00:30", "1357134817.123456789"),
+        ("2013-01-02T13:23Z", "1357132980.000000000"),
+        ("2013-01-02T13Z", "1357131600.000000000"),
+        ("2013-01-02Z", "1357084800.000000000"),
+        ("1700000000", "1700000000"),
+        ("1700000000.25", "1700000000.25"),
+        ("0", "0"),
+    ],
+)
+def test_since(text: str, since: str) -> None:
+    assert parse_since(text, NOW) == since
+
+
+def test_since_without_a_zone_is_local_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time  # noqa: PLC0415 - only here
+
+    monkeypatch.setenv("TZ", "IST-5:30")  # POSIX: UTC+05:30, no zone files needed
+    time.tzset()
+    try:
+        assert parse_since("2013-01-02T13:23:37", NOW) == "1357113217.000000000"
+        assert parse_since("2013-01-02", NOW) == "1357065000.000000000"
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+@pytest.mark.parametrize("text", ["xyz", "2013-13-02", "-5", "1.2.3", "2013-01-02T25:00Z", "10"])
+def test_bad_since(text: str) -> None:
+    if text == "10":  # a Unix timestamp, not a duration
+        assert parse_since(text, NOW) == "10"
+        return
+    assert refused(parse_since, text, NOW).startswith(
+        f'invalid argument {json.dumps(text)} for "--since" flag: '
+    )
+
+
+def test_logs_sends_since(monkeypatch: pytest.MonkeyPatch) -> None:
+    client = RecordingClient({})
+    monkeypatch.setattr(service, "connect", lambda host: client)
+    args = args_of("logs", "--since", "2013-01-02T13:23:37Z", "-t", "web")
+    assert args.func(args) == 0
+    assert client.logs == {
+        "details": True,
+        "follow": False,
+        "stdout": True,
+        "stderr": True,
+        "since": "1357133017.000000000",
+        "timestamps": True,
+        "tail": "all",
+    }
+    args = args_of("logs", "web")
+    args.func(args)
+    assert client.logs["since"] == 0
+
+
+# ---- the API's side: key case, node JSON ----------------------------------------------------
+
+
+def test_the_api_reads_mount_and_resource_keys_in_any_case() -> None:
+    body = {
+        "name": "web",
+        "taskTemplate": {
+            "containerSpec": {
+                "image": "alpine",
+                "readonly": True,
+                "tty": True,
+                "init": False,
+                "stopsignal": "TERM",
+                "stopGracePeriod": 1,
+                "hostname": "h",
+                "dir": "/",
+                "user": "u",
+                "groups": ["g"],
+                "healthcheck": {"test": ["NONE"]},
+                "labels": {"Keep.Case": "1"},
+                "mounts": [
+                    {
+                        "type": "volume",
+                        "source": "v",
+                        "TARGET": "/d",
+                        "readOnly": True,
+                        "consistency": "cached",
+                        "volumeoptions": {
+                            "nocopy": True,
+                            "labels": {"myKey": "v"},
+                            "driverconfig": {"name": "local", "options": {"someOpt": "1"}},
+                        },
+                    },
+                    {"tmpfsoptions": {"sizebytes": 1, "mode": 448}},
+                    {"bindoptions": {"propagation": "rshared", "nonrecursive": True}},
+                ],
+            },
+            "resources": {
+                "limits": {"nanocpus": 1, "memorybytes": 2, "pids": 3},
+                "reservations": {"nanoCPUs": 1, "MemoryBytes": 2},
+            },
+        },
+    }
+    assert canonical(body) == {
+        "Name": "web",
+        "TaskTemplate": {
+            "ContainerSpec": {
+                "Image": "alpine",
+                "ReadOnly": True,
+                "TTY": True,
+                "Init": False,
+                "StopSignal": "TERM",
+                "StopGracePeriod": 1,
+                "Hostname": "h",
+                "Dir": "/",
+                "User": "u",
+                "Groups": ["g"],
+                "Healthcheck": {"Test": ["NONE"]},
+                "Labels": {"Keep.Case": "1"},
+                "Mounts": [
+                    {
+                        "Type": "volume",
+                        "Source": "v",
+                        "Target": "/d",
+                        "ReadOnly": True,
+                        "Consistency": "cached",
+                        "VolumeOptions": {
+                            "NoCopy": True,
+                            "Labels": {"myKey": "v"},
+                            "DriverConfig": {"Name": "local", "Options": {"someOpt": "1"}},
+                        },
+                    },
+                    {"TmpfsOptions": {"SizeBytes": 1, "Mode": 448}},
+                    {"BindOptions": {"Propagation": "rshared", "NonRecursive": True}},
+                ],
+            },
+            "Resources": {
+                "Limits": {"NanoCPUs": 1, "MemoryBytes": 2, "Pids": 3},
+                "Reservations": {"NanoCPUs": 1, "MemoryBytes": 2},
+            },
+        },
+    }
+
+
+def test_node_json_names_the_executor() -> None:
+    native = Node(id="n1", hostname="sw1", executor="native", images=["alpine", "micro"])
+    engine = node_json(native, 0, {}, "28.2.2-shoal")["Description"]["Engine"]
+    assert engine == {
+        "EngineVersion": "28.2.2-shoal",
+        "Labels": {"com.shoal.executor": "native"},
+        "Plugins": [{"Type": "Network", "Name": "overlay"}],
+    }
+    container = Node(id="n2", executor="container", engine_version="20.10.24")
+    engine = node_json(container, 0, {}, "28.2.2-shoal")["Description"]["Engine"]
+    assert engine["Labels"] == {"com.shoal.executor": "container"}
+    assert engine["EngineVersion"] == "20.10.24"
+    assert "Labels" not in node_json(Node(id="n3"), 0, {}, "x")["Description"]["Engine"]
+
+
+# ---- a stand-in for the docker SDK's APIClient ----------------------------------------------
+
+
+class Response:
+    def __init__(self, body: dict[str, Any]):
+        self.content = json.dumps(body).encode() if body else b""
+        self.body = body
+
+    def json(self) -> dict[str, Any]:
+        return self.body
+
+
+class RecordingClient:
+    """What the commands call of docker.APIClient; records the posts."""
+
+    def __init__(self, answer: dict[str, Any], current: dict[str, Any] | None = None):
+        self.answer = answer
+        self.current = current or {}
+        self.posts: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, str]]] = []
+        self.logs: dict[str, Any] = {}
+
+    def _url(self, path: str, *args: str) -> str:
+        return path.format(*args)
+
+    def _post_json(
+        self, url: str, data: dict[str, Any], params: dict[str, Any], headers: dict[str, str]
+    ) -> Response:
+        self.posts.append((url, copy.deepcopy(data), dict(params), dict(headers)))
+        return Response(self.answer)
+
+    def _raise_for_status(self, response: Response) -> None:
+        pass
+
+    def inspect_service(self, ref: str) -> dict[str, Any]:
+        return {"ID": "svc1", "Version": {"Index": 9}, "Spec": copy.deepcopy(self.current)}
+
+    def service_logs(self, service_id: str, **kwargs: Any) -> list[bytes]:
+        self.logs = kwargs
+        return []
