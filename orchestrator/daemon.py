@@ -19,6 +19,7 @@ import uvloop
 from aiohttp import web
 
 from mesh.cli import setup_logging
+from orchestrator.agent.exec.select import DEFAULT_ENGINE, KINDS
 
 log = logging.getLogger("shoal.daemon")
 
@@ -43,6 +44,8 @@ async def serve(args: argparse.Namespace) -> None:
             hostname=args.hostname,
             netns_prefix=args.netns_prefix,
             lb_backend=args.lb_backend,
+            executor=args.executor,
+            engine=args.engine,
         )
     )
     await node.resume()
@@ -91,6 +94,19 @@ def main(argv: list[str] | None = None) -> int:
         "--netns-prefix", default="shoal", help="prefix of task network namespaces (default shoal)"
     )
     p.add_argument("--lb-backend", choices=("auto", "nftables", "ipvs"), default="auto")
+    p.add_argument(
+        "--executor",
+        choices=KINDS,
+        default="auto",
+        help="how tasks run: as containers of the engine (container), as this machine's own "
+        "programs in namespaces (native), or container when the engine answers at start "
+        "(auto, the default)",
+    )
+    p.add_argument(
+        "--engine",
+        default=DEFAULT_ENGINE,
+        help=f"the container engine's API (default {DEFAULT_ENGINE})",
+    )
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)

@@ -24,6 +24,8 @@ from typing import Any
 from grpc import aio
 
 from orchestrator.agent.agent import Agent, AgentConfig, node_description
+from orchestrator.agent.exec.base import Executor
+from orchestrator.agent.exec.select import DEFAULT_ENGINE, make_executor
 from orchestrator.agent.meshfeed import MeshFeed
 from orchestrator.agent.meshprocess import MeshProcess
 from orchestrator.api.convert import default_cluster_spec
@@ -86,6 +88,8 @@ class NodeConfig:
     netns_prefix: str
     lb_backend: str = "auto"
     metrics_port: int = 9323
+    executor: str = "auto"  # auto | container | native
+    engine: str = DEFAULT_ENGINE  # the container engine's API
 
 
 @dataclass
@@ -123,12 +127,28 @@ class NodeRuntime:
         self._told: _Told | None = None
         self._told_changed = asyncio.Event()
         self._upkeep_task: asyncio.Task[None] | None = None
+        self._executor: Executor | None = None
         # a manager whose Raft data is sealed under the unlock key, waiting for `swarm unlock`
         self.locked = False
 
     @property
     def path(self) -> Path:
         return self.cfg.data_root / "node.json"
+
+    @property
+    def executor(self) -> Executor:
+        """How this node runs tasks, chosen once when shoald starts (resume)."""
+        if self._executor is None:
+            raise RuntimeError("the executor is chosen in resume()")
+        return self._executor
+
+    def _description(self) -> dict[str, Any]:
+        return node_description(self.cfg.hostname, ENGINE_VERSION, self.executor)
+
+    @property
+    def task_dir(self) -> Path:
+        """The native executor's task logs."""
+        return self.cfg.data_root / "tasks"
 
     @property
     def manager_dir(self) -> Path:
@@ -149,7 +169,12 @@ class NodeRuntime:
         return "active"
 
     async def resume(self) -> None:
-        """Rejoin what node.json says we are part of (after a restart)."""
+        """Choose the executor; rejoin what node.json says we are part of (after a
+        restart)."""
+        if self._executor is None:
+            self._executor = await make_executor(
+                self.cfg.executor, self.cfg.engine, self.cfg.netns_prefix, self.task_dir
+            )
         if not self.path.exists():
             return
         m = Membership.load(self.path)
@@ -229,8 +254,9 @@ class NodeRuntime:
                 managers=m.managers,
                 addr=m.addr,
                 data_dir=self.cfg.data_root,
-                netns_prefix=self.cfg.netns_prefix,
-                description=node_description(self.cfg.hostname, ENGINE_VERSION),
+                hostname=self.cfg.hostname,
+                executor=self.executor,
+                description=self._description(),
                 channel=self._channel,
                 on_managers=self._managers_changed,
                 on_node=self._told_about_me,
@@ -436,7 +462,7 @@ class NodeRuntime:
                 {
                     "addr": addr,
                     "manager_addr": advertise,
-                    "description": node_description(self.cfg.hostname, ENGINE_VERSION),
+                    "description": self._description(),
                 },
             )
             shutil.rmtree(self.cert_dir, ignore_errors=True)
@@ -547,7 +573,8 @@ class NodeRuntime:
             shutil.rmtree(self.manager_dir, ignore_errors=True)
             shutil.rmtree(self.cert_dir, ignore_errors=True)
             self.certs = None
-            shutil.rmtree(self.cfg.data_root / "tasks", ignore_errors=True)
+            await self.executor.sweep(set())  # the stopped tasks' remains
+            shutil.rmtree(self.task_dir, ignore_errors=True)
 
     async def _teardown(self, cleanup: bool) -> None:
         if self._upkeep_task is not None:
@@ -575,3 +602,5 @@ class NodeRuntime:
         """shoald stops: tasks stop, the data plane stays (established connections live on)."""
         async with self._lock:
             await self._teardown(cleanup=False)
+            if self._executor is not None:
+                await self._executor.close()

@@ -2,8 +2,8 @@
 
 It holds the session stream open (reconnecting with backoff when a manager goes away, without
 touching running tasks), heartbeats at the period the dispatcher asks for, runs the tasks it is
-assigned through the native executor, reports their states in batches, keeps the node's
-shoal-mesh fed, and answers log requests.
+assigned through its executor (orchestrator/agent/exec/), reports their states in batches, keeps
+the node's shoal-mesh fed, and answers log requests.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from orchestrator.agent import logs
-from orchestrator.agent.executor import Hooks, TaskRunner, remove_leftovers
+from orchestrator.agent.exec.base import Executor, TaskInfo
+from orchestrator.agent.exec.runner import Hooks, TaskRunner
 from orchestrator.agent.meshfeed import MeshFeed
 from orchestrator.rpc.jsonrpc import Client, Message
 from orchestrator.store.ids import now_rfc3339
 from orchestrator.store.objects import TaskState
 
-log = logging.getLogger("shoal.agent")
+log = logging.getLogger(__name__)
 
 DISPATCHER = "shoal.Dispatcher"
 STATUS_BATCH = 0.1
@@ -37,6 +37,8 @@ STATUS_BATCH = 0.1
 FEED_BATCH = 0.25
 MAX_BACKOFF = 8.0
 LOG_BATCH = 200
+LOG_FLUSH = 0.2  # seconds between batches of a followed log
+SWEEP_EVERY = 5.0  # seconds between removals of deleted tasks' remains
 
 
 @dataclass
@@ -45,7 +47,8 @@ class AgentConfig:
     managers: list[str]  # host:port of the managers it knows, the one to try first first
     addr: str  # this node's address
     data_dir: Path
-    netns_prefix: str
+    hostname: str
+    executor: Executor
     description: dict[str, Any]
     # a mutual-TLS channel to a manager, with the node's current certificate
     channel: Callable[[str], aio.Channel] | None = None
@@ -73,12 +76,11 @@ class Agent:
         self.manager = self.managers[0] if self.managers else ""  # the one it talks to
         self._feed_flush: asyncio.Future[int] | None = None
         self._netns_done = asyncio.Event()  # a task has made its namespace
-        self.hooks = Hooks(
-            report=self.report,
-            network_ready=self.network_ready,
-            netns_prefix=cfg.netns_prefix,
-            data_dir=cfg.data_dir / "tasks",
-        )
+        self.hooks = Hooks(report=self.report, network_ready=self.network_ready)
+        self.executor = cfg.executor
+        # tasks the managers still have (running or history); None until they have said
+        self._keep: set[str] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._run())
@@ -92,6 +94,8 @@ class Agent:
         self.runners.clear()
         for t in self._log_tasks.values():
             t.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._client is not None:
             await self._client.close()
 
@@ -99,14 +103,8 @@ class Agent:
 
     async def _run(self) -> None:
         backoff = 0.5
-        left = await remove_leftovers(self.cfg.netns_prefix)
-        if left:
-            log.warning(
-                "stopped %d tasks an earlier shoald left running (%s); the managers' "
-                "assignments start them again",
-                len(left),
-                ", ".join(left),
-            )
+        await self.executor.start(self.cfg.node_id)
+        self._sweeper = asyncio.create_task(self._sweep())
         sender = asyncio.create_task(self._send_statuses())
         try:
             while True:
@@ -205,7 +203,10 @@ class Agent:
         assert self._client is not None
         while True:
             reply = await self._client.call(
-                DISPATCHER, "Heartbeat", {"node_id": self.cfg.node_id}, deadline=5
+                DISPATCHER,
+                "Heartbeat",
+                {"node_id": self.cfg.node_id, "executor_error": self.executor.health() or ""},
+                deadline=5,
             )
             self.period = float(reply.get("period", self.period))
             await asyncio.sleep(self.period * (0.9 + random.random() * 0.1))
@@ -224,12 +225,40 @@ class Agent:
             removal.add_done_callback(self._removals.discard)
         for tid, msg in tasks.items():
             existing = self.runners.get(tid)
-            if existing is None:
-                runner = self.runners[tid] = TaskRunner(self.hooks, msg)
-                runner.start()
-            else:
-                existing.update(msg)
+            if existing is not None:
+                existing.update(str(msg.get("desired_state", "running")))
+                continue
+            try:
+                task = TaskInfo.from_message(msg, self.cfg.node_id, self.cfg.hostname)
+                runner = TaskRunner(
+                    self.hooks,
+                    task,
+                    self.executor.controller(task),
+                    str(msg.get("state", "assigned")),
+                    str(msg["desired_state"]),
+                )
+            except (KeyError, TypeError, ValueError) as e:  # never from a manager of ours
+                log.error("task %s: unreadable assignment: %s", tid, e)
+                self.report(tid, TaskState.REJECTED, "unreadable assignment", str(e), {})
+                continue
+            self.runners[tid] = runner
+            runner.start()
+        self._keep = set(tasks) | {str(t) for t in assignment.get("retained", [])}
         self.feed.update(assignment.get("mesh"), self._netns_of)
+
+    async def _sweep(self) -> None:
+        """Now and then, the remains of tasks the managers deleted go (their stopped
+        containers, their logs), once the managers have said what they still have."""
+        while True:
+            await asyncio.sleep(SWEEP_EVERY)
+            if not self.connected or self._keep is None:
+                continue
+            # every round, not only when `keep` changes: a task still being released in one
+            # round is swept in the next (the executor skips what it still holds)
+            try:
+                await self.executor.sweep(self._keep | set(self.runners))
+            except Exception:  # the next round tries again
+                log.exception("removing the remains of deleted tasks")
 
     def _netns_of(self, task_id: str) -> str | None:
         runner = self.runners.get(task_id)
@@ -293,42 +322,49 @@ class Agent:
     # ---- logs ---------------------------------------------------------------------------
 
     async def _send_logs(self, req: Message) -> None:
-        """Frames for a log request: each task's lines (its tail), merged, then follow."""
+        """Frames for a log request: each task's lines (its tail), then new ones if it
+        follows, in batches."""
         assert self._client is not None
         rid = str(req.get("request_id"))
         tail = req.get("tail")
         since = int(req.get("since_ns") or 0)
         follow = bool(req.get("follow"))
         frames: list[Message] = []
+        sending = asyncio.Lock()
+        cancelled = asyncio.Event()  # the client went away
 
-        async def flush(done: bool = False) -> bool:
+        async def flush(done: bool = False) -> None:
             nonlocal frames
             assert self._client is not None
-            batch, frames = frames, []
-            reply = await self._client.call(
-                DISPATCHER, "PublishLogs", {"request_id": rid, "frames": batch, "done": done}
-            )
-            return not reply.get("cancel")
+            async with sending:
+                batch, frames = frames, []
+                reply = await self._client.call(
+                    DISPATCHER, "PublishLogs", {"request_id": rid, "frames": batch, "done": done}
+                )
+            if reply.get("cancel"):
+                cancelled.set()
 
-        try:
-            followers = []
-            for tid in req.get("task_ids", []):
-                path = self.hooks.data_dir / tid / "log.jsonl"
-                lines = logs.read_lines(path, tail if isinstance(tail, int) else None, since)
-                frames += [{"task_id": tid, **e} for e in lines]
-                if follow:
-                    runner = self.runners.get(tid)
-                    offset = len(logs.read_lines(path))
-                    followers.append(self._follow(tid, path, runner, offset, frames))
-                if len(frames) >= LOG_BATCH and not await flush():
+        async def read(tid: str) -> None:
+            lines = self.executor.logs(tid, tail if isinstance(tail, int) else None, since, follow)
+            async for e in lines:
+                frames.append({"task_id": tid, "t": e.time_ns, "s": e.stream, "l": e.line})
+                if len(frames) >= LOG_BATCH:
+                    await flush()
+                if cancelled.is_set():
                     return
-            if followers:
-                pump = asyncio.gather(*followers)
-                while not pump.done():
-                    await asyncio.sleep(0.2)
-                    if frames and not await flush():
-                        pump.cancel()
-                        return
+
+        readers = [asyncio.create_task(read(str(t))) for t in req.get("task_ids", [])]
+        try:
+            pending = set(readers)
+            while pending and not cancelled.is_set():
+                _, pending = await asyncio.wait(pending, timeout=LOG_FLUSH)
+                if frames:
+                    await flush()
+            if cancelled.is_set():
+                return
+            for r in readers:
+                if r.exception() is not None:
+                    log.warning("reading logs of a task: %s", r.exception())
             await flush(done=True)
         except (grpc.aio.AioRpcError, OSError) as e:
             log.warning("sending logs: %s", e)
@@ -337,17 +373,12 @@ class Agent:
                 await flush(done=True)
             raise
         finally:
+            for r in readers:
+                r.cancel()
             self._log_tasks.pop(rid, None)
 
-    @staticmethod
-    async def _follow(
-        tid: str, path: Path, runner: TaskRunner | None, offset: int, frames: list[Message]
-    ) -> None:
-        async for entry in logs.follow(path, runner.log if runner else None, offset):
-            frames.append({"task_id": tid, **entry})
 
-
-def node_description(hostname: str, engine_version: str) -> dict[str, Any]:
+def node_description(hostname: str, engine_version: str, executor: Executor) -> dict[str, Any]:
     mem = 0
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -358,4 +389,5 @@ def node_description(hostname: str, engine_version: str) -> dict[str, Any]:
         "engine_version": engine_version,
         "nano_cpus": (os.cpu_count() or 1) * 1_000_000_000,
         "memory_bytes": mem,
+        **executor.description(),
     }

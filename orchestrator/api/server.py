@@ -153,17 +153,16 @@ async def info(request: web.Request) -> web.Response:
         "ID": m.node_id if m else "",
         "Name": api.node.cfg.hostname,
         "ServerVersion": ENGINE_VERSION,
-        "OperatingSystem": "Shoal (native executor)",
         "OSType": "linux",
         "Architecture": platform.machine(),
         "KernelVersion": platform.release(),
         "NCPU": len(os.sched_getaffinity(0)),
-        "Driver": "native",
         "Containers": 0,
         "Images": 0,
+        **api.node.executor.info(),
         "Swarm": swarm,
         "DockerRootDir": str(api.node.cfg.data_root),
-        "Warnings": None,
+        "Warnings": [w] if (w := api.node.executor.health()) else None,
     }
     return json_response(out)
 
@@ -302,8 +301,16 @@ async def empty_list(request: web.Request) -> web.Response:
 
 
 async def distribution(request: web.Request) -> web.Response:
+    """What the registry says of an image, asked through this node's engine: the docker CLI
+    pins a service's image to the digest it answers."""
     name = request.match_info["name"]
-    raise ApiError(404, f"image {name}: the native executor has no registry; nodes run it by name")
+    try:
+        found = await API.of(request).node.executor.distribution(
+            name, request.headers.get("X-Registry-Auth", "")
+        )
+    except LookupError as e:
+        raise ApiError(404, str(e)) from None
+    return json_response(found)
 
 
 def build(node: NodeRuntime) -> web.Application:

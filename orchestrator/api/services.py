@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import logging
 import struct
 import time
 import urllib.parse
@@ -14,8 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from orchestrator.agent import images
-from orchestrator.api.context import manager_or_503
+from orchestrator.api.context import API, manager_or_503
 from orchestrator.api.convert import service_json
 from orchestrator.api.docker import (
     API_VERSION,
@@ -27,12 +27,15 @@ from orchestrator.api.docker import (
     version_tuple,
 )
 from orchestrator.api.resolve import resolve
+from orchestrator.images import reference
 from orchestrator.manager.allocator import AddressBook, AllocationError, allocate_service
 from orchestrator.manager.orchestrator.tasks import stop
 from orchestrator.manager.spec import SpecError, normalize_service_spec, same_task_template, view
 from orchestrator.store.ids import new_id
 from orchestrator.store.objects import Node, Service, Task, TaskState
 from orchestrator.store.store import Store, Tx
+
+log = logging.getLogger(__name__)
 
 FILTERS = {"id", "label", "mode", "name"}
 
@@ -43,11 +46,9 @@ def find(store: Store, ref: str) -> Service:
 
 def _spec(raw: Any) -> dict[str, Any]:
     try:
-        spec = normalize_service_spec(raw)
-        images.check(spec["TaskTemplate"]["ContainerSpec"]["Image"])
-    except (SpecError, images.UnknownImage) as e:
+        return normalize_service_spec(raw)
+    except SpecError as e:
         raise ApiError(400, str(e)) from None
-    return spec
 
 
 def _name_taken(tx: Tx, name: str, own_id: str = "") -> None:
@@ -60,13 +61,44 @@ def _name_taken(tx: Tx, name: str, own_id: str = "") -> None:
             )
 
 
+# How long a create or update waits for the registry to say an image's digest.
+PIN_TIMEOUT = 10.0
+
+
+async def _pin_image(request: web.Request, spec: dict[str, Any], auth: str) -> list[str]:
+    """Pin the spec's image to the digest its registry has now, as Docker does, so that every
+    node runs the same image; asked through this node's engine (its registry settings and
+    mirrors). A warning, and the image left as it is, when the registry cannot be asked."""
+    cs = spec["TaskTemplate"]["ContainerSpec"]
+    image = cs["Image"]
+    ref = reference.parse(image)
+    if ref.digest or request.headers.get("User-Agent", "").startswith("Docker-Client/"):
+        return []  # the docker CLI asked /distribution itself, and warned if it could not
+    try:
+        found = await asyncio.wait_for(
+            API.of(request).node.executor.distribution(image, auth), PIN_TIMEOUT
+        )
+        digest = str(found["Descriptor"]["digest"])
+    except (LookupError, TimeoutError, TypeError) as e:
+        log.info("image %s not pinned to a digest: %s", image, e)
+        return [
+            f"image {image} could not be accessed on a registry to record its digest. Each "
+            f"node will access {image} independently, possibly leading to different nodes "
+            "running different versions of the image."
+        ]
+    cs["Image"] = f"{ref.familiar_name()}:{ref.tag or 'latest'}@{digest}"
+    return []
+
+
 async def create(request: web.Request) -> web.Response:
     store = (await manager_or_503(request)).store
     spec = _spec(await body(request))
+    auth = request.headers.get("X-Registry-Auth", "")
+    warnings = await _pin_image(request, spec, auth)
 
     def fn(tx: Tx) -> Service:
         _name_taken(tx, spec["Name"])
-        svc = Service(id=new_id(), spec=spec)
+        svc = Service(id=new_id(), spec=spec, registry_auth=auth)
         try:
             svc = allocate_service(tx, svc, AddressBook(tx))
         except AllocationError as e:
@@ -75,7 +107,7 @@ async def create(request: web.Request) -> web.Response:
         return svc
 
     svc = await store.update(fn)
-    return json_response({"ID": svc.id, "Warnings": None}, status=201)
+    return json_response({"ID": svc.id, "Warnings": warnings or None}, status=201)
 
 
 async def list_services(request: web.Request) -> web.Response:
@@ -123,6 +155,11 @@ async def update(request: web.Request) -> web.Response:
             f'parsing "{raw_version}": invalid syntax',
         )
     spec = _spec(await body(request))
+    # --with-registry-auth sends the client's credentials; without, the service keeps its own
+    auth = request.headers.get("X-Registry-Auth", "")
+    image = spec["TaskTemplate"]["ContainerSpec"]["Image"]
+    same_image = image == svc.spec.get("TaskTemplate", {}).get("ContainerSpec", {}).get("Image")
+    warnings = [] if same_image else await _pin_image(request, spec, auth or svc.registry_auth)
 
     def fn(tx: Tx) -> None:
         current = tx.get(Service, svc.id)
@@ -139,6 +176,7 @@ async def update(request: web.Request) -> web.Response:
             spec=spec,
             previous_spec=copy.deepcopy(current.spec),
             spec_version=current.spec_version + (1 if changed else 0),
+            registry_auth=auth or current.registry_auth,
         )
         try:
             updated = allocate_service(tx, updated, AddressBook(tx))
@@ -147,7 +185,7 @@ async def update(request: web.Request) -> web.Response:
         tx.put(updated)
 
     await store.update(fn)
-    return json_response({"Warnings": None})
+    return json_response({"Warnings": warnings or None})
 
 
 async def remove(request: web.Request) -> web.Response:
@@ -178,8 +216,11 @@ def _rfc3339(ns: int) -> str:
     return datetime.fromtimestamp(secs, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{frac:09d}Z"
 
 
-async def stream_logs(request: web.Request, tasks: list[Task]) -> web.StreamResponse:
-    """Task logs as the engine streams them: one 8-byte-framed line per frame."""
+async def stream_logs(
+    request: web.Request, tasks: list[Task], tty: bool = False
+) -> web.StreamResponse:
+    """Task logs as the engine streams them: one 8-byte-framed line per frame, or, for a
+    service with a TTY, the lines as they are (clients read a TTY's logs unframed)."""
     manager = await manager_or_503(request)
     q = request.query
     want_out, want_err = bool_value(q.get("stdout")), bool_value(q.get("stderr"))
@@ -258,7 +299,8 @@ async def stream_logs(request: web.Request, tasks: list[Task]) -> web.StreamResp
                         )
                         + " "
                     )
-                await resp.write(_frame(stream, (prefix + line).encode()))
+                data = (prefix + line).encode()
+                await resp.write(data if tty else _frame(stream, data))
     finally:
         for q_ in queues:
             manager.dispatcher.cancel_logs(q_)
@@ -269,7 +311,9 @@ async def stream_logs(request: web.Request, tasks: list[Task]) -> web.StreamResp
 async def logs(request: web.Request) -> web.StreamResponse:
     store = (await manager_or_503(request)).store
     svc = find(store, request.match_info["id"])
-    return await stream_logs(request, [t for t in store.list(Task) if t.service_id == svc.id])
+    tty = bool(svc.spec.get("TaskTemplate", {}).get("ContainerSpec", {}).get("TTY"))
+    tasks = [t for t in store.list(Task) if t.service_id == svc.id]
+    return await stream_logs(request, tasks, tty)
 
 
 ROUTES = [

@@ -81,7 +81,7 @@ async def inspect(request: web.Request) -> web.Response:
 async def logs(request: web.Request) -> web.StreamResponse:
     store = (await manager_or_503(request)).store
     t = resolve(store.list(Task), request.match_info["id"], "task", lambda t: t.id, lambda t: t.id)
-    return await stream_logs(request, [t])
+    return await stream_logs(request, [t], bool(t.spec.get("ContainerSpec", {}).get("TTY")))
 
 
 ROUTES = [

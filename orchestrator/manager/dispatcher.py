@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from orchestrator.ca.server import issuing_root_digest
+from orchestrator.ca.server import described, issuing_root_digest
 from orchestrator.ca.tls import peer_identity
 from orchestrator.manager import netkeys
 from orchestrator.manager.meshview import mesh_state
@@ -165,6 +165,7 @@ class Dispatcher:
                         addr=str(req.get("addr") or current.addr),
                         hostname=str(desc.get("hostname") or current.hostname),
                         engine_version=str(desc.get("engine_version") or current.engine_version),
+                        **described(desc),
                     )
                 )
 
@@ -203,19 +204,24 @@ class Dispatcher:
         tasks, networks = self.store.list(Task), self.store.list(Network)
         names = {s.id: s.name for s in services}
         net_names = {n.id: n.name for n in networks}
+        auths = {s.id: s.registry_auth for s in services if s.registry_auth}
         mine = []
+        retained = []  # its tasks with nothing left to do, whose remains (logs) it keeps
         for t in tasks:
             if t.node_id != node_id or t.state < TaskState.ASSIGNED:
                 continue
             if t.desired_state > TaskState.RUNNING and t.state.terminal:
-                continue  # nothing left to do for it
+                retained.append(t.id)
+                continue
             mine.append(
                 {
                     "id": t.id,
                     "service_id": t.service_id,
+                    "service_name": names.get(t.service_id, "unknown"),
                     "name": task_name(names.get(t.service_id, "unknown"), t),
                     "slot": t.slot,
                     "spec": t.spec,
+                    **({"registry_auth": auths[t.service_id]} if t.service_id in auths else {}),
                     "desired_state": t.desired_state.api,
                     "state": t.state.api,
                     "networks": [net_names.get(n, n) for n in t.networks],
@@ -227,6 +233,7 @@ class Dispatcher:
         cluster = next(iter(self.store.list(Cluster)), None)
         out: Message = {
             "tasks": sorted(mine, key=lambda m: m["id"]),
+            "retained": sorted(retained),
             "mesh": mesh_state(
                 node_id, nodes, services, tasks, networks, generation, netkeys.for_mesh(cluster)
             ),
@@ -261,14 +268,28 @@ class Dispatcher:
         if node is None:
             await ctx.abort(grpc.StatusCode.NOT_FOUND, f"node {node_id} is not in this swarm")
         self._beats[node_id] = time.monotonic()
-        if node is not None and node.state != "ready" and node_id in self._sessions:
-            await self.store.update(lambda tx: self._mark(tx, node_id, "ready", ""), self.term)
+        # A node whose executor cannot run tasks (its container engine is gone) is down until
+        # it can: the managers place its tasks elsewhere.
+        trouble = str(req.get("executor_error") or "")[:1024]
+        state, message = ("down", trouble) if trouble else ("ready", "")
+        if (
+            node is not None
+            and node_id in self._sessions
+            and (node.state, node.message)
+            != (
+                state,
+                message,
+            )
+        ):
+            if trouble:
+                log.warning("node %s cannot run tasks: %s", node_id, trouble)
+            await self.store.update(lambda tx: self._mark(tx, node_id, state, message), self.term)
         return {"period": heartbeat_period(self.store)}
 
     @staticmethod
     def _mark(tx: Tx, node_id: str, state: str, message: str) -> None:
         node = tx.get(Node, node_id)
-        if node is not None and node.state != state:
+        if node is not None and (node.state, node.message) != (state, message):
             tx.put(dataclasses.replace(node, state=state, message=message))
 
     async def _monitor(self) -> None:
