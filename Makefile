@@ -5,12 +5,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Kernel tools the mesh and its tests use, the tools the tests compare against, and promtool.
 DEB_PACKAGES := iproute2 nftables conntrack iputils-ping procps curl bind9-dnsutils dnsperf \
-	prometheus python3-venv
+	prometheus python3-venv $(ENGINE_PACKAGES)
+# The container executor's engine and the lab's registry; busybox-static is the rootfs of the
+# images the lab builds and of the executor's sandbox image (docs/container-executor.md).
+ENGINE_PACKAGES := docker.io docker-registry busybox-static
 # What the benchmarks compare against or load with.
 BENCH_PACKAGES := wrk haproxy nginx-light util-linux etcd-server etcd-client
 # The VM lab (docs/vm-lab.md): QEMU, Debian's kernel (IPVS, ESP) and what builds its image;
 # tcpdump captures its wire.
-VM_PACKAGES := qemu-system-x86 linux-image-amd64 mmdebstrap busybox-static e2fsprogs kmod \
+VM_PACKAGES := qemu-system-x86 linux-image-amd64 mmdebstrap e2fsprogs kmod \
 	tcpdump
 
 .PHONY: all setup deb test lint typecheck unit demo bench clean

@@ -7,10 +7,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from orchestrator.lab import daemons
+from orchestrator.lab import daemons, engines
 from orchestrator.lab import lab as labmod
 from orchestrator.lab.lab import Lab
+
+# Debian's docker.io CLI, as the engines are; `make test` installs it, and a test that needs it
+# fails without it (never skips)
+DOCKER = "/usr/bin/docker"
 
 
 def run(
@@ -54,3 +59,47 @@ def fresh(lab: Lab) -> Lab:
     record = labmod.load(lab.name)
     assert record is not None
     return record
+
+
+def docker_cli(lab: Lab, node: str, *args: str, check: bool = True) -> str:
+    """The docker CLI against a node's own engine (not its shoald)."""
+    out = subprocess.run(
+        [DOCKER, "-H", engines.socket_url(lab, node), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if check and out.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} on {node}: {out.stdout}{out.stderr}")
+    return out.stdout
+
+
+def leftovers(name: str) -> list[str]:
+    """What is left on the host of lab `name`: processes, mounts, cgroups, namespaces, files
+    (the registry's storage counts too: call after a purge)."""
+    marks = (f"/run/shoal/lab/{name}/", f"/var/lib/shoal/lab/{name}/")
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if any(m in cmdline for m in marks):
+                found.append(f"process {entry.name}: {cmdline}")
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4]
+        if any((point + "/").startswith(m) for m in marks):
+            found.append(f"mount {point}")
+    for top in Path("/sys/fs/cgroup").iterdir():
+        for d, dirs, _ in os.walk(top):
+            depth = Path(d).relative_to(top).parts
+            if len(depth) >= 4:
+                dirs.clear()
+            found += [f"cgroup {d}/{x}" for x in dirs if x.startswith(f"{name}-")]
+    netns = Path("/run/netns")
+    found += [f"netns {p.name}" for p in netns.iterdir() if p.name.startswith(f"{name}-")]
+    for path in (labmod.RUN_DIR / name, labmod.RUN_DIR / f"{name}.json", labmod.DATA_DIR / name):
+        if path.exists():
+            found.append(f"file {path}")
+    return found

@@ -45,7 +45,7 @@ def restart(lab: Lab, node: str) -> None:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[tuple[Lab, str]]:
     if labmod.load(LAB) is not None:
-        labmod.down(LAB)
+        labmod.down(LAB, purge=True)
     lab = labmod.up(LAB, 2, SUBNET)
     try:
         daemons.start_all(lab)
@@ -58,7 +58,7 @@ def cluster() -> Iterator[tuple[Lab, str]]:
         shoal(lab, "sw1", "service", "create", "--name", MARKER, "--replicas", "0", "-d", "micro")
         yield lab, key
     finally:
-        labmod.down(LAB)
+        labmod.down(LAB, purge=True)
 
 
 def test_raft_data_is_encrypted_and_sealed_on_every_manager(cluster: tuple[Lab, str]) -> None:

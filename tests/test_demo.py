@@ -25,9 +25,11 @@ def test_demo_replays_the_blog_and_every_node_reaches_every_task() -> None:
             "helloworld scaled to 10",
             '"PublishedPort": 30000',
             '"Addr": "10.255.',
+            '"Image": "alpine:latest@sha256:',  # pinned to what the lab's registry has
+            "[sw3] $ docker images gianarb/micro",  # every node pulled it
         ):
             assert step in text, step
         for node in ("192.168.56.11", "192.168.56.12", "192.168.56.13"):
             assert f"({node}) answered by 10 of 10 tasks" in text
     finally:
-        subprocess.run([*shoal, "down"], env=env, capture_output=True)
+        subprocess.run([*shoal, "down", "--purge"], env=env, capture_output=True)

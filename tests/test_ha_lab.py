@@ -67,7 +67,7 @@ def statuses(lab: Lab, node: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Lab]:
     if labmod.load(LAB) is not None:
-        labmod.down(LAB)
+        labmod.down(LAB, purge=True)
     lab = labmod.up(LAB, len(NODES), SUBNET)
     try:
         daemons.start_all(lab)
@@ -89,7 +89,7 @@ def cluster() -> Iterator[Lab]:
         shoal(lab, "sw1", "service", "create", "--name", "reg", "--replicas", "0", "micro")
         yield lab
     finally:
-        labmod.down(LAB)
+        labmod.down(LAB, purge=True)
 
 
 def restore(lab: Lab) -> None:

@@ -12,6 +12,7 @@ import pytest
 from orchestrator.lab import lab as labmod
 from orchestrator.lab.meshlab import MeshLab
 from tests.netutil import answers
+from tests.test_lab_registry import leftovers
 
 pytestmark = pytest.mark.lab
 
@@ -43,6 +44,15 @@ def test_lab_cli_up_is_idempotent_and_down_removes_everything(tmp_path: Path) ->
         assert again.returncode == 0 and again.stdout == first.stdout
         listed = shoal("lab", "ls")
         assert "tclean" in listed.stdout and "192.168.57.12" in listed.stdout
+        # every node has its engine, the lab its registry (container executor, the default)
+        assert "unix:///run/shoal/lab/tclean/sw2/docker.sock" in listed.stdout
+        assert "tclean     registry 192.168.57.1:5000 (running)" in listed.stdout
+        ps = subprocess.run(
+            ["/usr/bin/docker", "-H", "unix:///run/shoal/lab/tclean/sw2/docker.sock", "ps"],
+            capture_output=True,
+            text=True,
+        )
+        assert ps.returncode == 0, ps.stderr
         out = shoal("lab", "exec", "--name", "tclean", "sw2", "--", "ip", "-4", "-o", "addr")
         assert "192.168.57.12/24" in out.stdout
         assert subprocess.run(["ping", "-c1", "-W2", "192.168.57.11"]).returncode == 0
@@ -54,10 +64,41 @@ def test_lab_cli_up_is_idempotent_and_down_removes_everything(tmp_path: Path) ->
             "lab", "up", "--name", "tclean", "--nodes", "1", "--subnet", "192.168.57.0/24"
         )
         assert "sw2" not in shrunk.stdout and "tclean-sw2" not in snapshot()[0]
+        # sw2's engine went with it
+        assert not [x for x in leftovers("tclean") if "/sw2" in x or "tclean-sw2" in x]
     finally:
-        down = shoal("lab", "down", "--name", "tclean")
+        down = shoal("lab", "down", "--name", "tclean", "--purge")
     assert down.returncode == 0
     assert snapshot() == before
+    assert leftovers("tclean") == []
+
+
+def test_lab_cli_native_labs_have_no_engine_and_down_keeps_only_the_registry() -> None:
+    try:
+        native = shoal(
+            "lab",
+            "up",
+            "--name",
+            "tclean",
+            "--nodes",
+            "1",
+            "--subnet",
+            "192.168.57.0/24",
+            "--executor",
+            "native",
+            "--no-daemons",
+        )
+        assert native.returncode == 0 and "native executor" in native.stdout, native.stderr
+        lab = labmod.load("tclean")
+        assert lab is not None and lab.executor == "native" and not lab.containers
+        other = shoal("lab", "up", "--name", "tclean", "--subnet", "192.168.57.0/24")
+        assert other.returncode == 1 and "runs the native executor" in other.stderr
+        vm = shoal("lab", "up", "--name", "tclean2", "--vm", "--executor", "container")
+        assert vm.returncode == 1 and "VM labs run the native executor" in vm.stderr
+    finally:
+        down = shoal("lab", "down", "--name", "tclean")
+    assert down.returncode == 0 and down.stdout == "lab tclean removed\n"
+    assert leftovers("tclean") == []
 
 
 def test_lab_errors_are_clear() -> None:
@@ -117,5 +158,6 @@ def test_mesh_cleanup_and_lab_down_restore_the_host(tmp_path: Path) -> None:
             assert "shoal" not in tables, ns
     finally:
         mesh.close()
-        labmod.down("tclean")
+        labmod.down("tclean", purge=True)
     assert snapshot() == before
+    assert leftovers("tclean") == []

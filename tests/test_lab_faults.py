@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.lab import daemons, faults
+from orchestrator.lab import daemons, engines, faults
 from orchestrator.lab import lab as labmod
 from orchestrator.lab.lab import Lab, LabError
+from tests.test_lab_registry import DOCKER, leftovers
 
 pytestmark = pytest.mark.lab
 
@@ -24,12 +25,13 @@ SUBNET = ipaddress.IPv4Network("192.168.72.0/24")
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     if labmod.load(LAB) is not None:
-        labmod.down(LAB)
-    made = labmod.up(LAB, 3, SUBNET)
+        labmod.down(LAB, purge=True)
+    made = labmod.up(LAB, 3, SUBNET)  # the container executor; engines start with shoald
     try:
         yield made
     finally:
-        labmod.down(LAB)
+        labmod.down(LAB, purge=True)
+    assert leftovers(LAB) == []
 
 
 def reaches(lab: Lab, src: str | None, dst: str) -> bool:
@@ -78,20 +80,57 @@ def lab_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_kill_and_start_a_nodes_daemon(lab: Lab) -> None:
-    daemons.start(lab, lab.node("sw2"))
+def engine(lab: Lab, node: str, *args: str) -> str:
+    return subprocess.run(
+        [DOCKER, "-H", engines.socket_url(lab, node), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+
+
+def dead(pid: int, started: int | None) -> bool:
+    """Gone, or a zombie (not reaped yet by whoever inherited it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return labmod.start_time(pid) != started or stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_kill_and_start_a_node(lab: Lab) -> None:
+    daemons.start(lab, lab.node("sw2"))  # its engine, then shoald
     daemons.wait_ready(lab, "sw2")
     # what shoald starts in a session of its own (shoal-mesh) dies with the node too
     stray = subprocess.Popen(labmod.exec_argv(lab, "sw2", ["sleep", "300"]), start_new_session=True)
+    # and so do containers, with processes of their own, whatever their network
+    micro = engine(lab, "sw2", "run", "-d", "micro").strip()
+    forked = engine(lab, "sw2", "run", "-d", "busybox", "sh", "-c", "sleep 300 & sleep 300").strip()
+    engine(lab, "sw2", "run", "-d", "--network", "host", "busybox", "sleep", "300")
+    in_containers = {p: labmod.start_time(p) for p in engines.pids(lab, "sw2")}
+    assert len(in_containers) >= 2 + 3 + 4  # dockerd, containerd; shims; containers' processes
     out = lab_cli("kill", "sw2")
     assert out.returncode == 0 and "sw2: killed" in out.stdout, out.stderr
     assert stray.wait(5) == -9
     record = labmod.load(LAB)
     assert record is not None and not labmod.running(record, "sw2")
     assert not daemons.ping(daemons.socket_path(record, "sw2"))
+    assert not engines.answers(record, "sw2")
+    assert engines.pids(record, "sw2") == []  # no engine, no container process
+    assert all(dead(p, started) for p, started in in_containers.items())
+    # the engine's state stays, as a crashed host's disk would
+    containers = engines.data_root(record, "sw2") / "containers"
+    assert {micro, forked} <= {p.name for p in containers.iterdir()}
     out = lab_cli("start", "sw2")
     assert out.returncode == 0 and "sw2: shoald running" in out.stdout, out.stderr
     assert daemons.ping(daemons.socket_path(record, "sw2"))
+    # the engine came up over what the crash left: its containers are there, exited
+    listed = engine(record, "sw2", "ps", "-a", "--format", "{{.ID}} {{.State}}")
+    states = dict(line.split() for line in listed.splitlines())
+    assert states[micro[:12]] == "exited" and states[forked[:12]] == "exited"
+    engine(record, "sw2", "start", micro)
+    assert engine(record, "sw2", "exec", micro, "wget", "-qO-", "http://127.0.0.1:8000/")
     again = lab_cli("start", "sw2")
     assert again.returncode == 1 and "already running" in again.stderr
 
@@ -107,14 +146,19 @@ def test_partition_and_heal_from_the_cli(lab: Lab) -> None:
 
 
 def test_down_stops_every_process_of_the_lab_tasks_included() -> None:
-    lab = labmod.up("tdown", 1, ipaddress.IPv4Network("192.168.58.0/24"))
+    lab = labmod.up("tdown", 1, ipaddress.IPv4Network("192.168.58.0/24"), engines=True)
     try:
         task_ns = f"{lab.node('sw1').netns}-task1"  # as the native executor names them
         subprocess.run(["ip", "netns", "add", task_ns], check=True)
         in_node = subprocess.Popen(labmod.exec_argv(lab, "sw1", ["sleep", "300"]))
         in_task = subprocess.Popen(["ip", "netns", "exec", task_ns, "sleep", "300"])
+        container = engine(lab, "sw1", "run", "-d", "busybox", "sleep", "300").strip()
+        in_container = int(engine(lab, "sw1", "inspect", "-f", "{{.State.Pid}}", container))
+        started = labmod.start_time(in_container)
         time.sleep(0.2)
     finally:
-        labmod.down("tdown")
+        labmod.down("tdown", purge=True)
     assert in_node.wait(5) is not None and in_task.wait(5) is not None
+    assert dead(in_container, started)
     assert not Path(f"/run/netns/{task_ns}").exists()
+    assert leftovers("tdown") == []

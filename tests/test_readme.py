@@ -38,7 +38,7 @@ def test_readme_commands_run_as_written() -> None:
                 assert "@published" in out.stdout
     finally:
         subprocess.run(
-            [sys.executable, "-m", "orchestrator.cli.main", "lab", "down"],
+            [sys.executable, "-m", "orchestrator.cli.main", "lab", "down", "--purge"],
             env=env,
             capture_output=True,
         )

@@ -74,7 +74,7 @@ def refused(lab: Lab, creds: NodeCredentials | None, service: str, method: str) 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, Path]]:
     if labmod.load(LAB) is not None:
-        labmod.down(LAB)
+        labmod.down(LAB, purge=True)
     lab = labmod.up(LAB, 3, SUBNET)
     pcap = tmp_path_factory.mktemp("capture") / "bridge.pcap"
     dump = subprocess.Popen(
@@ -93,7 +93,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, Pat
     finally:
         dump.send_signal(signal.SIGINT)
         dump.wait(10)
-        labmod.down(LAB)
+        labmod.down(LAB, purge=True)
 
 
 def test_join_refusals(cluster: tuple[Lab, Path]) -> None:

@@ -7,7 +7,7 @@ import ipaddress
 import os
 import sys
 
-from orchestrator.lab import daemons, demo, faults, vm, vmdemo
+from orchestrator.lab import daemons, demo, engines, faults, registry, vm, vmdemo
 from orchestrator.lab import lab as labmod
 from orchestrator.lab.lab import LabError
 
@@ -17,7 +17,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "lab",
         help="a cluster of network namespaces on this machine",
         description="Build and use a lab of nodes sw1..swN as network namespaces "
-        "on one underlay bridge (192.168.56.0/24 by default).",
+        "on one underlay bridge (192.168.56.0/24 by default). With the container executor (the "
+        "default), every node runs its own Docker engine, reachable from the host with "
+        "`docker -H unix:///run/shoal/lab/<lab>/<node>/docker.sock` (`shoal lab ls` prints "
+        "each), and the lab has a registry on its gateway, <gateway>:5000, seeded with "
+        "busybox, alpine, micro and gianarb/micro built from this machine's busybox-static.",
     )
     lab_sub = p.add_subparsers(dest="lab_command", metavar="COMMAND", required=True)
 
@@ -38,24 +42,56 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help=f"underlay subnet (default {labmod.DEFAULT_SUBNET})",
     )
     up.add_argument(
+        "--executor",
+        choices=labmod.EXECUTORS,
+        default=None,
+        help="how shoald runs tasks: container (the default): as containers of a dockerd per "
+        "node, images from the lab's registry at <gateway>:5000; native: as this machine's "
+        "programs in namespaces (docs/native-executor.md), no engine, no registry",
+    )
+    up.add_argument(
         "--vm",
         action="store_true",
-        help="nodes are QEMU VMs running Debian's kernel (IPVS, ESP), not namespaces",
+        help="nodes are QEMU VMs running Debian's kernel (IPVS, ESP), not namespaces; they "
+        "have no engine and run the native executor",
     )
     up.add_argument(
         "--no-daemons",
         action="store_true",
-        help="do not start shoald in the nodes or VMs (for driving shoal-mesh by hand)",
+        help="start no shoald, no engine and no registry in the nodes or VMs (for driving "
+        "shoal-mesh by hand)",
     )
     up.set_defaults(func=cmd_up)
 
-    env = named(lab_sub.add_parser("env", help="print the DOCKER_HOST line for a node"))
+    env = named(
+        lab_sub.add_parser(
+            "env",
+            help="print the DOCKER_HOST line for a node's shoald (or its engine)",
+            description="Print the DOCKER_HOST line for a node's shoald, or with --engine for "
+            "the node's own Docker engine (container executor), as `shoal lab ls` shows it.",
+        )
+    )
     env.add_argument("node", metavar="NODE", help="sw1, sw2, ...")
+    env.add_argument(
+        "--engine",
+        action="store_true",
+        help="the node's container engine rather than its shoald (to build, pull and push)",
+    )
     env.set_defaults(func=cmd_env)
 
-    named(lab_sub.add_parser("down", help="remove the lab and everything it made")).set_defaults(
-        func=cmd_down
+    down = named(
+        lab_sub.add_parser(
+            "down",
+            help="remove the lab and everything it made (but the registry's images: --purge)",
+        )
     )
+    down.add_argument(
+        "--purge",
+        action="store_true",
+        help="also remove the lab's registry storage (/var/lib/shoal/lab/<lab>/registry), "
+        "which otherwise keeps the images pushed to it for the next `lab up`",
+    )
+    down.set_defaults(func=cmd_down)
     demo_p = named(lab_sub.add_parser("demo", help="show the routing mesh at work, step by step"))
     demo_p.add_argument(
         "--vm", action="store_true", help="in VMs on Debian's kernel: the port balanced by IPVS"
@@ -63,10 +99,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     demo_p.set_defaults(func=cmd_demo)
     lab_sub.add_parser("ls", help="list labs and their nodes").set_defaults(func=cmd_ls)
 
-    kill = named(lab_sub.add_parser("kill", help="SIGKILL a node's shoald, without warning"))
+    kill = named(
+        lab_sub.add_parser(
+            "kill",
+            help="crash a node: SIGKILL its shoald, engine and containers, without warning",
+        )
+    )
     kill.add_argument("nodes", nargs="+", metavar="NODE")
     kill.set_defaults(func=cmd_kill)
-    start = named(lab_sub.add_parser("start", help="start a killed node's shoald again"))
+    start = named(lab_sub.add_parser("start", help="start a killed node's engine and shoald again"))
     start.add_argument("nodes", nargs="+", metavar="NODE")
     start.set_defaults(func=cmd_start)
     part = named(
@@ -104,6 +145,11 @@ def _require(name: str) -> labmod.Lab:
 
 def cmd_up(args: argparse.Namespace) -> int:
     if args.vm:
+        if args.executor == "container":
+            raise LabError(
+                "VM labs run the native executor (their nodes have no engine); drop "
+                "--executor container, or drop --vm for a namespace lab with engines"
+            )
         lab = vm.up(args.name, args.nodes, args.subnet)
         if not args.no_daemons:
             daemons.start_all(lab)
@@ -116,23 +162,36 @@ def cmd_up(args: argparse.Namespace) -> int:
         if not args.no_daemons:
             print(f"shoald runs in every VM: `shoal lab exec --name {lab.name} sw1 -- shoal ...`")
         return 0
-    lab = labmod.up(args.name, args.nodes, args.subnet)
+    lab = labmod.up(args.name, args.nodes, args.subnet, args.executor or "container")
     if not args.no_daemons:
         daemons.start_all(lab)
     print(
         f"lab {lab.name}: {len(lab.nodes)} node(s) on {lab.subnet} (bridge {lab.bridge}, "
-        f"{lab.gateway})"
+        f"{lab.gateway}), {lab.executor} executor"
     )
     for n in lab.nodes:
         print(f"  {n.name:6} {n.address:16} netns {n.netns}")
+    if lab.containers and not args.no_daemons:
+        print(
+            f"registry {registry.address(lab)}; a node's engine: `docker -H "
+            f"{engines.socket_url(lab, lab.nodes[0].name)} ...` (sw1's)"
+        )
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    if labmod.down(args.name):
-        print(f"lab {args.name} removed")
-    else:
+    existed = labmod.load(args.name) is not None
+    if not labmod.down(args.name, purge=args.purge):
         print(f"no lab named {args.name}; nothing to do")
+        return 0
+    kept = labmod.DATA_DIR / args.name
+    if not existed:  # --purge of what an earlier `down` kept
+        print(f"lab {args.name}'s registry storage removed")
+        return 0
+    if kept.exists():
+        print(f"lab {args.name} removed; its registry's images are kept in {kept} (--purge)")
+    else:
+        print(f"lab {args.name} removed")
     return 0
 
 
@@ -141,11 +200,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if not labs:
         print("no labs; create one with `shoal lab up --nodes 3`")
         return 0
-    print(f"{'LAB':10} {'NODE':6} {'ADDRESS':16} {'NETNS':16} PROCESSES")
+    print(f"{'LAB':10} {'NODE':6} {'ADDRESS':16} {'NETNS':16} {'PROCESSES':9} ENGINE")
     for lab in labs:
         for n in lab.nodes:
             pids = labmod.running(lab, n.name)
-            print(f"{lab.name:10} {n.name:6} {n.address:16} {n.netns:16} {len(pids)}")
+            engine = engines.socket_url(lab, n.name) if lab.containers else "-"
+            print(f"{lab.name:10} {n.name:6} {n.address:16} {n.netns:16} {len(pids):<9} {engine}")
+        if lab.containers:
+            state = "running" if registry.is_running(lab) else "not running"
+            print(f"{lab.name:10} registry {registry.address(lab)} ({state})")
     return 0
 
 
@@ -195,6 +258,17 @@ def cmd_env(args: argparse.Namespace) -> int:
             f"there, where DOCKER_HOST points at it: "
             f"`shoal lab exec --name {lab.name} {args.node} -- shoal node ls`"
         )
+    if args.engine:
+        lab.node(args.node)  # a clear error for an unknown node
+        if not lab.containers:
+            raise LabError(
+                f"lab {lab.name}'s nodes have no container engine (it runs the native "
+                "executor); make it with `shoal lab up --executor container`"
+            )
+        print(f"export DOCKER_HOST={engines.socket_url(lab, args.node)}")
+        print(f"# run this command to point docker at {args.node}'s own engine:")
+        print(f"# eval $(shoal lab env --engine {args.node})")
+        return 0
     print(f"export DOCKER_HOST={daemons.docker_host(lab, args.node)}")
     print(f"# run this command to point docker and shoal at {args.node}:")
     print(f"# eval $(shoal lab env {args.node})")

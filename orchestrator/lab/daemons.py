@@ -8,20 +8,32 @@ local stand-in is what is recorded): its socket and data root are on the VM's ow
 (`/run/shoal/shoal.sock`, `/var/lib/shoal`: a unix socket on the 9p-shared run dir would not
 connect), so only commands in the VM reach it; its log is still
 `/run/shoal/lab/<lab>/swN/shoald.log` on the host.
+
+In a lab with the container executor, a node's engine (orchestrator/lab/engines.py) starts
+before its shoald, which runs `--executor container --engine unix://<the engine's socket>`;
+the lab's registry (orchestrator/lab/registry.py) is started and seeded first if it is not
+running. Other labs' shoalds run `--executor native`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import http.client
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from orchestrator.lab import vm, vmagent
-from orchestrator.lab.lab import Lab, LabError, Node, add_process, exec_argv, load, running
+from orchestrator.lab import engines, registry, vm, vmagent
+from orchestrator.lab.lab import (
+    Lab,
+    LabError,
+    Node,
+    add_process,
+    exec_argv,
+    load,
+    running,
+    start_engines,
+)
 
 # Inside a VM (its /run and root are tmpfs); the VM agent points DOCKER_HOST here.
 VM_SOCKET = Path(vmagent.SHOALD_SOCKET)
@@ -48,6 +60,12 @@ def docker_host(lab: Lab, node: str) -> str:
     return f"unix://{socket_path(lab, node)}"
 
 
+def _executor_args(lab: Lab, node: str) -> list[str]:
+    if lab.containers:
+        return ["--executor", "container", "--engine", engines.socket_url(lab, node)]
+    return ["--executor", "native"]
+
+
 def _argv(lab: Lab, node: Node) -> list[str]:
     if lab.kind == vm.KIND:
         daemon = [
@@ -60,6 +78,7 @@ def _argv(lab: Lab, node: Node) -> list[str]:
             str(VM_DATA_ROOT),
             "--hostname",
             node.name,
+            *_executor_args(lab, node.name),
         ]
         return exec_argv(lab, node.name, daemon)
     # nsenter, not `ip netns exec`: that gives the process a mount namespace of its own, and
@@ -79,12 +98,20 @@ def _argv(lab: Lab, node: Node) -> list[str]:
         node.name,
         "--netns-prefix",
         node.netns,
+        *_executor_args(lab, node.name),
     ]
 
 
 def start(lab: Lab, node: Node) -> int | None:
     """Start shoald in a node unless it answers already, recorded so `down` stops it; returns
-    the new pid (in a VM lab, that of its local stand-in: signals and kills go through it)."""
+    the new pid (in a VM lab, that of its local stand-in: signals and kills go through it).
+    In a container lab, the node's engine first (and the lab's registry, if it is not up)."""
+    if lab.containers:
+        if not registry.is_running(lab):
+            registry.start(lab)
+            registry.seed(lab)
+        engines.start(lab, node.name)
+        engines.wait_ready(lab, node.name)
     if answers(lab, node.name):
         return None
     d = node_dir(lab, node.name)
@@ -102,6 +129,11 @@ def start(lab: Lab, node: Node) -> int | None:
         log.close()
     add_process(lab.name, node.name, proc.pid)
     return proc.pid
+
+
+def ping(path: Path) -> bool:
+    """Does the Engine API on this unix socket (shoald's) answer /_ping?"""
+    return engines.ping(path)
 
 
 def answers(lab: Lab, node: str) -> bool:
@@ -148,31 +180,10 @@ def wait_ready(lab: Lab, node: str, timeout: float | None = None) -> None:
     raise LabError(f"shoald in {node} did not come up within {timeout:.0f} s; see {log}")
 
 
-def ping(path: Path) -> bool:
-    conn = _UnixConnection(str(path))
-    try:
-        conn.request("GET", "/_ping")
-        return conn.getresponse().status == 200
-    except OSError:
-        return False
-    finally:
-        conn.close()
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str):
-        super().__init__("localhost", timeout=2)
-        self.path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(2)
-        sock.connect(self.path)
-        self.sock = sock
-
-
 def start_all(lab: Lab) -> None:
-    """shoald in every node of the lab (idempotent), recorded so `down` stops them."""
+    """shoald in every node of the lab (idempotent), recorded so `down` stops them; in a
+    container lab, the registry and every node's engine first."""
+    start_engines(lab)
     for node in lab.nodes:
         start(lab, node)
     for node in lab.nodes:

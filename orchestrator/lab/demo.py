@@ -3,8 +3,10 @@
 Each step prints the command as a user would type it on a node, then its real output:
 init a swarm on sw1, join sw2 and sw3 with the token, list the nodes, run `helloworld`
 (alpine pinging a lab address: there is no internet here), scale it to 10, inspect a task,
-publish `micro` on the routing mesh, then curl every node's port 30000 until every one of the
-10 tasks has answered through each node. The lab stays up afterwards, to play with.
+publish `gianarb/micro` on the routing mesh, then curl every node's port 30000 until every one
+of the 10 tasks has answered through each node. Tasks are containers of real images, which
+every node's engine pulls from the lab's registry (its Docker Hub mirror). The lab stays up
+afterwards, to play with.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from orchestrator.lab import daemons
+import docker
+
+from orchestrator.lab import daemons, engines, registry
 from orchestrator.lab import lab as labmod
 from orchestrator.lab.lab import Lab, LabError
 from orchestrator.node import DEFAULT_PORT
 
 REPLICAS = 10
 PUBLISHED = 30000
+IMAGE = "gianarb/micro"  # the blog's; the lab registry has it (built here from busybox)
 
 
 def _say(text: str) -> None:
@@ -65,7 +70,8 @@ def run(
     lab = labmod.up(name, 3, subnet)
     daemons.start_all(lab)
     for n in lab.nodes:
-        print(f"  {n.name:6} {n.address}")
+        print(f"  {n.name:6} {n.address}   its engine: {engines.socket_url(lab, n.name)}")
+    print(f"  registry {registry.address(lab)} (the nodes' Docker Hub mirror)")
     sw1 = lab.node("sw1")
 
     _say("Create the swarm on sw1, the first manager")
@@ -122,7 +128,7 @@ def run(
     _say("A task, in detail")
     _shoal(lab, "sw1", "inspect", task)
 
-    _say("micro answers with its IP and hostname; publish it on the routing mesh")
+    _say("gianarb/micro answers with its IP and hostname; publish it on the routing mesh")
     _shoal(
         lab,
         "sw1",
@@ -134,7 +140,7 @@ def run(
         str(REPLICAS),
         "--publish",
         "8000/tcp",
-        "micro",
+        IMAGE,
     )
     svc = json.loads(_shoal(lab, "sw1", "service", "inspect", "micro", show=False))[0]
     print("[sw1] $ shoal service inspect micro   (the endpoint)")
@@ -146,6 +152,10 @@ def run(
     ):
         raise LabError(f"unexpected endpoint: port {port}, VIP {vip}")
     _shoal(lab, "sw1", "service", "ps", "micro")
+    _say("Every node's engine pulled the image from the lab's registry")
+    for node in lab.nodes:
+        print(f"[{node.name}] $ docker images {IMAGE}")
+        print(_images(lab, node.name))
 
     _say(f"Any node's port {PUBLISHED} reaches any task, round-robin")
     for node in lab.nodes:
@@ -164,6 +174,27 @@ def run(
         "`shoal lab down` removes everything."
     )
     return 0
+
+
+def _images(lab: Lab, node: str) -> str:
+    """`docker images IMAGE` against the node's own engine."""
+    client = docker.APIClient(base_url=engines.socket_url(lab, node), version="1.41")
+    try:
+        found = client.images(name=IMAGE)
+    finally:
+        client.close()
+    if not found:
+        raise LabError(f"{node}'s engine has no {IMAGE}")
+    rows = [("REPOSITORY", "TAG", "IMAGE ID", "SIZE")]
+    for image in found:
+        for tag in image.get("RepoTags") or [f"{IMAGE}:<none>"]:
+            repo, _, version = tag.rpartition(":")
+            size = f"{image['Size'] / 1e6:.1f}MB"
+            rows.append((repo, version, image["Id"].split(":")[1][:12], size))
+    widths = [max(len(r[i]) for r in rows) + 3 for i in range(3)]
+    return "\n".join(
+        "".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + r[3] for r in rows
+    )
 
 
 def _curl(address: str) -> str:

@@ -25,7 +25,7 @@ from mesh.nft.transaction import (
     list_tables,
 )
 from mesh.nft.wire import NftSocket
-from orchestrator.lab import daemons
+from orchestrator.lab import daemons, engines
 from orchestrator.lab.lab import Lab, LabError, running, stop_pids
 
 TABLE = "shoal-lab"
@@ -37,19 +37,26 @@ CUT = "cut-off"
 
 
 def kill(lab: Lab, node: str) -> list[int]:
-    """SIGKILL the node's daemons (shoald, its shoal-mesh, anything else running in the node's
-    namespace), without warning: the node is gone as far as peers know. Tasks, in namespaces
-    of their own, keep running until shoald comes back, which stops them and runs them anew
-    (as Docker without live-restore does)."""
+    """A crash of the whole node: SIGKILL, all at once and without warning, its daemons
+    (shoald, its shoal-mesh, anything else running in the node's namespace) and, in a
+    container lab, its engine (dockerd, containerd, the shims) and every container process.
+    The node is gone as far as peers know; its disk stays as a crashed host's would (the
+    engine's containers and images, shoald's data). In a native lab, tasks, in namespaces of
+    their own, keep running until shoald comes back, which stops them and runs them anew (as
+    Docker without live-restore does)."""
     if lab.kind != "netns":
         raise LabError(_NETNS_ONLY)
-    pids = sorted(set(running(lab, node)) | set(processes_in([lab.node(node).netns])))
-    stop_pids(pids, signal.SIGKILL)
-    return pids
+    netns = lab.node(node).netns
+    pids = set(running(lab, node)) | set(processes_in([netns])) | set(engines.pids(lab, node))
+    stop_pids(sorted(pids), signal.SIGKILL)
+    # and what forked meanwhile (a container's process while its siblings died)
+    pids |= set(engines.stop(lab, node))
+    return sorted(pids)
 
 
 def start(lab: Lab, node: str) -> int | None:
-    """Start the node's shoald again (it keeps its membership in its data root)."""
+    """Start the node again: its engine (over the state the crash left, as after a reboot),
+    then shoald (which keeps its membership in its data root)."""
     if lab.kind != "netns":
         raise LabError(_NETNS_ONLY)
     if running(lab, node):

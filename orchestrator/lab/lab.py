@@ -4,6 +4,13 @@ The bridge lives in the root namespace with the first address of the underlay su
 nodes (192.168.56.11, .12, ... by default, the blog's VirtualBox host-only network) are
 reachable from the host. Everything a lab makes is named after the lab (`shoal-sw1`,
 `shoal-br`, ...) and recorded in /run/shoal/lab/<lab>.json; `down` removes exactly that.
+
+A lab's executor says how its shoalds run tasks. "container" (the default): each node has its
+own container engine (orchestrator/lab/engines.py) and the lab a registry on its gateway
+(orchestrator/lab/registry.py), seeded with images built here; they start with the daemons
+(`shoal lab up`, daemons.start_all) or with `up(..., engines=True)`. "native": neither. Data
+that outlives the run dir (engines' images and containers, the registry's storage) is under
+/var/lib/shoal/lab/<lab>/; `down` removes it, but for the registry's storage unless purged.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ DEFAULT_LAB = os.environ.get("SHOAL_LAB", "shoal")
 DEFAULT_SUBNET = ipaddress.IPv4Network("192.168.56.0/24")
 FIRST_HOST = 11
 RUN_DIR = Path("/run/shoal/lab")
+DATA_DIR = Path("/var/lib/shoal/lab")
+EXECUTORS = ("container", "native")
 _LAB_NAME = re.compile(r"^[a-z][a-z0-9]{0,9}$")
 
 
@@ -58,6 +67,9 @@ class Lab:
     # "netns", or "vm": nodes are VMs whose bridge and taps live in a namespace of the lab's
     # own (orchestrator/lab/vm.py)
     kind: str = "netns"
+    # how its shoalds run tasks: "container" (an engine per node, the lab's registry) or
+    # "native"; records made before executors were a choice, and VM labs, are native
+    executor: str = "native"
 
     @property
     def gateway(self) -> str:
@@ -73,6 +85,16 @@ class Lab:
     @property
     def run_dir(self) -> Path:
         return RUN_DIR / self.name
+
+    @property
+    def data_dir(self) -> Path:
+        """What outlives the run dir: engines' data, the registry's storage."""
+        return DATA_DIR / self.name
+
+    @property
+    def containers(self) -> bool:
+        """Do this lab's nodes run an engine, and the lab a registry?"""
+        return self.kind == "netns" and self.executor == "container"
 
 
 def _record(name: str) -> Path:
@@ -136,12 +158,20 @@ def _subnet_in_use(subnet: ipaddress.IPv4Network, own_bridge: str) -> str | None
 
 
 def up(
-    name: str = DEFAULT_LAB, nodes: int = 3, subnet: ipaddress.IPv4Network = DEFAULT_SUBNET
+    name: str = DEFAULT_LAB,
+    nodes: int = 3,
+    subnet: ipaddress.IPv4Network = DEFAULT_SUBNET,
+    executor: str = "container",
+    engines: bool = False,
 ) -> Lab:
-    """Make the lab have exactly `nodes` nodes; idempotent."""
+    """Make the lab have exactly `nodes` nodes; idempotent. With engines (and the container
+    executor), also start what its shoalds will need: the lab's registry, seeded, and every
+    node's engine (as `shoal lab up` does before the daemons)."""
     check_name(name)
     if not 1 <= nodes <= 99:
         raise LabError(f"--nodes must be between 1 and 99, not {nodes}")
+    if executor not in EXECUTORS:
+        raise LabError(f"unknown executor {executor!r}: use one of {', '.join(EXECUTORS)}")
     if subnet.prefixlen > 24:
         raise LabError(f"underlay subnet {subnet} is too small; use a /24 or larger")
     with locked():
@@ -156,6 +186,11 @@ def up(
                 f"lab {name} already exists on {lab.subnet}; run `shoal lab down "
                 f"--name {name}` first to move it to {subnet}"
             )
+        if lab is not None and lab.executor != executor:
+            raise LabError(
+                f"lab {name} runs the {lab.executor} executor; give --executor {lab.executor}, "
+                f"or run `shoal lab down --name {name}` first to make it {executor}"
+            )
         if lab is None:
             bridge = f"{name}-br"
             clash = _subnet_in_use(subnet, bridge)
@@ -164,7 +199,7 @@ def up(
                     f"the underlay {subnet} is already in use ({clash}); pick another "
                     "with --subnet or remove what uses it"
                 )
-            lab = Lab(name=name, subnet=str(subnet), bridge=bridge)
+            lab = Lab(name=name, subnet=str(subnet), bridge=bridge, executor=executor)
         save(lab)  # record first, so `down` can clean a half-made lab
         _ensure_bridge(lab)
         for i in range(1, nodes + 1):
@@ -180,7 +215,25 @@ def up(
             _remove_node(lab, node)
             lab.nodes.remove(node)
             save(lab)
-        return lab
+    if engines:
+        start_engines(lab)  # not under the lock: what it starts is recorded under it
+        lab = load(name) or lab
+    return lab
+
+
+def start_engines(lab: Lab) -> None:
+    """For a container lab: its registry (started, seeded) and every node's engine, up and
+    answering; idempotent. Nothing for native and VM labs."""
+    if not lab.containers:
+        return
+    from orchestrator.lab import engines, registry  # noqa: PLC0415 - they build on this module
+
+    registry.start(lab)
+    registry.seed(lab)
+    for node in lab.nodes:
+        engines.start(lab, node.name)
+    for node in lab.nodes:
+        engines.wait_ready(lab, node.name)
 
 
 def _ensure_bridge(lab: Lab) -> None:
@@ -245,10 +298,16 @@ def _ensure_node(lab: Lab, node: Node) -> None:
 
 
 def _remove_node(lab: Lab, node: Node) -> None:
+    from orchestrator.lab import engines  # noqa: PLC0415 - engines builds on this module
+
+    # the engine first, and at once: its containers have nothing to save, and shoald then
+    # finds no task to stop on its way out
+    engines.stop(lab, node.name)
     _kill(lab.processes.pop(node.name, []))
     # and whatever the node's daemons started and left behind (shoal-mesh runs in its own
     # session; tasks in their own namespaces)
     stop_pids(processes_in(node_namespaces(lab, node)), signal.SIGKILL)
+    engines.cleanup(lab, node.name)
     for ns in node_namespaces(lab, node):
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     # what `ip netns exec` binds into task namespaces (nameserver, hostname)
@@ -312,23 +371,38 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def down(name: str = DEFAULT_LAB) -> bool:
-    """Remove the lab and all it made; False if there was no such lab."""
+def down(name: str = DEFAULT_LAB, purge: bool = False) -> bool:
+    """Remove the lab and all it made but its registry's storage (images pushed to it), which
+    purge removes too; False if there was nothing to remove."""
     check_name(name)
+    data_dir = DATA_DIR / name
     with locked():
         lab = load(name)
         if lab is None:
+            if purge and data_dir.exists():  # the storage an earlier `down` kept
+                shutil.rmtree(data_dir)
+                return True
             return False
         if lab.kind == "vm":
             from orchestrator.lab import vm  # noqa: PLC0415 - vm builds on this module
 
             vm.remove(lab)
         else:
+            from orchestrator.lab import registry  # noqa: PLC0415 - it builds on this module
+
             for node in list(lab.nodes):
                 _remove_node(lab, node)
+            registry.stop(lab)
             with iproute(None) as ipr:
                 for index in ipr.link_lookup(ifname=lab.bridge):
                     ipr.link("del", index=index)
+        if purge:
+            if data_dir.exists():
+                shutil.rmtree(data_dir)
+        else:
+            for d in (data_dir / "nodes", data_dir):  # left only if empty
+                with contextlib.suppress(OSError):
+                    d.rmdir()
         if lab.run_dir.is_dir():
             for p in sorted(lab.run_dir.rglob("*"), reverse=True):
                 p.rmdir() if p.is_dir() else p.unlink()
