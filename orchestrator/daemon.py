@@ -19,7 +19,7 @@ import uvloop
 from aiohttp import web
 
 from mesh.cli import setup_logging
-from orchestrator.agent.exec.select import DEFAULT_ENGINE, KINDS
+from orchestrator.agent.exec.select import DEFAULT_ENGINE, KINDS, ExecutorError
 
 log = logging.getLogger("shoal.daemon")
 
@@ -48,7 +48,10 @@ async def serve(args: argparse.Namespace) -> None:
             engine=args.engine,
         )
     )
-    await node.resume()
+    try:
+        await node.resume()
+    except ExecutorError as e:
+        raise SystemExit(f"shoald: {e}") from None
     app = build(node)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

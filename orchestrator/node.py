@@ -173,7 +173,7 @@ class NodeRuntime:
         restart)."""
         if self._executor is None:
             self._executor = await make_executor(
-                self.cfg.executor, self.cfg.engine, self.cfg.netns_prefix, self.task_dir
+                self.cfg.executor, self.cfg.engine, self.cfg.netns_prefix, self.cfg.data_root
             )
         if not self.path.exists():
             return

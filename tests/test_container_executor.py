@@ -25,7 +25,8 @@ import docker.errors
 import docker.types
 import pytest
 
-from orchestrator.agent.exec.base import LABEL_NODE_ID, LABEL_ROLE, LABEL_TASK_ID
+from orchestrator.agent.exec.base import LABEL_NODE_ID, LABEL_TASK_ID
+from orchestrator.agent.exec.container import GATE_MOUNT
 from orchestrator.images import rootfs
 from orchestrator.lab import daemons, engines, registry
 from orchestrator.lab import lab as labmod
@@ -140,7 +141,7 @@ def test_an_image_pushed_to_the_lab_registry_runs_on_every_node_through_the_mesh
             assert set(counts) == ips and set(counts.values()) == {10}, (node.name, counts)
         # each node's engine pulled the image and runs exactly one task container of it
         for node in swarm.nodes:
-            mine = containers(swarm, node.name, **{LABEL_ROLE: "task"})
+            mine = containers(swarm, node.name, **{"com.docker.swarm.service.name": "app"})
             assert [c["Image"] for c in mine if c["State"] == "running"] == [spec["Image"]]
     finally:
         run(swarm, "sw1", DOCKER, "service", "rm", "app")
@@ -156,7 +157,9 @@ def test_the_task_runs_its_image_as_its_spec_says(swarm: Lab, sdk: Any) -> None:
         # as user nobody, only the mount table tells what is read-only
         'awk \'$2 == "/" || $2 == "/data" || $2 == "/vol" {print "mount", $2, $3, '
         "substr($4, 1, 2)}' /proc/mounts; "
-        "cat /sys/fs/cgroup/memory/memory.limit_in_bytes; echo pid1=$(cat /proc/1/comm)"
+        "cat /sys/fs/cgroup/memory/memory.limit_in_bytes; echo pid1=$(cat /proc/1/comm); "
+        # the environment this shell was started with: the engine's, nothing of the gate's
+        "echo envkeys=$(tr '\\0' '\\n' < /proc/$$/environ | cut -d= -f1 | sort | tr '\\n' ,)"
     )
     bind_dir = f"/tmp/{LAB}-bind"
     os.makedirs(bind_dir, exist_ok=True)
@@ -183,7 +186,9 @@ def test_the_task_runs_its_image_as_its_spec_says(swarm: Lab, sdk: Any) -> None:
         assert "tmpfs-ok" in out and "mount / overlay ro" in out, out  # tmpfs is 1777
         assert "mount /data ext4 ro" in out and "mount /vol ext4 rw" in out, out
         assert str(64 * 2**20) in out and "pid1=docker-init" in out, out
-        [c] = containers(swarm, "sw2", **{LABEL_TASK_ID: task["ID"], LABEL_ROLE: "task"})
+        [keys] = [line.split("=", 1)[1].split(",") for line in out if line.startswith("envkeys")]
+        assert {"GREETING", "HOSTNAME", "PATH"} <= set(keys) and not {"SHLVL", "PWD"} & set(keys)
+        [c] = containers(swarm, "sw2", **{LABEL_TASK_ID: task["ID"]})
         api = engine(swarm, "sw2")
         got = api.inspect_container(c["Id"])
         api.close()
@@ -198,6 +203,7 @@ def test_the_task_runs_its_image_as_its_spec_says(swarm: Lab, sdk: Any) -> None:
             "/data": "bind",
             "/scratch": "tmpfs",
             "/vol": "volume",
+            GATE_MOUNT: "bind",  # the executor's gate, read-only
         }
     finally:
         run(swarm, "sw1", DOCKER, "service", "rm", "spec", check=False)
@@ -381,16 +387,15 @@ def test_a_restarted_shoald_leaves_one_container_per_task(swarm: Lab, sdk: Any) 
                     for c in containers(swarm, n.name, **{LABEL_NODE_ID: nid})
                     if c["State"] == "running"
                 ]
-                tasks = Counter(c[LABEL_TASK_ID] for c in up if c[LABEL_ROLE] == "task")
-                sandboxes = Counter(c[LABEL_TASK_ID] for c in up if c[LABEL_ROLE] == "sandbox")
+                tasks = Counter(c[LABEL_TASK_ID] for c in up)
                 names = sorted(p for p in os.listdir("/run/netns") if p.startswith(n.netns + "-"))
-                if not tasks == sandboxes == live:
-                    found.append(f"{n.name}: tasks {tasks}, sandboxes {sandboxes}, live {live}")
+                if tasks != live:
+                    found.append(f"{n.name}: containers {tasks}, live {live}")
                 if names != sorted(f"{n.netns}-{t[:12]}" for t in live):
                     found.append(f"{n.name}: namespaces {names}, live {live}")
             return found
 
-        # one container (and one sandbox, one namespace) per running task, nothing else
+        # one container (and one namespace) per running task, nothing else
         try:
             wait(lambda: not mismatches(), "one container per task", 20)
         except AssertionError:

@@ -60,7 +60,7 @@ def members(image: rootfs.Image) -> dict[str, tarfile.TarInfo]:
 
 def test_images_are_built_from_busybox_static_the_same_every_time() -> None:
     assert rootfs.busybox_path() == "/bin/busybox"
-    for build in (rootfs.busybox, rootfs.micro, rootfs.pause):
+    for build in (rootfs.busybox, rootfs.micro):
         first, second = build(), build()
         assert first.layer == second.layer and first.id == second.id, build.__name__
     box = members(rootfs.busybox())
@@ -71,8 +71,6 @@ def test_images_are_built_from_busybox_static_the_same_every_time() -> None:
     assert {m.uid for m in box.values()} == {0} and len({m.mtime for m in box.values()}) == 1
     assert "nobody:x:65534" in rootfs.PASSWD
     assert rootfs.busybox().config["Cmd"] == ["sh"]
-    assert set(members(rootfs.pause())) == {"bin", "bin/busybox", "bin/sleep"}
-    assert rootfs.pause().config["Entrypoint"] == ["/bin/sleep", "2147483647"]
     small = members(rootfs.micro())
     assert small["www/cgi-bin/index.cgi"].mode == 0o755
     assert rootfs.micro().config["ExposedPorts"] == {"8000/tcp": {}}
@@ -198,25 +196,6 @@ def test_micro_answers_as_micro_py_does_and_under_concurrent_requests(lab: Lab) 
         assert set(got) == {node.address}
     finally:
         docker_cli(lab, "sw2", "rm", "-f", "m2", check=False)
-
-
-def test_pause_loads_into_an_engine_and_stops_at_once(lab: Lab) -> None:
-    image = rootfs.pause()
-    c = client(lab, "sw1")
-    try:
-        [loaded] = c.images.load(rootfs.save_archive(image, "shoal/pause:test"))
-        assert loaded.id == image.id and "shoal/pause:test" in loaded.tags
-        box = c.containers.run("shoal/pause:test", detach=True, network_mode="none")
-        try:
-            box.reload()
-            assert box.status == "running" and box.attrs["Path"] == "/bin/sleep"
-            started = time.monotonic()
-            box.stop()
-            assert time.monotonic() - started < 3
-        finally:
-            box.remove(force=True)
-    finally:
-        c.close()
 
 
 def test_an_engine_is_its_nodes_own_and_leaves_the_network_alone(lab: Lab) -> None:

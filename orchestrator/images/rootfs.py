@@ -13,8 +13,9 @@ there changes nothing.
            orchestrator/apps/micro.py, `GET /` answers 200 with {"ip": <the local address the
            connection arrived on>, "hostname": <the container's hostname>} (TCP only: the
            Python micro's UDP answers are not there).
-  pause    /bin/busybox and its `sleep` alone, sleeping forever: the process that holds a
-           task's network namespace (the container executor's sandbox).
+
+The container executor uses `busybox_path()` too: its gate (agent/exec/container.py) is this
+busybox, bind-mounted into every task's container.
 """
 
 from __future__ import annotations
@@ -236,22 +237,6 @@ def micro() -> Image:
             "WorkingDir": "/",
             "ExposedPorts": {f"{MICRO_PORT}/tcp": {}},
             "Labels": {"org.shoal.app": "micro"},
-        },
-    )
-
-
-def pause() -> Image:
-    tree = _Tree()
-    _with_busybox(tree, ["sleep"])
-    return Image(
-        tree.tar(),
-        {
-            "Entrypoint": ["/bin/sleep", "2147483647"],
-            "Env": [PATH_ENV],
-            "WorkingDir": "/",
-            # sleep as PID 1 ignores SIGTERM: `docker stop` kills it at once instead of after
-            # the 10 s grace period (it holds a namespace; there is nothing to shut down)
-            "StopSignal": "SIGKILL",
         },
     )
 

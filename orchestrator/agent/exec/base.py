@@ -22,7 +22,6 @@ LABEL_SERVICE_ID = "com.docker.swarm.service.id"
 LABEL_TASK_ID = "com.docker.swarm.task.id"
 LABEL_TASK_NAME = "com.docker.swarm.task.name"
 LABEL_NODE_ID = "com.docker.swarm.node.id"
-LABEL_ROLE = "com.shoal.role"  # "task" (the task's container) | "sandbox" (its network)
 
 
 class Rejected(Exception):

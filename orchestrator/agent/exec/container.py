@@ -1,33 +1,39 @@
 """The container executor: every task a container of its image, run by the node's engine
 (docs/container-executor.md). As swarmkit's agent/exec/dockerapi does, with the network from
-the mesh rather than from the engine:
+the mesh rather than from the engine, in place before the task's process starts:
 
 - PREPARING: the image is pulled (once for all tasks wanting it at the same time; a digest
-  already here is not asked for again); a *sandbox* container (`<task name>.sandbox`, the
-  executor's own tiny image, network `none`, the task's hostname, resolv.conf naming the mesh's
-  resolver at 127.0.0.11) is started to hold the task's network namespace, which is named
-  `<node prefix>-<task id[:12]>` (`ip netns attach`) for the mesh to plug; the task's container
-  is created, sharing the sandbox's network (`network_mode=container:`).
-- READY once the mesh has plugged it; STARTING, RUNNING: the container starts, its network
-  already there (an application connecting to a service name at its first instruction
-  succeeds).
+  already here is not asked for again) and the task's container created, network `none`, its
+  hostname, resolv.conf naming the mesh's resolver at 127.0.0.11, and its command behind a
+  *gate*: the engine starts `/.shoal/busybox sh -c 'read < /.shoal/go && exec ...'` (a
+  read-only bind of the executor's own static busybox and a FIFO), which holds the container's
+  network namespace while the task's own program has not run yet. The namespace is named
+  `<node prefix>-<task id[:12]>` (`ip netns attach`) for the mesh to plug.
+- READY once the mesh has plugged it; STARTING, RUNNING: the executor writes to the FIFO and
+  the gate `exec`s the task's command (the image's entrypoint and command, or the spec's), with
+  the container's environment as the engine made it: an application connecting to a service
+  name at its first instruction succeeds. One container per task, as Docker runs.
 - The engine's event stream says when it exits (exit code, OOM kill).
-- Releasing a task removes its sandbox and namespace and keeps its stopped container, whose
-  logs `service logs` reads, until the managers delete the task (the sweep).
+- Releasing a task removes its namespace and gate and keeps its stopped container, whose logs
+  `service logs` reads, until the managers delete the task (the sweep).
 
 Everything made carries Docker's swarm labels (`com.docker.swarm.task.id`, `.node.id`, ...),
-so a restarted shoald finds what its predecessor left: it removes every sandbox and running
-container of its node before running anything (Docker without live-restore), and keeps stopped
-ones until their tasks are gone.
+so a restarted shoald finds what its predecessor left: it removes every running container of
+its node before running anything (Docker without live-restore), and keeps stopped ones until
+their tasks are gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import errno
 import logging
+import os
+import shutil
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import docker.errors
@@ -35,7 +41,6 @@ import docker.types
 
 from orchestrator.agent.exec.base import (
     LABEL_NODE_ID,
-    LABEL_ROLE,
     LABEL_TASK_ID,
     EngineUnavailable,
     Exit,
@@ -58,23 +63,26 @@ from orchestrator.manager.templates import expand
 
 log = logging.getLogger(__name__)
 
-SANDBOX_REPOSITORY = "shoal/sandbox"
-ROLE_TASK = "task"
-ROLE_SANDBOX = "sandbox"
 LABEL_TTY = "com.shoal.tty"  # its logs are one stream, not multiplexed
+GATE_MOUNT = "/.shoal"  # in the container: the gate's busybox and FIFO, read-only
+# The gate: wait for the executor's word, then become the task's command. busybox sh exports
+# SHLVL and PWD of its own: `env -u` takes them out again (unless the container's own
+# environment has them), so the command gets exactly the environment the engine made.
+GATE_SCRIPT = 'read -r _ < {mount}/go && exec {mount}/busybox env {unset}-- "$@"'
+GATE_OPEN_TIMEOUT = 10.0  # seconds for the gate's shell to be waiting on its FIFO
 
 
 class ContainerExecutor:
     kind = "container"
 
-    def __init__(self, engine: Engine, netns_prefix: str):
+    def __init__(self, engine: Engine, netns_prefix: str, state_dir: Path):
         self.engine = engine
         self.netns_prefix = netns_prefix
+        self.gates = state_dir / "gates"  # a directory per task: busybox (a link) and its FIFO
         self.node_id = ""
-        self.sandbox_image = ""
         self._pulls: dict[str, asyncio.Future[None]] = {}  # image -> the pull under way
+        self._configs: dict[str, dict[str, Any]] = {}  # pinned image -> its config
         self._cleanup: asyncio.Future[list[str]] | None = None
-        self._image_lock = asyncio.Lock()
         self.live: dict[str, ContainerController] = {}  # task id -> controller, until released
 
     async def start(self, node_id: str) -> None:
@@ -87,6 +95,7 @@ class ContainerExecutor:
             log.error("%s; its tasks wait for it", e)
             removed = []
         removed += await remove_leftover_namespaces(self.netns_prefix)
+        await asyncio.to_thread(self._reset_gates)
         if removed:
             log.warning(
                 "removed %d containers and namespaces an earlier shoald left (%s); the "
@@ -119,32 +128,39 @@ class ContainerExecutor:
     def health(self) -> str | None:
         return self.engine.down_reason
 
+    # ---- the gate -------------------------------------------------------------------------
+
+    def _reset_gates(self) -> None:
+        """No task is ours yet: the gates an earlier shoald left go; a fresh busybox."""
+        shutil.rmtree(self.gates, ignore_errors=True)
+        self.gates.mkdir(parents=True, mode=0o755)
+        shutil.copy2(rootfs.busybox_path(), self.gates / "busybox")
+        os.chmod(self.gates / "busybox", 0o755)
+
+    def make_gate(self, task_id: str) -> Path:
+        """The task's gate directory: busybox (linked, not copied) and a FIFO."""
+        gate = self.gates / task_id
+        shutil.rmtree(gate, ignore_errors=True)
+        gate.mkdir(mode=0o755)
+        os.link(self.gates / "busybox", gate / "busybox")
+        os.mkfifo(gate / "go")
+        os.chmod(gate / "go", 0o666)  # the task's user, whoever it is, reads it
+        return gate
+
     # ---- images ---------------------------------------------------------------------------
 
-    async def ready(self) -> None:
-        """The sandbox's image is in the engine: made here from the host's busybox-static (no
-        registry needed), tagged with its content's digest so a new one never mixes with an
-        old one."""
-        if self.sandbox_image:
-            return
-        async with self._image_lock:
-            if self.sandbox_image:
-                return
-            image = await asyncio.to_thread(rootfs.pause)
-            name = f"{SANDBOX_REPOSITORY}:{hashlib.sha256(image.layer).hexdigest()[:12]}"
-            if not await self._have(name):
-                archive = await asyncio.to_thread(rootfs.save_archive, image, name)
-                await self.engine.call(lambda api: list(api.load_image(archive)))
-                log.info("loaded the sandbox image %s into the engine", name)
-            self.sandbox_image = name
-
-    async def pull(self, image: str, auth: str) -> None:
-        """Pull once for everyone wanting the image now. A digest already here is not asked
-        for again; a tag is (it may have moved), but if the registry cannot be reached and the
-        image is here, the task runs what is here (Docker's behaviour)."""
+    async def image(self, image: str, auth: str) -> dict[str, Any]:
+        """The image's config (Entrypoint, Cmd, Env, ...), pulled first if need be, once for
+        everyone wanting it at the same time. A digest already here is not asked for again
+        (and its config is remembered: it cannot change); a tag is pulled each time (it may have
+        moved), but if the registry cannot be reached and the image is here, the task runs
+        what is here (Docker's behaviour)."""
         ref = reference.parse(image)
-        if ref.digest and await self._have(image):
-            return
+        if ref.digest:
+            known = self._configs.get(image) or await self._config(image)
+            if known is not None:
+                self._configs[image] = known
+                return known
         running = self._pulls.get(image)
         if running is None:
             running = self._pulls[image] = asyncio.ensure_future(self._pull(ref, auth))
@@ -152,10 +168,17 @@ class ContainerExecutor:
         try:
             await asyncio.shield(running)
         except docker.errors.APIError as e:
-            if await self._have(image):
-                log.warning("pulling %s failed (%s); using the image already here", image, e)
-                return
-            raise Rejected(f"pulling image {image}: {explain(e)}") from None
+            here = await self._config(image)
+            if here is None:
+                raise Rejected(f"pulling image {image}: {explain(e)}") from None
+            log.warning("pulling %s failed (%s); using the image already here", image, e)
+            return here
+        config = await self._config(image)
+        if config is None:
+            raise Rejected(f"image {image} is not in the engine after its pull")
+        if ref.digest:
+            self._configs[image] = config
+        return config
 
     async def _pull(self, ref: reference.Reference, auth: str) -> None:
         tag = ref.digest or ref.tag or "latest"
@@ -171,14 +194,13 @@ class ContainerExecutor:
 
         await self.engine.call(pull)
 
-    async def _have(self, image: str) -> bool:
+    async def _config(self, image: str) -> dict[str, Any] | None:
+        """The config of the image if the engine has it."""
         try:
-            await self.engine.call(lambda api: api.inspect_image(image))
+            found = await self.engine.call(lambda api: api.inspect_image(image))
         except docker.errors.ImageNotFound:
-            return False
-        except docker.errors.APIError:
-            return False
-        return True
+            return None
+        return dict(found.get("Config") or {})
 
     async def distribution(self, image: str, auth: str) -> dict[str, Any]:
         try:
@@ -199,15 +221,15 @@ class ContainerExecutor:
         )
 
     async def _remove_strays(self) -> list[str]:
-        """Every sandbox and every running task container of this node that is not a live
-        task's (an earlier shoald's, or failed while the engine was away); stopped task
-        containers stay for their logs until the sweep."""
+        """Every running container of this node that is not a live task's (an earlier
+        shoald's, or failed while the engine was away); stopped ones stay for their logs until
+        the sweep."""
         removed = []
         for c in await self._ours():
             labels = c.get("Labels") or {}
             if labels.get(LABEL_TASK_ID, "") in self.live:
                 continue
-            if labels.get(LABEL_ROLE) == ROLE_SANDBOX or c.get("State") == "running":
+            if c.get("State") == "running":
                 await self._remove_container(c["Id"])
                 removed.append(str((c.get("Names") or [c["Id"][:12]])[0]).lstrip("/"))
         return removed
@@ -237,10 +259,7 @@ class ContainerExecutor:
         self, task_id: str, tail: int | None, since_ns: int, follow: bool
     ) -> AsyncIterator[LogEntry]:
         found = await self.engine.call(
-            lambda api: api.containers(
-                all=True,
-                filters={"label": [f"{LABEL_TASK_ID}={task_id}", f"{LABEL_ROLE}={ROLE_TASK}"]},
-            )
+            lambda api: api.containers(all=True, filters={"label": f"{LABEL_TASK_ID}={task_id}"})
         )
         if not found:
             return
@@ -256,8 +275,10 @@ class ContainerController:
         self.task = task
         self._netns = netns_name(executor.netns_prefix, task.id)
         self._netns_made = False
-        self.sandbox_id = ""
         self.container_id = ""
+        self.pid = 0
+        self.gate: Path | None = None
+        self.exit: asyncio.Future[Exit] | None = None  # its exit, watched from before it starts
         self.stop_signal = "SIGTERM"
 
     @property
@@ -275,64 +296,69 @@ class ContainerController:
             expand(given, self.task.template_context) if given else default_hostname(self.task.id)
         )
 
-    def _labels(self, role: str) -> dict[str, str]:
-        tty = {LABEL_TTY: "true"} if self.task.spec.tty and role == ROLE_TASK else {}
-        return {**self.task.labels, LABEL_ROLE: role, **tty}
+    def _labels(self) -> dict[str, str]:
+        tty = {LABEL_TTY: "true"} if self.task.spec.tty else {}
+        return {**self.task.labels, **tty}
 
     async def prepare(self) -> None:
+        """Pull, create, start behind the gate, name its namespace for the mesh."""
         self.executor.live[self.task.id] = self
         try:
-            await self.executor.ready()
-            await self.executor.pull(self.task.spec.image, self.task.registry_auth)
-            await self._make_sandbox()
-            await self._create()
+            config = await self.executor.image(self.task.spec.image, self.task.registry_auth)
+            argv, env = self._command(config)
+            self.gate = await asyncio.to_thread(self.executor.make_gate, self.task.id)
+            await self._create(argv, env, config)
+            self.exit = self.engine.watch(self.container_id)
+            await self.engine.call(lambda api: api.start(self.container_id))
+            state = await self.engine.call(
+                lambda api: api.inspect_container(self.container_id)["State"]
+            )
         except docker.errors.APIError as e:
             raise Rejected(explain(e)) from None
+        self.pid = int(state.get("Pid") or 0)
+        if not state.get("Running") or not self.pid:
+            raise Rejected(f"the container stopped before its network was ready: {state}")
+        if await run_quietly("ip", "netns", "attach", self._netns, str(self.pid)) != 0:
+            raise Rejected(f"cannot name the task's network namespace (process {self.pid})")
+        self._netns_made = True
 
-    async def _make_sandbox(self) -> None:
+    def _command(self, config: dict[str, Any]) -> tuple[list[str], list[str]]:
+        """What the gate becomes (Docker's rule: the spec's Command replaces the image's
+        entrypoint and takes only the spec's Args; Args alone replace the image's Cmd), and the
+        container's environment (templates expanded)."""
+        spec, ctx = self.task.spec, self.task.template_context
+        if spec.command:
+            argv = [*spec.command, *spec.args]
+        else:
+            argv = [*(config.get("Entrypoint") or []), *(spec.args or config.get("Cmd") or [])]
+        if not argv:
+            raise Rejected(
+                f"no command: image {spec.image} has no entrypoint or command, and the service "
+                "gives none"
+            )
+        env = [
+            f"{k}={expand(v, ctx)}" if sep else k
+            for k, sep, v in (e.partition("=") for e in spec.env)
+        ]
+        return argv, env
+
+    async def _create(self, argv: list[str], env: list[str], config: dict[str, Any]) -> None:
+        spec, ctx = self.task.spec, self.task.template_context
+        assert self.gate is not None
         ips = self.task.ips
         hostname = self.hostname
+        have = {e.split("=", 1)[0] for e in [*(config.get("Env") or []), *env]}
+        unset = "".join(f"-u {v} " for v in ("SHLVL", "PWD") if v not in have)
+        script = GATE_SCRIPT.format(mount=GATE_MOUNT, unset=unset)
+        gate_mount = docker.types.Mount(GATE_MOUNT, str(self.gate), type="bind", read_only=True)
 
-        def make(api: docker.APIClient) -> tuple[str, int]:
+        def create(api: docker.APIClient) -> str:
             host_config = api.create_host_config(
                 network_mode="none",
                 dns=["127.0.0.11"],
                 dns_opt=["ndots:0"],
                 extra_hosts={hostname: ips[0]} if ips else None,
-                pids_limit=16,
-            )
-            made = api.create_container(
-                self.executor.sandbox_image,
-                name=f"{self.task.name}.sandbox",
-                hostname=hostname,
-                labels=self._labels(ROLE_SANDBOX),
-                host_config=host_config,
-            )
-            api.start(made["Id"])
-            return made["Id"], int(api.inspect_container(made["Id"])["State"]["Pid"])
-
-        try:
-            self.sandbox_id, pid = await self.engine.call(make)
-        except docker.errors.APIError as e:
-            if e.status_code != 409:  # a name conflict: a leftover of this very task
-                raise
-            await self.executor._remove_container(f"{self.task.name}.sandbox")
-            self.sandbox_id, pid = await self.engine.call(make)
-        if await run_quietly("ip", "netns", "attach", self._netns, str(pid)) != 0:
-            raise Rejected(f"cannot name the network namespace of the task's sandbox ({pid})")
-        self._netns_made = True
-
-    async def _create(self) -> None:
-        spec, ctx = self.task.spec, self.task.template_context
-        env = [
-            f"{k}={expand(v, ctx)}" if sep else k
-            for k, sep, v in (e.partition("=") for e in spec.env)
-        ]
-
-        def create(api: docker.APIClient) -> str:
-            host_config = api.create_host_config(
-                network_mode=f"container:{self.sandbox_id}",
-                mounts=[_mount(m, ctx) for m in spec.mounts] or None,
+                mounts=[*(_mount(m, ctx) for m in spec.mounts), gate_mount],
                 read_only=spec.read_only or None,
                 init=spec.init,
                 mem_limit=spec.limits.memory_bytes or None,
@@ -344,12 +370,13 @@ class ContainerController:
             made = api.create_container(
                 spec.image,
                 name=self.task.name,
-                entrypoint=list(spec.command) or None,
-                command=list(spec.args) or None,
+                hostname=hostname,
+                entrypoint=[f"{GATE_MOUNT}/busybox", "sh", "-c", script, "shoal-gate", *argv],
+                command=[],
                 environment=env or None,
                 user=spec.user or None,
                 working_dir=spec.dir or None,
-                labels=self._labels(ROLE_TASK),
+                labels=self._labels(),
                 stop_signal=spec.stop_signal or None,
                 stop_timeout=max(1, spec.stop_grace // 1_000_000_000),
                 tty=spec.tty,
@@ -360,28 +387,27 @@ class ContainerController:
         try:
             self.container_id = await self.engine.call(create)
         except docker.errors.APIError as e:
-            if e.status_code != 409:
+            if e.status_code != 409:  # a name conflict: a leftover of this very task
                 raise
             await self.executor._remove_container(self.task.name)
             self.container_id = await self.engine.call(create)
         # the spec's stop signal, else the image's (the engine merged it), else SIGTERM
-        config = await self.engine.call(
-            lambda api: api.inspect_container(self.container_id)["Config"]
-        )
         self.stop_signal = str(config.get("StopSignal") or "SIGTERM")
+        if spec.stop_signal:
+            self.stop_signal = spec.stop_signal
 
     async def start(self) -> dict[str, Any]:
+        """Open the gate: the task's command runs now."""
+        assert self.gate is not None
         try:
-            await self.engine.call(lambda api: api.start(self.container_id))
-            state = await self.engine.call(
-                lambda api: api.inspect_container(self.container_id)["State"]
-            )
-        except docker.errors.APIError as e:
-            raise StartFailed(f"starting container failed: {explain(e)}") from None
-        return {"ContainerID": self.container_id, "PID": int(state.get("Pid") or 0)}
+            await asyncio.to_thread(_open_gate, self.gate / "go", self.pid)
+        except OSError as e:
+            raise StartFailed(f"starting the task's command failed: {e}") from None
+        return {"ContainerID": self.container_id, "PID": self.pid}
 
     async def wait(self) -> Exit:
-        return await self.engine.wait_exit(self.container_id)
+        assert self.exit is not None
+        return await asyncio.shield(self.exit)
 
     async def terminate(self) -> None:
         await self._signal(self.stop_signal)
@@ -396,7 +422,7 @@ class ContainerController:
             await self.engine.call(lambda api: api.kill(self.container_id, signal=sig))
 
     async def remove(self) -> None:
-        """Kill the task's process if it still runs, remove its sandbox and namespace; its
+        """Kill the task's process if it still runs, remove its namespace and gate; its
         stopped container stays for its logs."""
         if self.container_id:
             with contextlib.suppress(EngineUnavailable, docker.errors.APIError):
@@ -405,13 +431,34 @@ class ContainerController:
                 )
                 if state.get("Running"):
                     await self.kill()
-        if self.sandbox_id:
-            with contextlib.suppress(EngineUnavailable, docker.errors.APIError):
-                await self.executor._remove_container(self.sandbox_id)
+        if self.container_id:
+            self.engine.unwatch(self.container_id)
         # Its processes die with the namespace's, even when the engine does not answer.
         await remove_namespace(self._netns)
         self._netns_made = False
+        if self.gate is not None:
+            await asyncio.to_thread(shutil.rmtree, self.gate, True)
         self.executor.live.pop(self.task.id, None)
+
+
+def _open_gate(fifo: Path, pid: int) -> None:
+    """Tell the gate to go: once its shell waits on the FIFO (a non-blocking open for writing
+    fails until a reader has it open), one line."""
+    deadline = time.monotonic() + GATE_OPEN_TIMEOUT
+    while True:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            if time.monotonic() > deadline or not Path(f"/proc/{pid}").exists():
+                raise OSError(f"its gate (process {pid}) is not waiting") from None
+            time.sleep(0.005)
+    try:
+        os.write(fd, b"go\n")
+    finally:
+        os.close(fd)
 
 
 def _mount(m: MountSpec, ctx: Any) -> docker.types.Mount:

@@ -77,7 +77,8 @@ class Engine:
         self.url = url
         self.api: docker.APIClient | None = None  # made on first use
         self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="engine")
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._watches: dict[str, asyncio.Future[Exit]] = {}  # container ID -> its exit
+        self._ooms: set[str] = set()  # watched containers the kernel killed for memory
         self._stop = threading.Event()
         self._events_thread: threading.Thread | None = None
         self._events_client: docker.APIClient | None = None
@@ -169,16 +170,18 @@ class Engine:
                 backoff = 0.2
                 stream = client.events(
                     since=since if since is not None else started,
-                    filters={"type": ["container"], "event": ["die"], "label": [label_filter]},
+                    filters={
+                        "type": ["container"],
+                        "event": ["oom", "die"],
+                        "label": [label_filter],
+                    },
                     decode=True,
                 )
                 for event in stream:
                     if stop.is_set():
                         return
                     since = float(event.get("timeNano", time.time_ns())) / 1e9
-                    cid = str(event.get("id") or "")
-                    if cid:
-                        self._wake(cid)
+                    self._seen(event)
                 since = time.time()
             except Exception as e:
                 if since is None:
@@ -213,42 +216,50 @@ class Engine:
         if self._loop is not None and self.on_change is not None:
             self._loop.call_soon_threadsafe(self.on_change)
 
-    def _wake(self, cid: str) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._resolve, cid)
+    def _seen(self, event: dict[str, Any]) -> None:
+        """An event of the stream (its thread): an OOM kill is noted, an exit ends a watch."""
+        cid = str(event.get("id") or "")
+        if not cid or self._loop is None:
+            return
+        if event.get("status") == "oom":
+            self._loop.call_soon_threadsafe(self._ooms.add, cid)
+            return
+        attrs = (event.get("Actor") or {}).get("Attributes") or {}
+        try:
+            code = int(attrs.get("exitCode", -1))
+        except ValueError:
+            code = -1
+        self._loop.call_soon_threadsafe(self._exited, cid, code)
 
-    def _resolve(self, cid: str) -> None:
-        for fut in self._waiters.pop(cid, []):
-            if not fut.done():
-                fut.set_result(None)
+    def _exited(self, cid: str, code: int) -> None:
+        watch = self._watches.pop(cid, None)
+        oom = cid in self._ooms
+        self._ooms.discard(cid)
+        if watch is not None and not watch.done():
+            watch.set_result(Exit(code, oom=oom))
 
     def _fail_waiters(self) -> None:
         reason = self.down_reason or "the container engine does not answer"
-        waiters, self._waiters = self._waiters, {}
-        for futs in waiters.values():
-            for fut in futs:
-                if not fut.done():
-                    fut.set_exception(EngineUnavailable(reason))
+        watches, self._watches = self._watches, {}
+        self._ooms.clear()
+        for watch in watches.values():
+            if not watch.done():
+                watch.set_exception(EngineUnavailable(reason))
 
-    async def wait_exit(self, cid: str) -> Exit:
-        """Until the container exits (seen in the event stream, or already exited)."""
+    def watch(self, cid: str) -> asyncio.Future[Exit]:
+        """The container's exit, from the event stream: watch it before starting it (an exit
+        after a break of the stream is replayed when it reconnects)."""
+        watch: asyncio.Future[Exit] = asyncio.get_running_loop().create_future()
         if self.down_reason is not None:
-            raise EngineUnavailable(self.down_reason)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(cid, []).append(fut)
-        try:
-            state = await self.call(lambda api: api.inspect_container(cid)["State"])
-            if not state.get("Running"):
-                return _exit(state)
-            await fut
-            state = await self.call(lambda api: api.inspect_container(cid)["State"])
-            return _exit(state)
-        finally:
-            futs = self._waiters.get(cid, [])
-            if fut in futs:
-                futs.remove(fut)
-                if not futs:
-                    del self._waiters[cid]
+            watch.set_exception(EngineUnavailable(self.down_reason))
+        else:
+            self._watches[cid] = watch
+        return watch
+
+    def unwatch(self, cid: str) -> None:
+        watch = self._watches.pop(cid, None)
+        if watch is not None:
+            watch.cancel()
 
     # ---- logs -----------------------------------------------------------------------------
 
@@ -335,14 +346,6 @@ def _frames(raw: Any) -> Iterator[tuple[int, bytes]]:
         if size and not data:
             return
         yield stream, data
-
-
-def _exit(state: dict[str, Any]) -> Exit:
-    return Exit(
-        code=int(state.get("ExitCode") or 0),
-        oom=bool(state.get("OOMKilled")),
-        error=str(state.get("Error") or ""),
-    )
 
 
 def _parse_time_ns(stamp: str) -> int:
