@@ -4,7 +4,7 @@
                          [--tls on|off|both] [--shoal-tick S] [--shoal-election-tick N]
                          [--no-etcd] [--debug] [--node-wrapper SCRIPT]
 
-Shoal: three `python -m bench.raftnode` processes (RaftLog + Store + gRPC server each, WAL
+Shoal: three `python -m bench.raftnode` processes (RaftNode + Store + gRPC server each, WAL
 on disk under a temporary directory in /tmp, encrypted at rest as every manager's is:
 orchestrator/raft/sealing.py), formed as shoald will form them: the first bootstraps, the
 others join as learners and are promoted. With TLS (the default) they talk mutual TLS as real
@@ -12,15 +12,17 @@ managers do (`ManagerRuntime`): this driver makes a root CA (`RootCA.create()`) 
 member a manager certificate of one cluster ID from it (`NodeCSR`, `Issuer.sign_csr`), saved
 with `NodeCertificates.create` in the member's directory; the member serves behind the
 manager's `AuthInterceptor` with `control_server_credentials()` and dials the others with
-`certs.channel(target, peers.LINK_OPTIONS)`. Without TLS: plain TCP, as before #5.
+`certs.channel(target, LINK_OPTIONS)`. Without TLS: plain TCP, as before mutual TLS
+(docs/security.md).
 
 etcd: Debian's etcd-server (3.4), three members on 127.0.0.1, default settings (heartbeat
 100 ms, election timeout 1000 ms, fsync on), data under the same temporary directory. With TLS
 it gets what Shoal gets: peer mutual TLS (--peer-cert-file, --peer-key-file,
 --peer-trusted-ca-file, --peer-client-cert-auth) and client TLS with client certificates
-(--cert-file, --key-file, --trusted-ca-file, --client-cert-auth), https URLs, from a CA of its
-own made here (ECDSA P-256, members' certificates for IP 127.0.0.1), and this driver dials it
-with a client certificate. Each member's log is checked for https URLs (client and peer) before
+(--cert-file, --key-file, --trusted-ca-file, --client-cert-auth), https URLs, from a root CA
+of its own made as the swarm's is (`EtcdPKI`: orchestrator/ca/pki.py's `RootCA` and node
+certificates, with an IP SAN for 127.0.0.1), and this driver dials it with a client
+certificate. Each member's log is checked for https URLs (client and peer) before
 anything is measured.
 
 --tls on|off|both: `both` runs a TLS and a plain cluster of each system side by side, so one
@@ -67,17 +69,12 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 import grpc
 import uvloop
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc import aio
 
 from bench.raftnode import percentile
@@ -475,19 +472,12 @@ def _identity(b: bytes) -> bytes:
     return b
 
 
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
 @dataclass(frozen=True)
 class EtcdPKI:
-    """A CA of etcd's own (ECDSA P-256, as Shoal's) and what it signed: a certificate for each
-    member, used for its client and its peer ports (server and client auth, IP 127.0.0.1),
-    and one for this driver's client."""
+    """etcd's certificates, from the swarm's own PKI (orchestrator/ca/pki.py): a root CA of its
+    own (`RootCA.create()`, ECDSA P-256) and a node certificate for each member, used for its
+    client and its peer ports, and one for this driver's client. etcd dials its peers and this
+    driver dials etcd by address, so each certificate also names 127.0.0.1 (an IP SAN)."""
 
     dir: Path
 
@@ -505,58 +495,20 @@ class EtcdPKI:
     def create(cls, directory: Path, names: list[str]) -> EtcdPKI:
         directory.mkdir(mode=0o700, parents=True)
         pki = cls(directory)
-        now = datetime.now(UTC)
-        # the same kind of root as a swarm's (ECDSA P-256); etcd's leaves need IP SANs, which
-        # node certificates do not carry, so those are made here
         root = RootCA.create()
-        ca, ca_key, ca_name = root.cert, root.key, root.cert.subject
-        assert ca_key is not None
-        pki.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+        issuer = root.issuer(DEFAULT_NODE_CERT_EXPIRY)
+        pki.ca.write_bytes(root.cert_pem)
         for name in names:
-            key = ec.generate_private_key(ec.SECP256R1())
-            cert = (
-                x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-                .issuer_name(ca_name)
-                .public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - timedelta(hours=1))
-                .not_valid_after(now + timedelta(days=30))
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(
-                    x509.KeyUsage(
-                        digital_signature=True,
-                        key_encipherment=True,
-                        content_commitment=False,
-                        data_encipherment=False,
-                        key_agreement=False,
-                        key_cert_sign=False,
-                        crl_sign=False,
-                        encipher_only=False,
-                        decipher_only=False,
-                    ),
-                    critical=True,
-                )
-                .add_extension(
-                    x509.ExtendedKeyUsage(
-                        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                    ),
-                    critical=False,
-                )
-                .add_extension(
-                    x509.SubjectAlternativeName(
-                        [x509.IPAddress(IPv4Address("127.0.0.1")), x509.DNSName("localhost")]
-                    ),
-                    critical=False,
-                )
-                .add_extension(
-                    x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                    critical=False,
-                )
-                .sign(ca_key, hashes.SHA256())
+            csr = NodeCSR.generate()
+            chain = issuer.sign_csr(
+                csr.pem,
+                node_id=name,
+                role=Role.MANAGER,
+                cluster_id="bench-etcd",
+                ip_addresses=[IPv4Address("127.0.0.1")],
             )
-            pki.cert(name).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-            pki.key(name).write_bytes(_pem_key(key))
+            pki.cert(name).write_bytes(chain)
+            pki.key(name).write_bytes(csr.key_pem)
             pki.key(name).chmod(0o600)
         return pki
 

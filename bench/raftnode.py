@@ -5,20 +5,23 @@
                              [--tick S] [--election-tick N] [--verbose]
 
 It runs what a manager runs for its store (`ManagerRuntime` in orchestrator/manager/runtime.py,
-without the control loops, the dispatcher, the CA and the join port): a `RaftLog` (WAL in DIR,
+without the control loops, the dispatcher, the CA and the join port): a `RaftNode` (WAL in DIR,
 its records and snapshots encrypted at rest with the manager's data key, orchestrator/raft/
-sealing.py, stored in the clear in DIR as without autolock) under a `Store`, served by a gRPC
-server on 127.0.0.1:PORT, on uvloop like shoald.
+sealing.py, stored in the clear in DIR as without autolock) on a `GrpcTransport` under a
+`Store`, served by a gRPC server on 127.0.0.1:PORT, on uvloop like shoald.
 
 With --certs, the node's credentials are loaded from CERTDIR (`NodeCertificates.load`, the files
 shoald keeps under <data-root>/certificates/, made by the driver from a root CA of its own) and
 it talks mutual TLS as a manager does: its server is `jsonrpc.server` behind the manager's
 `AuthInterceptor` (runtime.POLICY, the cluster ID from its certificate, an empty deny list) on a
 port with `control_server_credentials()`, and its links to the other members are
-`certs.channel(target, peers.LINK_OPTIONS)`. With --plain, the same server without the
-interceptor on an insecure port, and insecure links (`peers.insecure_channel`): what managers
-did before mutual TLS (#5), kept to measure what TLS costs. Without --tick/--election-tick it
-uses `RaftSettings()`'s defaults.
+`certs.channel(target, LINK_OPTIONS)`. With --plain, the same server without the
+interceptor on an insecure port, and insecure links (`grpc_transport.insecure_channel`): what
+managers did before mutual TLS (docs/security.md), kept to measure what TLS costs. Without
+--tick/--election-tick it uses `RaftSettings()`'s defaults.
+
+If the Raft node stops on its own (a broken invariant, a failed disk), the process logs why and
+exits with status 70, as shoald's manager stops serving.
 
 The bench driver controls it with JSON lines on stdin; every request carries an "rid" and gets
 exactly one JSON line back on stdout with the same "rid" ("error" on failure). Requests run
@@ -65,10 +68,17 @@ from grpc import aio
 from orchestrator.ca.authz import AuthInterceptor, Authorizer, DenyList
 from orchestrator.ca.certs import NodeCertificates
 from orchestrator.manager.runtime import POLICY
-from orchestrator.rpc import jsonrpc, peers
+from orchestrator.raft.grpc_transport import (
+    LINK_OPTIONS,
+    ChannelFactory,
+    GrpcTransport,
+    insecure_channel,
+)
+from orchestrator.raft.node import ID_LEN, RaftNode, RaftSettings
+from orchestrator.raft.storage import on_disk
+from orchestrator.rpc import jsonrpc
 from orchestrator.store.log import NotLeader
 from orchestrator.store.objects import Node
-from orchestrator.store.raftlog import ID_LEN, RaftLog, RaftSettings
 from orchestrator.store.store import Conflict, Store, Tx
 
 log = logging.getLogger("bench.raftnode")
@@ -116,7 +126,7 @@ class BenchNode:
             rid, _, addr = item.partition("=")
             known[int(rid)] = addr
         self.certs: NodeCertificates | None = None
-        channel_factory: peers.ChannelFactory = peers.insecure_channel
+        channel_factory: ChannelFactory = insecure_channel
         if not args.plain:
             certs = NodeCertificates.load(Path(args.certs))
             if certs is None:
@@ -124,15 +134,16 @@ class BenchNode:
             self.certs = certs
 
             def channel_factory(target: str) -> aio.Channel:
-                return certs.channel(target, peers.LINK_OPTIONS)  # as ManagerRuntime's
+                return certs.channel(target, LINK_OPTIONS)  # as ManagerRuntime's
 
-        self.rlog = RaftLog(
-            Path(args.dir),
+        self.transport = GrpcTransport(channel_factory)
+        self.rlog = RaftNode(
             self.id,
             self.addr,
+            on_disk(Path(args.dir)),
+            self.transport,
             settings,
             random.Random(),
-            channel_factory=channel_factory,
             bootstrap=args.bootstrap,
             known=known,
         )
@@ -146,7 +157,7 @@ class BenchNode:
         if is_leader:
             self._elected_at = time.monotonic()
 
-    async def run(self) -> None:
+    async def run(self) -> int:
         # made here, not in __init__: a grpc.aio server belongs to the loop it is created on
         if self.certs is not None:
             # as ManagerRuntime.start serves its control port
@@ -158,23 +169,39 @@ class BenchNode:
             port = server.add_insecure_port(self.addr)
         if port == 0:
             raise OSError(f"cannot listen on {self.addr}")
-        server.add_generic_rpc_handlers(self.rlog.handlers())
+        server.add_generic_rpc_handlers(self.transport.handlers())
         await server.start()
         await self.rlog.start()
         reader = asyncio.StreamReader(limit=1 << 20)
         loop = asyncio.get_running_loop()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
         self._reply({"rid": 0, "ready": True, "addr": self.addr, "tls": self.certs is not None})
+        requests = asyncio.create_task(self._requests(reader))
+        stopped = asyncio.create_task(self._raft_stopped())
+        await asyncio.wait({requests, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        # stdin closed (the driver is gone or done with us), or the Raft node stopped
+        requests.cancel()
+        stopped.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        failure = self.rlog.failure
+        await self.rlog.close()
+        await server.stop(None)
+        if failure is not None:
+            log.critical("%s", failure)
+            return 70
+        return 0
+
+    async def _raft_stopped(self) -> None:
+        with contextlib.suppress(Exception):  # its failure is read from rlog.failure
+            await self.rlog.wait()
+
+    async def _requests(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
             req = json.loads(line)
             task = asyncio.create_task(self._serve(req))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        # stdin closed: the driver is gone or done with us
-        for t in list(self._tasks):
-            t.cancel()
-        await self.rlog.close()
-        await server.stop(None)
 
     @staticmethod
     def _reply(doc: dict[str, Any]) -> None:
@@ -215,7 +242,7 @@ class BenchNode:
                 "timeout": raft.randomized_election_timeout,
                 "last": raft.log.last_index(),
                 "committed": raft.log.committed,
-                "peers": {k: vars(v) for k, v in r.transport.stats().items()},
+                "peers": {k: vars(v) for k, v in self.transport.stats().items()},
                 "progress": {
                     str(k): [p.state.value, p.match, p.next, p.paused, len(p.inflights.items)]
                     for k, p in raft.prs.items()
@@ -344,8 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(created).3f %(name)s %(message)s",
     )
-    uvloop.run(BenchNode(args).run())
-    return 0
+    return int(uvloop.run(BenchNode(args).run()))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@ from mesh.nft.wire import NftError
 from mesh.reconcile import Mesh, task_namespaces
 from mesh.state import StateError, load_state
 
+# __name__, as the package is imported; shoald runs this module as `python -m mesh.cli`,
+# where __name__ is "__main__".
+log = logging.getLogger("mesh.cli")
+
 DEFAULT_RUN_DIR = Path("/run/shoal/mesh")
 
 
@@ -103,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace) -> int:
     name, balancer = choose(args.lb_backend)
-    logging.getLogger("shoal.mesh").info("load balancer: %s", name)
+    log.info("load balancer: %s", name)
     cfg = DaemonConfig(
         state_path=args.state,
         lb_backend=name,

@@ -10,16 +10,18 @@ connection to a dead host does.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from mesh.netlink.attrs import attr, attrs_dict, nest
+from mesh.netlink.core import NetlinkRefused
+from mesh.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK, NfnlSocket
 from mesh.netns import run_in_netns
-from mesh.nft.wire import NftError, NftSocket, attr, attrs_dict, iter_attrs, nest
 
-NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_GET = 1
 IPCTNL_MSG_CT_DELETE = 2
 CTA_TUPLE_ORIG = 1
@@ -107,9 +109,9 @@ def delete_stale(netns: str | None, targets: Iterable[Target]) -> int:
 
     def work() -> int:
         deleted = 0
-        with NftSocket() as sock:
-            for raw in sock.dump(IPCTNL_MSG_CT_GET, AF_INET, subsys=NFNL_SUBSYS_CTNETLINK):
-                a = dict(iter_attrs(raw))
+        with NfnlSocket(NFNL_SUBSYS_CTNETLINK) as sock:
+            for raw in sock.dump(IPCTNL_MSG_CT_GET, AF_INET):
+                a = attrs_dict(raw)
                 orig = _parse_tuple(a.get(CTA_TUPLE_ORIG, b""))
                 reply = _parse_tuple(a.get(CTA_TUPLE_REPLY, b""))
                 if orig is None or reply is None:
@@ -128,15 +130,14 @@ def delete_stale(netns: str | None, targets: Iterable[Target]) -> int:
                     continue
                 try:
                     sock.request(
-                        NFNL_SUBSYS_CTNETLINK,
                         IPCTNL_MSG_CT_DELETE,
                         AF_INET,
                         nest(CTA_TUPLE_ORIG, _encode_tuple(orig)),
                         "delete conntrack entry",
                     )
                     deleted += 1
-                except NftError as e:
-                    if e.errnos != {2}:  # already gone
+                except NetlinkRefused as e:
+                    if e.errnos != {errno.ENOENT}:  # already gone
                         raise
         return deleted
 

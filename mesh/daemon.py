@@ -30,7 +30,7 @@ from mesh.metrics import MeshStatus, make_registry
 from mesh.reconcile import Mesh, SyncReport, task_namespaces
 from mesh.state import MeshState, StateError, load_state
 
-log = logging.getLogger("shoal.mesh")
+log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.2
 MAX_BACKOFF = 30.0

@@ -42,13 +42,14 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from mesh.naming import VXLAN_PORT
+from mesh.netlink.attrs import attr_be32, attr_str
 from mesh.netns import run_in_netns
 from mesh.nft import expr as E
 from mesh.nft.transaction import HOOK_INPUT, HOOK_OUTPUT, HOOK_POSTROUTING, Hook, Transaction
-from mesh.nft.wire import NftError, NftSocket, attr_str, attr_u32
+from mesh.nft.wire import NftError, NftSocket
 from mesh.state import Encryption, EncryptionKey, MeshState
 
-log = logging.getLogger("shoal.mesh.ipsec")
+log = logging.getLogger(__name__)
 
 TABLE = "shoal-esp"
 ESP_MARK = 0x00E5E500
@@ -258,7 +259,7 @@ def _rule_key(vni: int) -> list[E.Expr]:
 
 
 def _count(name: str) -> E.Expr:
-    return E.Expr("objref", attr_u32(1, E.NFT_OBJECT_COUNTER) + attr_str(2, name))
+    return E.Expr("objref", attr_be32(1, E.NFT_OBJECT_COUNTER) + attr_str(2, name))
 
 
 def _table(vnis: frozenset[int]) -> Transaction:
@@ -285,7 +286,7 @@ def _table(vnis: frozenset[int]) -> Transaction:
             "out",
             [
                 *_rule_key(vni),
-                E.Expr("rt", attr_u32(1, E.REG_1) + attr_u32(2, NFT_RT_XFRM)),
+                E.Expr("rt", attr_be32(1, E.REG_1) + attr_be32(2, NFT_RT_XFRM)),
                 E.cmp(E.CMP_EQ, E.REG_1, b"\0"),
                 _count(f"plaintext-out-{vni}"),
                 E.verdict(E.NF_DROP),

@@ -31,11 +31,11 @@ from mesh.naming import (
     veth_name,
     vxlan_name,
 )
+from mesh.netlink.rtnl import Neigh, RtnlError, RtnlSocket
 from mesh.netns import netns_path, run_in_netns
-from mesh.rtnl import Neigh, RtnlError, RtnlSocket
 from mesh.state import ESP_OVERHEAD, VXLAN_OVERHEAD, Endpoint, MeshState, Network, mac_for_ip
 
-log = logging.getLogger("shoal.mesh.overlay")
+log = logging.getLogger(__name__)
 
 AF_INET = 2
 

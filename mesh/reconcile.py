@@ -9,7 +9,6 @@ others still run; a failed part is retried by the next sync.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,12 +20,11 @@ from mesh.ipsec import Ipsec
 from mesh.lb.base import Balancer
 from mesh.lb.model import NamespaceLB, node_lb, task_lb
 from mesh.lb.table import NamespaceTable
+from mesh.netlink.core import NetlinkRefused
 from mesh.netns import NetnsError, netns_exists, run_in_netns
 from mesh.nft.wire import NftError
 from mesh.overlay import Overlay, write_sysctl
 from mesh.state import MeshState
-
-log = logging.getLogger("shoal.mesh")
 
 
 @dataclass
@@ -157,7 +155,7 @@ class Mesh:
             return 0
         try:
             return delete_stale(netns, targets)
-        except (NftError, NetnsError, OSError) as e:
+        except (NetlinkRefused, NetnsError, OSError) as e:
             report.errors[f"conntrack in {netns or 'node'}"] = str(e)
             return 0
 

@@ -21,7 +21,7 @@ from aiohttp import web
 from mesh.cli import setup_logging
 from orchestrator.agent.exec.select import DEFAULT_ENGINE, KINDS, ExecutorError
 
-log = logging.getLogger("shoal.daemon")
+log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "unix:///run/shoal/shoal.sock"
 DEFAULT_DATA_ROOT = Path("/var/lib/shoal")

@@ -46,7 +46,7 @@ from orchestrator.store.ids import new_id, new_raft_id
 from orchestrator.store.objects import Cluster, Node
 from orchestrator.store.store import Tx
 
-log = logging.getLogger("shoal.node")
+log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 2377
 JOIN_CATCH_UP = 30.0  # seconds a joining manager may take to receive the store

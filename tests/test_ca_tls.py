@@ -660,7 +660,7 @@ def test_a_removed_node_is_refused_although_its_certificate_verifies(
             await heartbeat(m.control, worker)
             ident = worker.identity
             swarm.deny = swarm.deny.with_node(ident.node_id, ident.not_after)  # node rm
-            with caplog.at_level(logging.WARNING, logger="shoal.ca.authz"):
+            with caplog.at_level(logging.WARNING, logger="orchestrator.ca.authz"):
                 await refused(
                     lambda: heartbeat(m.control, worker),
                     grpc.StatusCode.PERMISSION_DENIED,

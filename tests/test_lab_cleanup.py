@@ -1,4 +1,5 @@
-"""`shoal lab` and `shoal-mesh cleanup` leave the host as they found it (issue #2)."""
+"""`shoal lab` and `shoal-mesh cleanup` leave the host as they found it (docs/architecture.md,
+"The lab"; docs/lab-registry.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`shoal lab partition | heal | kill | start`: failures on demand (issue #4, item 5)."""
+"""`shoal lab partition | heal | kill | start`: failures on demand (orchestrator/lab/faults.py;
+README.md, "Failures on demand")."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from orchestrator.lab import daemons, engines, faults
 from orchestrator.lab import lab as labmod
-from orchestrator.lab.lab import Lab, LabError
+from orchestrator.lab.record import Lab, LabError
 from tests.test_lab_registry import DOCKER, leftovers
 
 pytestmark = pytest.mark.lab
@@ -115,7 +116,7 @@ def test_kill_and_start_a_node(lab: Lab) -> None:
     assert stray.wait(5) == -9
     record = labmod.load(LAB)
     assert record is not None and not labmod.running(record, "sw2")
-    assert not daemons.ping(daemons.socket_path(record, "sw2"))
+    assert not daemons.answers(record, "sw2")
     assert not engines.answers(record, "sw2")
     assert engines.pids(record, "sw2") == []  # no engine, no container process
     assert all(dead(p, started) for p, started in in_containers.items())
@@ -124,7 +125,7 @@ def test_kill_and_start_a_node(lab: Lab) -> None:
     assert {micro, forked} <= {p.name for p in containers.iterdir()}
     out = lab_cli("start", "sw2")
     assert out.returncode == 0 and "sw2: shoald running" in out.stdout, out.stderr
-    assert daemons.ping(daemons.socket_path(record, "sw2"))
+    assert daemons.answers(record, "sw2")
     # the engine came up over what the crash left: its containers are there, exited
     listed = engine(record, "sw2", "ps", "-a", "--format", "{{.ID}} {{.State}}")
     states = dict(line.split() for line in listed.splitlines())

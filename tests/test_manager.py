@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
+import itertools
 import time
 from collections import Counter
 from pathlib import Path
@@ -14,9 +15,9 @@ import pytest
 
 from orchestrator.agent import images
 from orchestrator.ca.server import described
-from orchestrator.manager import allocator
+from orchestrator.manager import allocator, scheduler
 from orchestrator.manager.allocator import AddressBook, AllocationError
-from orchestrator.manager.manager import Manager
+from orchestrator.manager.manager import LOOPS, Manager
 from orchestrator.manager.spec import (
     DEFAULT_STOP_GRACE,
     ContainerView,
@@ -30,6 +31,9 @@ from orchestrator.manager.spec import (
     with_replicas,
 )
 from orchestrator.manager.templates import TemplateContext, check, expand
+from orchestrator.raft.node import RaftNode
+from orchestrator.raft.storage import on_disk
+from orchestrator.raft.transport import MemoryNetwork
 from orchestrator.store.ids import new_id
 from orchestrator.store.objects import (
     Network,
@@ -40,12 +44,11 @@ from orchestrator.store.objects import (
     from_dict,
     to_dict,
 )
-from orchestrator.store.raftlog import RaftLog
 from orchestrator.store.store import Store, Tx
 
 
 async def cluster(tmp: Path, nodes: int = 3) -> tuple[Store, Manager]:
-    store = Store(RaftLog(tmp, 1, "", bootstrap=True))
+    store = Store(RaftNode(1, "", on_disk(tmp), MemoryNetwork().transport(1), bootstrap=True))
     await store.log.start()
 
     def setup(tx: Tx) -> None:
@@ -827,3 +830,98 @@ def test_node_descriptions_set_executor_images_and_capacity() -> None:
     del old["executor"], old["images"]
     node = from_dict(Node, old)
     assert (node.executor, node.images) == ("", [])
+
+
+def test_a_failing_pass_backs_off_and_is_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loop that raises: each failure is counted under the loop's name, and the pass is
+    retried no sooner than the backoff (doubled per failure, capped) however often the store
+    changes meanwhile; a pass that succeeds resets the backoff, and a change wakes it again."""
+    first, cap = 0.1, 0.4
+    attempts: list[float] = []  # when the scheduler was called
+    passed: list[float] = []  # when it returned
+    broken = [True]
+    real = scheduler.schedule
+
+    def schedule(tx: Tx) -> int:
+        attempts.append(time.monotonic())
+        if broken[0]:
+            raise RuntimeError("a bug in the scheduler")
+        done = real(tx)
+        passed.append(time.monotonic())
+        return done
+
+    monkeypatch.setattr(scheduler, "schedule", schedule)
+
+    async def until(check: Any, what: str, within: float = 10) -> None:
+        deadline = time.monotonic() + within
+        while not check():
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.005)
+
+    async def run() -> None:
+        store, _ = await cluster(tmp_path)
+        mgr = Manager(store, backoff=(first, cap))
+
+        def failures(loop: str) -> float:
+            value = mgr.registry.get_sample_value(
+                "shoal_manager_reconcile_failures_total", {"loop": loop}
+            )
+            assert value is not None, f"no failure count for {loop}"
+            return value
+
+        async def relabel(value: str) -> None:
+            def fn(tx: Tx) -> None:
+                n = tx.get(Node, "node1")
+                assert n is not None
+                tx.put(dataclasses.replace(n, labels={**n.labels, "churn": value}))
+
+            await store.update(fn)
+
+        stop = asyncio.Event()
+
+        async def churn() -> None:  # a store that changes all the time
+            i = 0
+            while not stop.is_set():
+                i += 1
+                await relabel(str(i))
+                await asyncio.sleep(0.01)
+
+        assert {loop: failures(loop) for loop in LOOPS} == dict.fromkeys(LOOPS, 0.0)
+        mgr.start()
+        churner = asyncio.create_task(churn())
+        try:
+            await until(lambda: len(attempts) >= 6, "6 failed passes")
+            stop.set()
+            await churner
+            # each failure counted as it happens, under the loop that raised
+            assert failures("scheduler") == len(attempts)
+            assert {loop: failures(loop) for loop in LOOPS if loop != "scheduler"} == (
+                dict.fromkeys(("orchestrator", "allocator", "reaper"), 0.0)
+            )
+            gaps = [b - a for a, b in itertools.pairwise(attempts[:6])]
+            for gap, backoff in zip(gaps, [first, 2 * first, cap, cap, cap], strict=True):
+                assert gap >= backoff - 0.01, gaps  # no sooner, though the store changed
+            assert gaps[-1] < 2 * cap, gaps  # capped, not doubled again
+
+            # fixed: the next retry succeeds, and the loop waits for the store again
+            broken[0] = False
+            await until(lambda: bool(passed), "a pass that succeeds")
+            failed = failures("scheduler")
+            calls = len(attempts)
+            await asyncio.sleep(2 * cap)
+            assert len(attempts) == calls and failures("scheduler") == failed
+
+            # a change wakes it; failing again, it retries after the first delay again
+            broken[0] = True
+            await relabel("again")
+            await until(lambda: len(attempts) >= calls + 2, "a failure and its retry")
+            assert first - 0.01 <= attempts[calls + 1] - attempts[calls] < cap, attempts[calls:]
+            assert failures("scheduler") == failed + 2
+        finally:
+            stop.set()
+            await mgr.stop()
+            await store.log.close()
+
+    asyncio.run(run())

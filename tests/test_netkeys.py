@@ -12,8 +12,10 @@ import pytest
 from mesh.state import state_from_dict
 from orchestrator.manager import netkeys
 from orchestrator.manager.meshview import mesh_state
+from orchestrator.raft.node import RaftNode
+from orchestrator.raft.storage import on_disk
+from orchestrator.raft.transport import MemoryNetwork
 from orchestrator.store.objects import Cluster, Network, Node, decode, encode
-from orchestrator.store.raftlog import RaftLog
 from orchestrator.store.store import Store
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
@@ -71,7 +73,8 @@ def test_only_nodes_with_an_encrypted_network_get_the_keys() -> None:
 
 def test_the_leader_loop_makes_the_first_key(tmp_path: Path) -> None:
     async def go() -> None:
-        store = Store(RaftLog(tmp_path, 1, "", bootstrap=True))
+        lone = MemoryNetwork().transport(1)
+        store = Store(RaftNode(1, "", on_disk(tmp_path), lone, bootstrap=True))
         await store.log.start()
         await store.update(lambda tx: tx.put(Cluster(id="c")))
         loop = netkeys.NetworkKeyLoop(store, None)

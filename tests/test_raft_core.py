@@ -288,6 +288,81 @@ def test_report_snapshot_failure_goes_back_to_probing() -> None:
     assert net.nodes[3].log.last_index() == leader.log.last_index()
 
 
+def test_report_snapshot_success_probes_past_the_snapshot() -> None:
+    """As etcd's ReportSnapshot(SnapshotFinish): the snapshot is on its way, so probe from
+    after it, and wait (paused) for the follower's answer before sending more."""
+    net = cluster()
+    net.down.add(3)
+    net.propose(1, b"x")
+    idx = _compact_leader(net)
+    net.down.clear()
+    net.drop_types.add(MessageType.SNAP)  # the transport took it; the test keeps it from 3
+    net.tick(1, 1)
+    leader = net.nodes[1]
+    pr = leader.prs[3]
+    assert pr.state is ProgressState.SNAPSHOT and pr.pending_snapshot == idx
+    leader.report_snapshot(3, ok=True)
+    assert pr.state is ProgressState.PROBE and pr.next == idx + 1 and pr.paused
+    assert read_messages(leader) == []  # nothing until the follower answers
+    # here it never got it: the probe after it is refused, and the snapshot sent again
+    net.drop_types.clear()
+    net.tick(1, 2)
+    assert pr.state is ProgressState.REPLICATE
+    assert net.nodes[3].log.last_index() == leader.log.last_index()
+
+
+def test_report_snapshot_is_ignored_unless_a_snapshot_is_out() -> None:
+    net = cluster()
+    net.propose(1, b"x")
+    leader = net.nodes[1]
+    pr = leader.prs[2]
+    assert pr.state is ProgressState.REPLICATE
+    leader.report_snapshot(2, ok=False)
+    leader.report_snapshot(2, ok=True)
+    assert pr.state is ProgressState.REPLICATE and not pr.paused
+    net.nodes[2].report_snapshot(1, ok=False)  # not a leader: nothing to do
+    assert net.nodes[2].role is StateRole.FOLLOWER
+
+
+def test_report_unreachable_stops_pipelining_to_a_replicating_follower() -> None:
+    """As etcd's ReportUnreachable: appends in flight to that follower were likely lost, so
+    go back to probing it, one append at a time from after what it acknowledged."""
+    net = cluster()
+    leader = net.nodes[1]
+    net.propose(1, b"x")
+    pr = leader.prs[2]
+    assert pr.state is ProgressState.REPLICATE
+    net.isolate(2)
+    net.propose(1, b"y")  # in flight to 2, lost
+    assert pr.next == leader.log.last_index() + 1 and pr.match < leader.log.last_index()
+    leader.report_unreachable(2)
+    assert pr.state is ProgressState.PROBE and pr.next == pr.match + 1
+    net.heal()
+    net.tick(1, 2)  # a heartbeat round: the probe finds where 2 is, then it is pipelined again
+    assert pr.state is ProgressState.REPLICATE
+    assert net.nodes[2].log.last_index() == leader.log.last_index()
+
+
+def test_report_unreachable_leaves_probing_and_snapshotting_followers_alone() -> None:
+    net = cluster()
+    net.down.add(3)
+    net.propose(1, b"x")
+    _compact_leader(net)
+    net.down.clear()
+    net.drop_types.add(MessageType.SNAP)
+    net.tick(1, 1)
+    leader = net.nodes[1]
+    assert leader.prs[3].state is ProgressState.SNAPSHOT
+    leader.report_unreachable(3)
+    assert leader.prs[3].state is ProgressState.SNAPSHOT
+    leader.prs[2].become_probe()
+    leader.prs[2].paused = True
+    leader.report_unreachable(2)
+    assert leader.prs[2].state is ProgressState.PROBE and leader.prs[2].paused
+    net.nodes[2].report_unreachable(1)  # a follower tracks no progress
+    assert net.nodes[2].role is StateRole.FOLLOWER
+
+
 # ---------------------------------------------------------------------------- learners
 
 

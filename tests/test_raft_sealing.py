@@ -16,11 +16,12 @@ import pytest
 
 from orchestrator.raft import sealing
 from orchestrator.raft.messages import ConfState, Entry, HardState, Snapshot, SnapshotMeta
-from orchestrator.raft.storage import RaftStorage
+from orchestrator.raft.node import RaftNode
+from orchestrator.raft.storage import RaftStorage, on_disk
+from orchestrator.raft.transport import MemoryNetwork
+from orchestrator.raft.wal import HEADER_BYTES, OLD_MAGIC, WalCorrupt
 from orchestrator.store.objects import Service
-from orchestrator.store.raftlog import RaftLog, RaftSettings
 from orchestrator.store.store import Store, Tx
-from orchestrator.store.wal import HEADER_BYTES, OLD_MAGIC, WalCorrupt
 
 MARKER = b"plaintext-marker-7f3a9c"
 KEY = bytes(range(32))  # an unlock key's raw bytes (UnlockKey.key)
@@ -243,12 +244,13 @@ def test_is_locked_without_a_key_file(tmp_path: Path) -> None:
     assert not sealing.is_locked(tmp_path)
 
 
-def test_raftlog_takes_the_unlock_key_and_reseals(tmp_path: Path) -> None:
+def test_the_raft_node_takes_the_unlock_key_and_reseals(tmp_path: Path) -> None:
     def put(tx: Tx) -> None:
         tx.put(Service(id="svc", spec={"Name": MARKER.decode()}))
 
     async def opened(key: bytes | None) -> Store:
-        store = Store(RaftLog(tmp_path, 1, "", RaftSettings(), bootstrap=True, unlock_key=key))
+        lone = MemoryNetwork().transport(1)
+        store = Store(RaftNode(1, "", on_disk(tmp_path, key), lone, bootstrap=True))
         await store.log.start()
         return store
 
@@ -261,7 +263,7 @@ def test_raftlog_takes_the_unlock_key_and_reseals(tmp_path: Path) -> None:
             await opened(None)
         store = await opened(KEY)
         assert store.get(Service, "svc") is not None
-        assert isinstance(store.log, RaftLog)
+        assert isinstance(store.log, RaftNode)
         await store.log.reseal(None)
         await store.log.close()
         assert not sealing.is_locked(tmp_path)

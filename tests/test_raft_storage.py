@@ -19,7 +19,7 @@ from orchestrator.raft.messages import (
     SnapshotMeta,
 )
 from orchestrator.raft.storage import RaftStorage
-from orchestrator.store.wal import WalCorrupt
+from orchestrator.raft.wal import WalCorrupt
 
 
 def ents(*spec: tuple[int, int]) -> list[Entry]:

@@ -9,14 +9,18 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.raft.node import RaftNode, RaftSettings
+from orchestrator.raft.storage import on_disk
+from orchestrator.raft.transport import MemoryNetwork
+from orchestrator.raft.wal import WalCorrupt
 from orchestrator.store.objects import Service, Task, TaskState
-from orchestrator.store.raftlog import RaftLog, RaftSettings
 from orchestrator.store.store import Store, Tx
-from orchestrator.store.wal import WalCorrupt
 
 
 async def opened(path: Path, snapshot_every: int = 10_000) -> Store:
-    store = Store(RaftLog(path, 1, "", RaftSettings(snapshot_every=snapshot_every), bootstrap=True))
+    settings = RaftSettings(snapshot_every=snapshot_every)
+    lone = MemoryNetwork().transport(1)
+    store = Store(RaftNode(1, "", on_disk(path), lone, settings, bootstrap=True))
     await store.log.start()
     return store
 

@@ -1,5 +1,5 @@
 """`shoal lab up --vm`: nodes as VMs on Debian's kernel, with the namespace lab's verbs, and a
-`down` that leaves nothing behind (issue #6)."""
+`down` that leaves nothing behind (docs/vm-lab.md)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 from orchestrator.lab import lab as labmod
 from orchestrator.lab import vm, vmimage
-from orchestrator.lab.lab import LabError
+from orchestrator.lab.record import VM, LabError
 from tests.vmutil import vm_suite
 
 pytestmark = vm_suite
@@ -81,18 +81,18 @@ def test_vm_lab_up_exec_ls_down(tmp_path: Path) -> None:
         lab = labmod.load(LAB)
         assert lab is not None
         sleeper = subprocess.Popen(
-            vm.exec_argv(lab, "sw1", ["sh", "-c", "trap 'exit 42' TERM; sleep 60 & wait"]),
+            labmod.exec_argv(lab, "sw1", ["sh", "-c", "trap 'exit 42' TERM; sleep 60 & wait"]),
             stdin=subprocess.DEVNULL,
         )
         time.sleep(3)
         sleeper.send_signal(signal.SIGTERM)
         assert sleeper.wait(30) == 42
-        sleeper = subprocess.Popen(vm.exec_argv(lab, "sw1", ["sleep", "600"]))
+        sleeper = subprocess.Popen(labmod.exec_argv(lab, "sw1", ["sleep", "600"]))
         time.sleep(3)
         sleeper.kill()
         sleeper.wait()
         deadline = time.monotonic() + 20
-        while vm.run(lab, "sw1", ["pgrep", "-x", "sleep"]).returncode == 0:
+        while labmod.backend(lab).run(lab, "sw1", ["pgrep", "-x", "sleep"]).returncode == 0:
             assert time.monotonic() < deadline, "the remote sleep outlived its stand-in"
             time.sleep(0.5)
     finally:
@@ -109,6 +109,6 @@ def test_a_lab_name_is_either_namespaces_or_vms() -> None:
     labmod.up(name, 1, ipaddress.IPv4Network("192.168.64.0/24"))
     try:
         with pytest.raises(LabError, match="is a namespace lab"):
-            vm.up(name, 1, ipaddress.IPv4Network("192.168.64.0/24"))
+            labmod.up(name, 1, ipaddress.IPv4Network("192.168.64.0/24"), kind=VM)
     finally:
         labmod.down(name)

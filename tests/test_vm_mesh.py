@@ -1,8 +1,10 @@
-"""The routing mesh on IPVS, and encrypted overlays, in VMs running Debian's kernel (issue #6).
+"""The routing mesh on IPVS, and encrypted overlays, in VMs running Debian's kernel
+(docs/vm-lab.md).
 
-The scenarios of tests/test_mesh_lab.py (issue #2), with shoal-mesh on IPVS in a 3-VM lab:
-sw1 and sw2 run `--lb-backend ipvs`, sw3 `auto`, which must pick IPVS there. Network `secure`
-is encrypted: its VXLAN must cross the lab's bridge in ESP only.
+The scenarios every lab passes (tests/test_mesh_lab.py's `RoutingMesh`), with shoal-mesh on
+IPVS in a 3-VM lab: sw1 and sw2 run `--lb-backend ipvs`, sw3 `auto`, which must pick IPVS
+there; then what only this kernel has: IPVS's own view, and network `secure`, encrypted, whose
+VXLAN must cross the lab's bridge in ESP only.
 
 Service `web` (4 tasks on sw1 and sw3) publishes 30000/tcp and 30001/udp; service `vault` has
 a task on sw1 and one on sw3, on `secure` only. Clients "from outside" run in the lab's
@@ -16,8 +18,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -31,14 +31,13 @@ from scapy.utils import rdpcap
 
 from mesh import ipsec
 from mesh.netns import run_in_netns
-from orchestrator.apps import micro
 from orchestrator.lab import lab as labmod
 from orchestrator.lab import vm
-from orchestrator.lab.lab import Lab
-from orchestrator.lab.meshlab import Task
+from orchestrator.lab.record import VM, Lab
 from orchestrator.lab.vmmesh import VmMeshLab
-from tests.netutil import answers, balanced, udp_ask
-from tests.vmutil import capture, vm_answers, vm_suite
+from tests.netutil import answers
+from tests.test_mesh_lab import RoutingMesh, task, vip, web_ips
+from tests.vmutil import capture, node_answers, vm_suite
 
 pytestmark = vm_suite
 
@@ -54,7 +53,7 @@ RESYNC = ["--resync-interval", "10"]
 def vmlab() -> Iterator[Lab]:
     if labmod.load(LAB) is not None:
         labmod.down(LAB)
-    lab = vm.up(LAB, 3, ipaddress.IPv4Network("192.168.56.0/24"))
+    lab = labmod.up(LAB, 3, ipaddress.IPv4Network("192.168.56.0/24"), kind=VM)
     try:
         yield lab
     finally:
@@ -88,23 +87,20 @@ def mesh(vmlab: Lab) -> Iterator[VmMeshLab]:
     for t in m.tasks.values():
         m.start_workload(t)
     for t in m.tasks.values():
-        m.wait_listening(t, timeout=120)
+        m.wait_listening(t)
     yield m
 
 
-def web_ips(m: VmMeshLab) -> set[str]:
-    return {str(t.ips["ingress"]) for t in m.tasks.values() if t.service == "web" and t.serving}
+class TestRoutingMeshOnVms(RoutingMesh):
+    """In VMs, balanced by IPVS; emulated, so slower to answer and to apply a change."""
+
+    query_timeout = 5.0
+    settle = 1.0
+    watch = 3.0
+    min_after = 30
 
 
-def vip(m: VmMeshLab, service: str, network: str) -> str:
-    return str(m.services[service].vips[network])
-
-
-def task(m: VmMeshLab, name: str) -> Task:
-    return m.tasks[name]
-
-
-# ---- IPVS ------------------------------------------------------------------------------------
+# ---- IPVS ----------------------------------------------------------------------------------------
 
 
 def test_auto_picks_ipvs_on_debians_kernel(mesh: VmMeshLab) -> None:
@@ -115,187 +111,6 @@ def test_auto_picks_ipvs_on_debians_kernel(mesh: VmMeshLab) -> None:
     assert len(services) == 2, table  # 30000/tcp and 30001/udp
     assert all(int(s) >> 24 == 0x5E for s in services)
     assert len(re.findall(r"->\s+10\.255\.\S+\s+Masq\s+1\s", table)) == 8, table
-
-
-def test_published_port_from_outside_round_robins_over_every_task(mesh: VmMeshLab) -> None:
-    counts = answers(OUTSIDE, ADDR["sw2"], 30000, 60)
-    assert balanced(counts, web_ips(mesh)), counts
-
-
-@pytest.mark.parametrize("client", NODES)
-def test_published_port_from_every_node(mesh: VmMeshLab, client: str) -> None:
-    # one client at a time: concurrent ones would share each target's round-robin
-    got = vm_answers(mesh.lab, client, None, [f"{ADDR[t]}:30000" for t in NODES], 20)
-    for target, counts in got.items():
-        assert balanced(counts, web_ips(mesh)), (client, target, counts)
-
-
-def test_vip_from_a_task_round_robins_itself_included(mesh: VmMeshLab) -> None:
-    web1 = task(mesh, "web.1")
-    got = vm_answers(mesh.lab, "sw1", web1.netns, [f"{vip(mesh, 'web', 'ingress')}:8000"], 40)
-    counts = next(iter(got.values()))
-    assert balanced(counts, web_ips(mesh)) and str(web1.ips["ingress"]) in counts, counts
-
-
-@pytest.mark.parametrize("target", ["sw1", "sw2"])
-def test_task_reaches_its_own_service_through_the_mesh_hairpin(
-    mesh: VmMeshLab, target: str
-) -> None:
-    # web.1 lives on sw1: through sw1 the connection leaves and re-enters the same bridge.
-    got = vm_answers(mesh.lab, "sw1", task(mesh, "web.1").netns, [f"{ADDR[target]}:30000"], 40)
-    counts = next(iter(got.values()))
-    assert balanced(counts, web_ips(mesh)), counts
-
-
-def test_udp_published_port_is_balanced_per_flow(mesh: VmMeshLab) -> None:
-    seen = Counter(udp_ask(OUTSIDE, ADDR["sw3"], 30001, 41000 + i) for i in range(8))
-    assert balanced(seen, web_ips(mesh)), seen
-
-
-def test_scaling_up_and_down_updates_every_node(mesh: VmMeshLab) -> None:
-    new = mesh.add_task("web", "sw2", slot=5)
-    try:
-        mesh.start_workload(new)
-        mesh.wait_listening(new, timeout=120)
-        mesh.publish()
-        mesh.wait_synced(timeout=60)
-        for target in NODES:
-            counts = answers(OUTSIDE, ADDR[target], 30000, 50)
-            if not (balanced(counts, web_ips(mesh)) and len(counts) == 5):
-                # seen once in ~10 runs (11/10/10/10/9): IPVS's own view, for the next time
-                stats = vm.check(mesh.lab, target, ["ipvsadm", "-Ln", "--stats"])
-                raise AssertionError(f"{target}: {counts}\n{stats}")
-    finally:
-        mesh.remove_task(new.name)
-        mesh.publish()
-        mesh.wait_synced(timeout=60)
-    for target in NODES:
-        counts = answers(OUTSIDE, ADDR[target], 30000, 40)
-        assert balanced(counts, web_ips(mesh)) and str(new.ips["ingress"]) not in counts
-
-
-def test_removing_a_backend_under_load_fails_no_request(mesh: VmMeshLab) -> None:
-    drained = task(mesh, "web.2")
-    gone = str(drained.ips["ingress"])
-    results: list[tuple[float, str]] = []
-    stop = threading.Event()
-
-    def loop() -> None:
-        def run() -> None:
-            while not stop.is_set():
-                try:
-                    results.append((time.monotonic(), micro.query(ADDR["sw1"], 30000, 5.0)))
-                except OSError as e:
-                    results.append((time.monotonic(), f"error: {e}"))
-
-        run_in_netns(OUTSIDE, run)
-
-    worker = threading.Thread(target=loop)
-    worker.start()
-    try:
-        time.sleep(1.0)
-        drained.serving = False
-        mesh.publish()
-        mesh.wait_synced(timeout=60)
-        applied = time.monotonic()
-        time.sleep(3.0)
-    finally:
-        stop.set()
-        worker.join()
-        drained.serving = True
-        mesh.publish()
-        mesh.wait_synced(timeout=60)
-    after = [who for t, who in results if t > applied]
-    assert len(after) > 30, len(after)
-    assert not [r for _, r in results if r.startswith("error")]
-    assert gone not in after
-    # IPVS drained it (weight 0) rather than cutting connections that were under way
-    assert gone in {who for t, who in results if t <= applied}
-
-
-def test_removed_udp_backend_gets_no_more_datagrams(mesh: VmMeshLab) -> None:
-    sport = 42424
-    first = udp_ask(OUTSIDE, ADDR["sw2"], 30001, sport)
-    assert udp_ask(OUTSIDE, ADDR["sw2"], 30001, sport) == first  # IPVS pins the flow
-    owner = next(t for t in mesh.tasks.values() if str(t.ips.get("ingress")) == first)
-    owner.serving = False
-    try:
-        mesh.publish()
-        mesh.wait_synced(timeout=60)
-        assert udp_ask(OUTSIDE, ADDR["sw2"], 30001, sport) != first
-    finally:
-        owner.serving = True
-        mesh.publish()
-        mesh.wait_synced(timeout=60)
-
-
-# A client in a task that keeps one connection to the VIP open: a request, then another when
-# told to (a line on stdin); prints each answer.
-_KEEP = """
-import socket, sys
-s = socket.create_connection((sys.argv[1], 8000), 10)
-def ask():
-    s.sendall(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
-    data = b""
-    while b"}" not in data:
-        chunk = s.recv(4096)
-        assert chunk, "connection closed"
-        data += chunk
-    print(data.split(b"\\r\\n\\r\\n", 1)[1].decode().strip(), flush=True)
-ask()
-sys.stdin.readline()
-ask()
-"""
-
-
-def test_restarting_the_mesh_keeps_established_connections(mesh: VmMeshLab) -> None:
-    def request(s: socket.socket) -> bytes:
-        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        data = b""
-        while b"}" not in data:
-            chunk = s.recv(4096)
-            assert chunk, "connection closed"
-            data += chunk
-        return data.split(b"\r\n\r\n", 1)[1]
-
-    via_vip = task(mesh, "web.3")  # on sw1
-    inside = subprocess.Popen(
-        vm.exec_argv(
-            mesh.lab,
-            via_vip.node,
-            [
-                "ip",
-                "netns",
-                "exec",
-                via_vip.netns,
-                sys.executable,
-                "-c",
-                _KEEP,
-                vip(mesh, "web", "ingress"),
-            ],
-        ),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert inside.stdin is not None and inside.stdout is not None
-    outside = run_in_netns(OUTSIDE, lambda: socket.create_connection((ADDR["sw2"], 30000), 5))
-    try:
-        before = (request(outside), inside.stdout.readline())
-        for node in ("sw2", "sw1"):
-            mesh.signal_daemon(node, signal.SIGTERM)  # both at once: emulation is slow
-        for node in ("sw2", "sw1"):
-            mesh.stop_daemon(node)
-            mesh.start_daemon(node, "--lb-backend", "ipvs", *RESYNC)
-        mesh.wait_synced(timeout=120)
-        time.sleep(1.0)
-        inside.stdin.write("\n")
-        inside.stdin.flush()
-        assert (request(outside), inside.stdout.readline()) == before
-        assert inside.wait(60) == 0
-    finally:
-        outside.close()
-        inside.kill()
 
 
 def test_metrics_count_connections_from_ipvs(mesh: VmMeshLab) -> None:
@@ -324,7 +139,7 @@ def test_metrics_count_connections_from_ipvs(mesh: VmMeshLab) -> None:
     assert delta == want
 
 
-# ---- ESP -------------------------------------------------------------------------------------
+# ---- ESP -----------------------------------------------------------------------------------------
 
 
 def _secure(m: VmMeshLab, name: str) -> str:
@@ -361,7 +176,7 @@ def test_encrypted_network_mtu_leaves_room_for_esp(mesh: VmMeshLab, tmp_path: Pa
     ping = ["ip", "netns", "exec", vault1.netns, "ping", "-M", "do", "-c", "2", "-W", "5"]
     with capture(mesh.lab, tmp_path / "mtu.pcap", "esp") as cap:
         mesh.run("sw1", [*ping, "-s", "1388", _secure(mesh, "vault.2")])  # 1416 with headers
-    too_big = vm.run(mesh.lab, "sw1", [*ping, "-s", "1389", _secure(mesh, "vault.2")])
+    too_big = mesh.backend.run(mesh.lab, "sw1", [*ping, "-s", "1389", _secure(mesh, "vault.2")])
     assert too_big.returncode != 0 and "mtu=1416" in too_big.stdout + too_big.stderr
     sizes = [p[IP].len for p in rdpcap(str(cap.path)) if IP in p and p[IP].proto == 50]
     # a full-size overlay frame makes a full-size ESP packet: no fragments on the underlay
@@ -387,7 +202,7 @@ def test_only_esp_crosses_the_wire_for_the_encrypted_network(
     vault1 = task(mesh, "vault.1")
     secure = ipaddress.IPv4Network("10.0.42.0/24")
     with capture(mesh.lab, tmp_path / "wire.pcap") as cap:
-        got = vm_answers(
+        got = node_answers(
             mesh.lab,
             "sw1",
             vault1.netns,
@@ -455,7 +270,7 @@ def test_without_its_esp_policy_nothing_is_sent_in_the_clear(
     mesh.run("sw1", ["ip", "xfrm", "policy", "flush"])  # as if it had been lost
     try:
         with capture(mesh.lab, tmp_path / "leak.pcap", "udp port 4789 or esp") as cap:
-            lost = vm.run(mesh.lab, "sw1", [*ping, _secure(mesh, "vault.2")])
+            lost = mesh.backend.run(mesh.lab, "sw1", [*ping, _secure(mesh, "vault.2")])
         assert lost.returncode != 0, lost.stdout
         assert _counter(mesh, "sw1", name) > before
         leaked = [p for p in rdpcap(str(cap.path)) if VXLAN in p and p[VXLAN].vni == SECURE_VNI]
@@ -464,7 +279,7 @@ def test_without_its_esp_policy_nothing_is_sent_in_the_clear(
         mesh.run("sw1", [*daemon, "--signal", "CONT"])
         mesh.signal_daemon("sw1", signal.SIGUSR1)  # a full resync puts the policies back
     deadline = time.monotonic() + 60
-    while vm.run(mesh.lab, "sw1", [*ping, _secure(mesh, "vault.2")]).returncode != 0:
+    while mesh.backend.run(mesh.lab, "sw1", [*ping, _secure(mesh, "vault.2")]).returncode != 0:
         assert time.monotonic() < deadline, "the full resync did not restore ESP"
 
 
@@ -472,13 +287,9 @@ def test_key_rotation_loses_no_packet(mesh: VmMeshLab) -> None:
     vault1 = task(mesh, "vault.1")
     count = 500
     pinger = subprocess.Popen(
-        vm.exec_argv(
-            mesh.lab,
-            "sw1",
-            [
-                *("ip", "netns", "exec", vault1.netns, "ping", "-q", "-i", "0.05", "-W", "5"),
-                *("-c", str(count), _secure(mesh, "vault.2")),
-            ],
+        mesh.task_argv(
+            vault1,
+            ["ping", "-q", "-i", "0.05", "-W", "5", "-c", str(count), _secure(mesh, "vault.2")],
         ),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,

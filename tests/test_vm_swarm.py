@@ -1,4 +1,4 @@
-"""The control plane in VMs on Debian's kernel (issue #6): `shoal lab up --vm` runs shoald in
+"""The control plane in VMs on Debian's kernel (docs/vm-lab.md): `shoal lab up --vm` runs shoald in
 every VM, the shoal CLI inside them (`shoal lab exec swN -- shoal ...`) builds a swarm, an
 encrypted overlay made with `network create --opt encrypted` crosses the wire in ESP only with
 keys from the managers, and IPVS (picked by `--lb-backend auto`) balances the published port.
@@ -27,10 +27,10 @@ from scapy.utils import rdpcap
 
 from orchestrator.lab import daemons, vm
 from orchestrator.lab import lab as labmod
-from orchestrator.lab.lab import Lab
+from orchestrator.lab.record import FIRST_HOST, Lab
 from tests.labutil import wait
 from tests.netutil import answers, balanced
-from tests.vmutil import capture, vm_answers, vm_suite
+from tests.vmutil import capture, node_answers, vm_suite
 
 # Booting three VMs, starting shoald in them and building the swarm is the first test's setup.
 pytestmark = [*vm_suite, pytest.mark.timeout(600)]
@@ -38,7 +38,7 @@ pytestmark = [*vm_suite, pytest.mark.timeout(600)]
 LAB = "tvmswarm"
 SUBNET = ipaddress.IPv4Network("192.168.77.0/24")
 NODES = ["sw1", "sw2", "sw3"]
-ADDR = {n: str(SUBNET.network_address + labmod.FIRST_HOST + i) for i, n in enumerate(NODES)}
+ADDR = {n: str(SUBNET.network_address + FIRST_HOST + i) for i, n in enumerate(NODES)}
 OUTSIDE = vm.lab_netns(LAB)  # the lab's "host": 192.168.77.1 on its bridge
 
 
@@ -150,7 +150,7 @@ class Web:
 
 def _backends(lab: Lab, node: str) -> set[str]:
     """The destinations of the node's IPVS services (the published port's: its tasks)."""
-    table = vm.check(lab, node, ["ipvsadm", "-Ln"])
+    table = labmod.backend(lab).check(lab, node, ["ipvsadm", "-Ln"])
     return set(re.findall(r"->\s+(\S+):8000\s+Masq\s", table))
 
 
@@ -163,7 +163,8 @@ def web(swarm: Swarm) -> Web:
         *("service", "create", "--name", "web", "--replicas", "3"),
         *("--network", "secnet", "--publish", "8000", "micro"),
     )
-    dump = json.loads(vm.check(swarm.lab, "sw1", [sys.executable, "-c", _DUMP], timeout=180))
+    in_vm = labmod.backend(swarm.lab)
+    dump = json.loads(in_vm.check(swarm.lab, "sw1", [sys.executable, "-c", _DUMP], timeout=180))
     tasks = [
         Task(
             t["ID"],
@@ -181,7 +182,7 @@ def web(swarm: Swarm) -> Web:
     # balancers get a task once it runs
     for t in tasks:
         listening = ["ip", "netns", "exec", t.netns, "ss", "-Hltn", "sport = :8000"]
-        wait(lambda: bool(vm.run(swarm.lab, t.node, listening).stdout.strip()), t.id, 120)  # noqa: B023
+        wait(lambda: bool(in_vm.run(swarm.lab, t.node, listening).stdout.strip()), t.id, 120)  # noqa: B023
     for node in NODES:
         wait(lambda: len(_backends(swarm.lab, node)) == 3, f"3 backends in {node}", 120)  # noqa: B023
     net = dump["network"]
@@ -218,7 +219,7 @@ def test_the_encrypted_overlay_carries_traffic_between_nodes_in_esp_only(
     there = [t for t in web.tasks if t.node != "sw1"]
     targets = [f"{web.vip}:8000", *(f"{t.ips['secnet']}:8000" for t in there)]
     with capture(swarm.lab, tmp_path / "wire.pcap") as cap:
-        got = vm_answers(swarm.lab, "sw1", here.netns, targets, 9)
+        got = node_answers(swarm.lab, "sw1", here.netns, targets, 9)
         answers(OUTSIDE, ADDR["sw2"], web.published, 6)  # plaintext ingress, as a control
     assert balanced(got[targets[0]], web.ips("secnet")), got  # the VIP, sw1's task included
     for target, t in zip(targets[1:], there, strict=True):
@@ -246,6 +247,6 @@ def test_the_published_port_round_robins_over_every_task_through_ipvs(
     for node in NODES:
         counts = answers(OUTSIDE, ADDR[node], web.published, 12)
         assert balanced(counts, web.ips("ingress")), (node, counts)
-    table = vm.check(swarm.lab, "sw2", ["ipvsadm", "-Ln"])
+    table = labmod.backend(swarm.lab).check(swarm.lab, "sw2", ["ipvsadm", "-Ln"])
     assert len(re.findall(r"^FWM\s+\d+ rr", table, re.M)) == 1, table  # the published port
     assert _backends(swarm.lab, "sw2") == web.ips("ingress"), table

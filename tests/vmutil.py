@@ -1,4 +1,5 @@
-"""Helpers for the VM lab tests: clients inside VMs, and captures on a lab's bridge."""
+"""Helpers for the lab tests: the VM suite's marks, clients inside nodes (VMs or namespaces),
+and captures on a lab's bridge."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.lab import vm
-from orchestrator.lab.lab import Lab
+from orchestrator.lab.lab import backend
+from orchestrator.lab.record import Lab
 
 # Skipping is a developer's choice (SHOAL_SKIP_VM=1, or -m "not vm"); a missing package is not
 # a reason: the fixtures fail and say what to install.
@@ -29,7 +30,7 @@ vm_suite = [
     ),
 ]
 
-# One process in the VM makes all the requests: starting Python there costs ~1 s (TCG).
+# One process in the node makes all the requests: starting Python in a VM costs ~1 s (TCG).
 _QUERY = """
 import collections, json, sys
 from orchestrator.apps import micro
@@ -39,15 +40,15 @@ print(json.dumps({h: collections.Counter(micro.query(h.rsplit(":", 1)[0], int(h.
 """
 
 
-def vm_answers(
+def node_answers(
     lab: Lab, node: str, netns: str | None, targets: list[str], n: int
 ) -> dict[str, Counter[str]]:
-    """For each HOST:PORT, which task answered each of n requests made inside a VM (and inside
-    one of its task namespaces if netns is given)."""
+    """For each HOST:PORT, which task answered each of n requests made inside a node (and
+    inside one of its task namespaces if netns is given), in any lab."""
     argv = [sys.executable, "-c", _QUERY, str(n), *targets]
     if netns is not None:
         argv = ["ip", "netns", "exec", netns, *argv]
-    out = vm.check(lab, node, argv, timeout=180)
+    out = backend(lab).check(lab, node, argv, timeout=180)
     return {k: Counter(v) for k, v in json.loads(out).items()}
 
 
@@ -59,13 +60,15 @@ class Capture:
 
 @contextlib.contextmanager
 def capture(lab: Lab, path: Path, bpf: str = "") -> Iterator[Capture]:
-    """tcpdump on the lab's bridge (a VM lab's is in the lab's namespace) while the block runs."""
+    """tcpdump on the lab's bridge, in the lab's outside (a VM lab's namespace), while the
+    block runs."""
     # immediate mode: without it the kernel hands packets over in blocks, and the last block
     # is lost when tcpdump is stopped
     argv = ["tcpdump", "-i", lab.bridge, "--immediate-mode", "-U", "-s", "256", "-w", str(path)]
     argv += bpf.split()
-    if lab.kind == vm.KIND:
-        argv = ["ip", "netns", "exec", vm.lab_netns(lab.name), *argv]
+    outside = backend(lab).outside(lab)
+    if outside is not None:
+        argv = ["ip", "netns", "exec", outside, *argv]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert proc.stderr is not None
     started = proc.stderr.readline().decode()  # "tcpdump: listening on br0 ..."

@@ -24,7 +24,7 @@ from pathlib import Path
 from mesh.dns.zone import QTYPE_ANY, Zone
 from mesh.netns import NetnsError, run_in_netns
 
-log = logging.getLogger("shoal.mesh.dns")
+log = logging.getLogger(__name__)
 
 LISTEN_ADDR = "127.0.0.11"
 LISTEN_PORT = 53

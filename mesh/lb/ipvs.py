@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import logging
 import socket
 import time
 from collections.abc import Callable
@@ -49,8 +48,6 @@ from mesh.naming import BRIDGE_PREFIX, VXLAN_PORT
 from mesh.netns import run_in_netns
 from mesh.nft import expr as E
 from mesh.nft.transaction import HOOK_OUTPUT, HOOK_POSTROUTING, Hook, Transaction
-
-log = logging.getLogger("shoal.mesh.ipvs")
 
 FWMARK_BASE = 0x5E000000
 FWMARK_MASK = 0xFF000000

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import socket
-import struct
 from collections.abc import Callable
+
+from pyroute2 import GenericNetlinkSocket
+from pyroute2.netlink.exceptions import NetlinkError
 
 from mesh.lb.base import Balancer
 from mesh.lb.ipvs import IpvsBalancer
 from mesh.lb.nftables import NftablesBalancer
 
 BACKENDS = ("auto", "nftables", "ipvs")
-NETLINK_GENERIC = 16
-GENL_ID_CTRL = 0x10
-CTRL_CMD_GETFAMILY = 3
-CTRL_ATTR_FAMILY_NAME = 2
-NLMSG_ERROR = 2
 
 
 class BackendUnavailable(RuntimeError):
@@ -24,19 +20,13 @@ class BackendUnavailable(RuntimeError):
 
 def ipvs_available() -> bool:
     """Does this kernel (in this namespace) have IPVS? Asks generic netlink for the family."""
-    name = b"IPVS\0"
-    attr = struct.pack("=HH", 4 + len(name), CTRL_ATTR_FAMILY_NAME) + name
-    attr += b"\0" * (-len(attr) % 4)
-    payload = struct.pack("=BBH", CTRL_CMD_GETFAMILY, 1, 0) + attr
-    msg = struct.pack("=IHHII", 16 + len(payload), GENL_ID_CTRL, 1, 1, 0) + payload
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC) as s:
-        s.settimeout(2)
-        s.send(msg)
-        reply = s.recv(65536)
-    _, msg_type = struct.unpack_from("=IH", reply)
-    if msg_type == NLMSG_ERROR:
-        err: int = struct.unpack_from("=i", reply, 16)[0]
-        return err == 0
+    with GenericNetlinkSocket() as genl:
+        # pyroute2 logs a missing family as an error; here it is an answer
+        genl.asyncore.module_err_level = "debug"
+        try:
+            genl.discovery("IPVS")
+        except NetlinkError:
+            return False  # ENOENT: no such family
     return True
 
 

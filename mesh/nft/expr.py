@@ -11,7 +11,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from mesh.nft.wire import attr, attr_str, attr_u32, nest
+from mesh.netlink.attrs import attr, attr_be32, attr_str, nest
 
 # registers
 REG_VERDICT = 0
@@ -82,7 +82,7 @@ def data_value(value: bytes) -> bytes:
 
 
 def data_verdict(code: int, chain: str | None = None) -> bytes:
-    parts = [attr_u32(_VERDICT_CODE, code)]
+    parts = [attr_be32(_VERDICT_CODE, code)]
     if chain is not None:
         parts.append(attr_str(_VERDICT_CHAIN, chain))
     return nest(_DATA_VERDICT, *parts)
@@ -90,63 +90,65 @@ def data_verdict(code: int, chain: str | None = None) -> bytes:
 
 def payload(base: int, offset: int, length: int, dreg: int) -> Expr:
     return Expr(
-        "payload", attr_u32(1, dreg) + attr_u32(2, base) + attr_u32(3, offset) + attr_u32(4, length)
+        "payload",
+        attr_be32(1, dreg) + attr_be32(2, base) + attr_be32(3, offset) + attr_be32(4, length),
     )
 
 
 def cmp(op: int, sreg: int, value: bytes) -> Expr:
-    return Expr("cmp", attr_u32(1, sreg) + attr_u32(2, op) + nest(3, data_value(value)))
+    return Expr("cmp", attr_be32(1, sreg) + attr_be32(2, op) + nest(3, data_value(value)))
 
 
 def meta_load(key: int, dreg: int) -> Expr:
-    return Expr("meta", attr_u32(1, dreg) + attr_u32(2, key))
+    return Expr("meta", attr_be32(1, dreg) + attr_be32(2, key))
 
 
 def meta_set(key: int, sreg: int) -> Expr:
-    return Expr("meta", attr_u32(2, key) + attr_u32(3, sreg))
+    return Expr("meta", attr_be32(2, key) + attr_be32(3, sreg))
 
 
 def bitwise(sreg: int, dreg: int, mask: bytes, xor: bytes) -> Expr:
     return Expr(
         "bitwise",
-        attr_u32(1, sreg)
-        + attr_u32(2, dreg)
-        + attr_u32(3, len(mask))
+        attr_be32(1, sreg)
+        + attr_be32(2, dreg)
+        + attr_be32(3, len(mask))
         + nest(4, data_value(mask))
         + nest(5, data_value(xor)),
     )
 
 
 def immediate(dreg: int, value: bytes) -> Expr:
-    return Expr("immediate", attr_u32(1, dreg) + nest(2, data_value(value)))
+    return Expr("immediate", attr_be32(1, dreg) + nest(2, data_value(value)))
 
 
 def verdict(code: int, chain: str | None = None) -> Expr:
-    return Expr("immediate", attr_u32(1, REG_VERDICT) + nest(2, data_verdict(code, chain)))
+    return Expr("immediate", attr_be32(1, REG_VERDICT) + nest(2, data_verdict(code, chain)))
 
 
 def lookup(set_name: str, sreg: int, dreg: int | None = None, invert: bool = False) -> Expr:
-    data = attr_str(1, set_name) + attr_u32(2, sreg)
+    data = attr_str(1, set_name) + attr_be32(2, sreg)
     if dreg is not None:
-        data += attr_u32(3, dreg)
+        data += attr_be32(3, dreg)
     if invert:
-        data += attr_u32(5, 1)
+        data += attr_be32(5, 1)
     return Expr("lookup", data)
 
 
 def numgen_inc(dreg: int, modulus: int, offset: int = 0) -> Expr:
     return Expr(
-        "numgen", attr_u32(1, dreg) + attr_u32(2, modulus) + attr_u32(3, 0) + attr_u32(4, offset)
+        "numgen",
+        attr_be32(1, dreg) + attr_be32(2, modulus) + attr_be32(3, 0) + attr_be32(4, offset),
     )
 
 
 def nat(kind: int, reg_addr: int, reg_proto: int | None) -> Expr:
     flags = NAT_RANGE_MAP_IPS
-    data = attr_u32(1, kind) + attr_u32(2, NFPROTO_IPV4) + attr_u32(3, reg_addr)
+    data = attr_be32(1, kind) + attr_be32(2, NFPROTO_IPV4) + attr_be32(3, reg_addr)
     if reg_proto is not None:
-        data += attr_u32(5, reg_proto)
+        data += attr_be32(5, reg_proto)
         flags |= NAT_RANGE_PROTO_SPECIFIED
-    return Expr("nat", data + attr_u32(7, flags))
+    return Expr("nat", data + attr_be32(7, flags))
 
 
 def masquerade() -> Expr:
@@ -160,17 +162,17 @@ def counter() -> Expr:
 
 
 def objref_map(sreg: int, set_name: str) -> Expr:
-    return Expr("objref", attr_u32(3, sreg) + attr_str(4, set_name))
+    return Expr("objref", attr_be32(3, sreg) + attr_str(4, set_name))
 
 
 def fib_daddr_type(dreg: int) -> Expr:
     return Expr(
-        "fib", attr_u32(1, dreg) + attr_u32(2, FIB_RESULT_ADDRTYPE) + attr_u32(3, FIB_F_DADDR)
+        "fib", attr_be32(1, dreg) + attr_be32(2, FIB_RESULT_ADDRTYPE) + attr_be32(3, FIB_F_DADDR)
     )
 
 
 def ct_load(key: int, dreg: int) -> Expr:
-    return Expr("ct", attr_u32(1, dreg) + attr_u32(2, key))
+    return Expr("ct", attr_be32(1, dreg) + attr_be32(2, key))
 
 
 # ---- values in register layout -------------------------------------------------------------
@@ -215,22 +217,6 @@ def match_fib_daddr_local() -> list[Expr]:
     return [fib_daddr_type(REG_1), cmp(CMP_EQ, REG_1, u32_host(RTN_LOCAL))]
 
 
-def match_mark_bit(bit: int) -> list[Expr]:
-    return [
-        meta_load(META_MARK, REG_1),
-        bitwise(REG_1, REG_1, u32_host(bit), u32_host(0)),
-        cmp(CMP_NEQ, REG_1, u32_host(0)),
-    ]
-
-
-def set_mark_bit(bit: int) -> list[Expr]:
-    return [
-        meta_load(META_MARK, REG_1),
-        bitwise(REG_1, REG_1, u32_host(0xFFFFFFFF & ~bit), u32_host(bit)),
-        meta_set(META_MARK, REG_1),
-    ]
-
-
 def key_l4proto_dport() -> list[Expr]:
     """Load `meta l4proto . th dport` into REG32_00, REG32_01."""
     return [meta_load(META_L4PROTO, REG32_00), payload(TRANSPORT_HEADER, 2, 2, REG32_01)]
@@ -273,8 +259,8 @@ def match_l4proto(proto: int) -> list[Expr]:
 
 
 def reject_tcp_reset() -> Expr:
-    return Expr("reject", attr_u32(1, REJECT_TCP_RST))
+    return Expr("reject", attr_be32(1, REJECT_TCP_RST))
 
 
 def reject_port_unreachable() -> Expr:
-    return Expr("reject", attr_u32(1, REJECT_ICMP_UNREACH) + attr(2, bytes([ICMP_PORT_UNREACH])))
+    return Expr("reject", attr_be32(1, REJECT_ICMP_UNREACH) + attr(2, bytes([ICMP_PORT_UNREACH])))

@@ -9,22 +9,21 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from mesh.nft.expr import NF_ACCEPT, NFT_OBJECT_COUNTER, Expr, data_value, data_verdict
-from mesh.nft.wire import (
-    NLM_F_APPEND,
-    NLM_F_CREATE,
-    Message,
-    NftSocket,
+from mesh.netlink.attrs import (
     attr,
+    attr_be32,
     attr_str,
-    attr_u32,
     attrs_dict,
+    get_be32,
+    get_be64,
     get_str,
-    get_u32,
-    get_u64,
     iter_attrs,
     nest,
 )
+from mesh.netlink.core import NLM_F_APPEND, NLM_F_CREATE
+from mesh.netlink.nfnetlink import Message
+from mesh.nft.expr import NF_ACCEPT, NFT_OBJECT_COUNTER, Expr, data_value, data_verdict
+from mesh.nft.wire import NftSocket
 
 NFPROTO_IPV4 = 2
 
@@ -130,8 +129,8 @@ class Transaction:
     def add_chain(self, name: str, hook: Hook | None = None) -> None:
         body = self._t + attr_str(3, name)
         if hook is not None:
-            body += nest(4, attr_u32(1, hook.hooknum), attr_u32(2, hook.priority & 0xFFFFFFFF))
-            body += attr_u32(5, NF_ACCEPT) + attr_str(7, hook.chain_type)
+            body += nest(4, attr_be32(1, hook.hooknum), attr_be32(2, hook.priority & 0xFFFFFFFF))
+            body += attr_be32(5, NF_ACCEPT) + attr_str(7, hook.chain_type)
         self._add(NEWCHAIN, NLM_F_CREATE, body, f"add chain {self.table} {name}")
 
     def flush_chain(self, name: str) -> None:
@@ -159,25 +158,24 @@ class Transaction:
         extra = b""
         if spec.data_type is not None:
             flags |= SET_MAP
-            extra += attr_u32(6, spec.data_type)
+            extra += attr_be32(6, spec.data_type)
             if spec.data_type != NFT_DATA_VERDICT:
-                extra += attr_u32(7, spec.data_len)
+                extra += attr_be32(7, spec.data_len)
         if spec.object_type is not None:
             flags |= SET_OBJECT
-            extra += attr_u32(15, spec.object_type)
-        body += attr_u32(3, flags) + attr_u32(4, spec.key_type) + attr_u32(5, spec.key_len) + extra
+            extra += attr_be32(15, spec.object_type)
+        body += (
+            attr_be32(3, flags) + attr_be32(4, spec.key_type) + attr_be32(5, spec.key_len) + extra
+        )
         if spec.host_order_key:
             # libnftnl user data: NFTNL_UDATA_SET_KEYBYTEORDER = BYTEORDER_HOST_ENDIAN
             body += attr(13, bytes([0, 4]) + struct.pack("=I", 1))
-        body += attr_u32(10, self._next_set_id)  # NFTA_SET_ID is mandatory
+        body += attr_be32(10, self._next_set_id)  # NFTA_SET_ID is mandatory
         self._next_set_id += 1
         self._add(NEWSET, NLM_F_CREATE, body, f"add set {self.table} {spec.name}")
 
     def delete_set(self, name: str) -> None:
         self._add(DELSET, 0, self._t + attr_str(2, name), f"delete set {self.table} {name}")
-
-    def flush_set(self, name: str) -> None:
-        self._add(DELSETELEM, 0, self._t + attr_str(2, name), f"flush set {self.table} {name}")
 
     def add_elements(self, set_name: str, elements: Iterable[Element]) -> None:
         self._elements(NEWSETELEM, NLM_F_CREATE, set_name, elements, "add element")
@@ -216,11 +214,11 @@ class Transaction:
 
     # named counters
     def add_counter(self, name: str) -> None:
-        body = self._t + attr_str(2, name) + attr_u32(3, NFT_OBJECT_COUNTER) + nest(4, b"")
+        body = self._t + attr_str(2, name) + attr_be32(3, NFT_OBJECT_COUNTER) + nest(4, b"")
         self._add(NEWOBJ, NLM_F_CREATE, body, f"add counter {self.table} {name}")
 
     def delete_counter(self, name: str) -> None:
-        body = self._t + attr_str(2, name) + attr_u32(3, NFT_OBJECT_COUNTER)
+        body = self._t + attr_str(2, name) + attr_be32(3, NFT_OBJECT_COUNTER)
         self._add(DELOBJ, 0, body, f"delete counter {self.table} {name}")
 
 
@@ -233,11 +231,11 @@ def read_counters(
 ) -> dict[str, tuple[int, int]]:
     """Named counters of a table: name -> (packets, bytes)."""
     out: dict[str, tuple[int, int]] = {}
-    body = attr_str(1, table) + attr_u32(3, NFT_OBJECT_COUNTER)
+    body = attr_str(1, table) + attr_be32(3, NFT_OBJECT_COUNTER)
     for raw in sock.dump(GETOBJ, family, body):
         a = attrs_dict(raw)
-        if get_str(a, 1) != table or get_u32(a, 3) != NFT_OBJECT_COUNTER:
+        if get_str(a, 1) != table or get_be32(a, 3) != NFT_OBJECT_COUNTER:
             continue
         data = dict(iter_attrs(a.get(4, b"")))
-        out[get_str(a, 2)] = (get_u64(data, 2), get_u64(data, 1))
+        out[get_str(a, 2)] = (get_be64(data, 2), get_be64(data, 1))
     return out

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-log = logging.getLogger("shoal.node")
+log = logging.getLogger(__name__)
 
 
 class MeshProcess:

@@ -42,7 +42,7 @@ from orchestrator.store.log import NotLeader
 from orchestrator.store.objects import Cluster, Node
 from orchestrator.store.store import Tx
 
-log = logging.getLogger("shoal.api")
+log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

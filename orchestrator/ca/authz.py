@@ -31,7 +31,7 @@ from grpc import aio
 from orchestrator.ca.pki import Identity, Role
 from orchestrator.ca.tls import peer_identity
 
-log = logging.getLogger("shoal.ca.authz")
+log = logging.getLogger(__name__)
 
 Context = aio.ServicerContext[Any, Any]
 _Req = TypeVar("_Req")

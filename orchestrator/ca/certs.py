@@ -24,7 +24,7 @@ from orchestrator.ca.server import SERVICE as CA_SERVICE
 from orchestrator.ca.tls import ChannelOptions, CredentialsSource, NodeCredentials, member_channel
 from orchestrator.rpc import jsonrpc
 
-log = logging.getLogger("shoal.ca")
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -21,6 +21,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address, IPv6Address
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -239,12 +240,15 @@ class Issuer:
         cluster_id: str,
         now: datetime | None = None,
         expiry: timedelta | None = None,
+        ip_addresses: Sequence[IPv4Address | IPv6Address] = (),
     ) -> bytes:
         """Sign a node's CSR; returns the PEM chain `[leaf, *intermediates]` the node keeps.
 
         Only the CSR's public key is used (its signature proves the node holds the key). The
         subject and SANs come from the arguments, as swarmkit's PrepareCSR does. `now` and
-        `expiry` exist for tests (an expired certificate) and per-request overrides.
+        `expiry` exist for tests (an expired certificate) and per-request overrides;
+        `ip_addresses`, IP SANs that swarm nodes never carry, for peers that dial by address
+        and check it (bench/raft.py's etcd members).
         """
         # The CSR comes from the network: every way it can be wrong becomes a PKIError.
         try:
@@ -298,7 +302,15 @@ class Issuer:
                 ),
                 critical=False,
             )
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in sans]), False)
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [
+                        *(x509.DNSName(n) for n in sans),
+                        *(x509.IPAddress(ip) for ip in ip_addresses),
+                    ]
+                ),
+                critical=False,
+            )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),

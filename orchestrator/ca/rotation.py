@@ -24,7 +24,7 @@ from orchestrator.store.log import NotLeader
 from orchestrator.store.objects import Cluster, Node
 from orchestrator.store.store import Store, Tx
 
-log = logging.getLogger("shoal.ca")
+log = logging.getLogger(__name__)
 
 PERIOD = 1.0
 

@@ -42,7 +42,7 @@ from orchestrator.store.ids import new_id, new_raft_id
 from orchestrator.store.objects import Cluster, Node
 from orchestrator.store.store import Store, Tx
 
-log = logging.getLogger("shoal.ca")
+log = logging.getLogger(__name__)
 
 SERVICE = "shoal.CA"
 SECOND = 1_000_000_000

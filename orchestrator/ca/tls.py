@@ -103,15 +103,6 @@ class NodeCredentials:
 # ---- servers -------------------------------------------------------------------------------
 
 
-def server_credentials(creds: NodeCredentials) -> grpc.ServerCredentials:
-    """Fixed mutual-TLS credentials for the control port (tests, one-shot tools)."""
-    return grpc.ssl_server_credentials(
-        [(creds.key_pem, creds.chain_pem)],
-        root_certificates=creds.trust_pem,
-        require_client_auth=True,
-    )
-
-
 @dataclass
 class _Fetcher:
     """gRPC calls this before every new TLS handshake (from a core thread, holding the GIL);

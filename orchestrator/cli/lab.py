@@ -1,15 +1,13 @@
-"""`shoal lab ...`: the one-machine lab of network namespaces."""
+"""`shoal lab ...`: the one-machine lab, of network namespaces or VMs (orchestrator/lab/)."""
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
-import os
-import sys
 
-from orchestrator.lab import daemons, demo, engines, faults, registry, vm, vmdemo
+from orchestrator.lab import daemons, demo, engines, faults, registry, vmdemo
 from orchestrator.lab import lab as labmod
-from orchestrator.lab.lab import LabError
+from orchestrator.lab.record import NETNS, VM, LabError
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -144,38 +142,18 @@ def _require(name: str) -> labmod.Lab:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    if args.vm:
-        if args.executor == "container":
-            raise LabError(
-                "VM labs run the native executor (their nodes have no engine); drop "
-                "--executor container, or drop --vm for a namespace lab with engines"
-            )
-        lab = vm.up(args.name, args.nodes, args.subnet)
-        if not args.no_daemons:
-            daemons.start_all(lab)
-        print(
-            f"lab {lab.name}: {len(lab.nodes)} VM(s) on {lab.subnet} (bridge {lab.bridge} "
-            f"{lab.gateway} in netns {vm.lab_netns(lab.name)}; {vm.info(lab).get('accel')})"
+    if args.vm and args.executor == "container":
+        raise LabError(
+            "VM labs run the native executor (their nodes have no engine); drop "
+            "--executor container, or drop --vm for a namespace lab with engines"
         )
-        for n in lab.nodes:
-            print(f"  {n.name:6} {n.address:16} VM")
-        if not args.no_daemons:
-            print(f"shoald runs in every VM: `shoal lab exec --name {lab.name} sw1 -- shoal ...`")
-        return 0
-    lab = labmod.up(args.name, args.nodes, args.subnet, args.executor or "container")
+    lab = labmod.up(
+        args.name, args.nodes, args.subnet, args.executor, kind=VM if args.vm else NETNS
+    )
     if not args.no_daemons:
         daemons.start_all(lab)
-    print(
-        f"lab {lab.name}: {len(lab.nodes)} node(s) on {lab.subnet} (bridge {lab.bridge}, "
-        f"{lab.gateway}), {lab.executor} executor"
-    )
-    for n in lab.nodes:
-        print(f"  {n.name:6} {n.address:16} netns {n.netns}")
-    if lab.containers and not args.no_daemons:
-        print(
-            f"registry {registry.address(lab)}; a node's engine: `docker -H "
-            f"{engines.socket_url(lab, lab.nodes[0].name)} ...` (sw1's)"
-        )
+    for line in labmod.backend(lab).describe(lab, daemons=not args.no_daemons):
+        print(line)
     return 0
 
 
@@ -250,16 +228,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_env(args: argparse.Namespace) -> int:
     lab = _require(args.name)
-    if lab.kind == vm.KIND:
-        lab.node(args.node)  # a clear error for an unknown node
-        raise LabError(
-            f"lab {lab.name} is a VM lab: {args.node}'s shoald listens on "
-            f"{daemons.VM_SOCKET} inside its VM, which this machine cannot reach; run the CLI "
-            f"there, where DOCKER_HOST points at it: "
-            f"`shoal lab exec --name {lab.name} {args.node} -- shoal node ls`"
-        )
+    # LabError where this machine cannot reach the node's shoald (a VM lab's)
+    labmod.backend(lab).host_socket(lab, args.node)
     if args.engine:
-        lab.node(args.node)  # a clear error for an unknown node
         if not lab.containers:
             raise LabError(
                 f"lab {lab.name}'s nodes have no container engine (it runs the native "
@@ -278,13 +249,4 @@ def cmd_env(args: argparse.Namespace) -> int:
 def cmd_exec(args: argparse.Namespace) -> int:
     lab = _require(args.name)
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-    if lab.kind == vm.KIND and args.node != vm.HOST:
-        return vm.exec_interactive(lab, args.node, argv)
-    cmd = labmod.exec_argv(lab, args.node, argv)
-    if lab.kind != vm.KIND and daemons.socket_path(lab, args.node).exists():
-        os.environ["DOCKER_HOST"] = daemons.docker_host(lab, args.node)
-    # the project's commands (shoal, shoal-mesh) on PATH even outside an activated virtualenv
-    bindir = os.path.dirname(sys.executable)
-    os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-    sys.stdout.flush()
-    os.execvp(cmd[0], cmd)
+    return labmod.backend(lab).exec_interactive(lab, args.node, argv)

@@ -1,13 +1,13 @@
 """shoald in the lab's nodes: one per node, recorded so `shoal lab down` stops it with the lab.
 
 `shoal lab up` starts them (unless --no-daemons); `shoal lab exec swN -- shoal ...` runs the CLI
-against swN's shoald. In a namespace lab, shoald's socket and data root are under the lab's run
-dir (`/run/shoal/lab/<lab>/swN/`), reachable from the host too (`shoal lab env swN`). In a VM
-lab, shoald runs inside the VM, started through the VM's agent like any command there (its
-local stand-in is what is recorded): its socket and data root are on the VM's own tmpfs
-(`/run/shoal/shoal.sock`, `/var/lib/shoal`: a unix socket on the 9p-shared run dir would not
-connect), so only commands in the VM reach it; its log is still
-`/run/shoal/lab/<lab>/swN/shoald.log` on the host.
+against swN's shoald. One code path for both kinds of lab: the lab's backend
+(orchestrator/lab/backend.py) says how a node runs a daemon (`daemon_argv`), where shoald's
+socket and data root are, and its other options. In a namespace lab they are under the lab's
+run dir (`/run/shoal/lab/<lab>/swN/`), reachable from the host too (`shoal lab env swN`); in a
+VM lab, shoald runs inside the VM, started through the VM's agent like any command there (its
+local stand-in is what is recorded), its socket and data root on the VM's own tmpfs. Either
+way its log is `/run/shoal/lab/<lab>/swN/shoald.log` on the host.
 
 In a lab with the container executor, a node's engine (orchestrator/lab/engines.py) starts
 before its shoald, which runs `--executor container --engine unix://<the engine's socket>`;
@@ -23,23 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.lab import engines, registry, vm, vmagent
-from orchestrator.lab.lab import (
-    Lab,
-    LabError,
-    Node,
-    add_process,
-    exec_argv,
-    load,
-    running,
-    start_engines,
-)
-
-# Inside a VM (its /run and root are tmpfs); the VM agent points DOCKER_HOST here.
-VM_SOCKET = Path(vmagent.SHOALD_SOCKET)
-VM_DATA_ROOT = Path("/var/lib/shoal")
-# shoald imports a lot: ~10-30 s under emulation, three VMs at once on a couple of cores
-VM_READY_TIMEOUT = 240.0
+from orchestrator.lab.lab import backend
+from orchestrator.lab.record import Lab, LabError, Node, add_process, load, running
 
 
 def node_dir(lab: Lab, node: str) -> Path:
@@ -49,9 +34,7 @@ def node_dir(lab: Lab, node: str) -> Path:
 
 def socket_path(lab: Lab, node: str) -> Path:
     """shoald's API socket; in a VM lab, a path inside the node's VM."""
-    if lab.kind == vm.KIND:
-        return VM_SOCKET
-    return node_dir(lab, node) / "shoal.sock"
+    return backend(lab).shoald_socket(lab, node)
 
 
 def docker_host(lab: Lab, node: str) -> str:
@@ -60,58 +43,29 @@ def docker_host(lab: Lab, node: str) -> str:
     return f"unix://{socket_path(lab, node)}"
 
 
-def _executor_args(lab: Lab, node: str) -> list[str]:
-    if lab.containers:
-        return ["--executor", "container", "--engine", engines.socket_url(lab, node)]
-    return ["--executor", "native"]
-
-
 def _argv(lab: Lab, node: Node) -> list[str]:
-    if lab.kind == vm.KIND:
-        daemon = [
-            sys.executable,
-            "-m",
-            "orchestrator.daemon",
-            "--host",
-            f"unix://{VM_SOCKET}",
-            "--data-root",
-            str(VM_DATA_ROOT),
-            "--hostname",
-            node.name,
-            *_executor_args(lab, node.name),
-        ]
-        return exec_argv(lab, node.name, daemon)
-    # nsenter, not `ip netns exec`: that gives the process a mount namespace of its own, and
-    # the task namespaces shoald creates (bind mounts in /run/netns) would be invisible to the
-    # host: `ip netns exec <task>` from the host would fail.
-    return [
-        "nsenter",
-        f"--net=/run/netns/{node.netns}",
+    """The command line of the node's shoald, on this machine."""
+    lab_backend = backend(lab)
+    daemon = [
         sys.executable,
         "-m",
         "orchestrator.daemon",
         "--host",
-        f"unix://{socket_path(lab, node.name)}",
+        f"unix://{lab_backend.shoald_socket(lab, node.name)}",
         "--data-root",
-        str(node_dir(lab, node.name) / "data"),
+        str(lab_backend.shoald_data_root(lab, node.name)),
         "--hostname",
         node.name,
-        "--netns-prefix",
-        node.netns,
-        *_executor_args(lab, node.name),
+        *lab_backend.shoald_options(lab, node.name),
     ]
+    return lab_backend.daemon_argv(lab, node.name, daemon)
 
 
 def start(lab: Lab, node: Node) -> int | None:
     """Start shoald in a node unless it answers already, recorded so `down` stops it; returns
     the new pid (in a VM lab, that of its local stand-in: signals and kills go through it).
     In a container lab, the node's engine first (and the lab's registry, if it is not up)."""
-    if lab.containers:
-        if not registry.is_running(lab):
-            registry.start(lab)
-            registry.seed(lab)
-        engines.start(lab, node.name)
-        engines.wait_ready(lab, node.name)
+    backend(lab).start_engine(lab, node.name)
     if answers(lab, node.name):
         return None
     d = node_dir(lab, node.name)
@@ -131,25 +85,13 @@ def start(lab: Lab, node: Node) -> int | None:
     return proc.pid
 
 
-def ping(path: Path) -> bool:
-    """Does the Engine API on this unix socket (shoald's) answer /_ping?"""
-    return engines.ping(path)
-
-
 def answers(lab: Lab, node: str) -> bool:
     """Does the node's shoald answer /_ping?"""
-    if lab.kind == vm.KIND:
-        probe = ["curl", "-sf", "-m", "3", "--unix-socket", str(VM_SOCKET), "http://x/_ping"]
-        try:
-            return vm.run(lab, node, probe, timeout=15).returncode == 0
-        except OSError:
-            return False
-    path = socket_path(lab, node)
-    return path.exists() and ping(path)
+    return backend(lab).shoald_answers(lab, node)
 
 
-def _standin_alive(lab: Lab, node: str) -> bool:
-    """Is a local stand-in of the node's shoald (VM labs) still running?"""
+def _started_alive(lab: Lab, node: str) -> bool:
+    """Is a shoald started in the node (or its local stand-in, in a VM lab) still running?"""
     record = load(lab.name) or lab
     for pid in running(record, node):
         with contextlib.suppress(OSError):
@@ -166,24 +108,26 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def wait_ready(lab: Lab, node: str, timeout: float | None = None) -> None:
-    in_vm = lab.kind == vm.KIND
+    """Until the node's shoald answers; LabError if it exits or takes longer than timeout
+    (default: the backend's)."""
+    lab_backend = backend(lab)
     if timeout is None:
-        timeout = VM_READY_TIMEOUT if in_vm else 20.0
+        timeout = lab_backend.shoald_timeout
     log = node_dir(lab, node) / "shoald.log"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if answers(lab, node):
             return
-        if in_vm and not _standin_alive(lab, node):
+        if not _started_alive(lab, node):
             raise LabError(f"shoald in {node} exited; {log}:\n{_tail(log)}")
-        time.sleep(1.0 if in_vm else 0.1)
+        time.sleep(lab_backend.shoald_poll)
     raise LabError(f"shoald in {node} did not come up within {timeout:.0f} s; see {log}")
 
 
 def start_all(lab: Lab) -> None:
     """shoald in every node of the lab (idempotent), recorded so `down` stops them; in a
     container lab, the registry and every node's engine first."""
-    start_engines(lab)
+    backend(lab).start_engines(lab)
     for node in lab.nodes:
         start(lab, node)
     for node in lab.nodes:

@@ -25,7 +25,7 @@ import docker
 
 from orchestrator.lab import daemons, engines, registry
 from orchestrator.lab import lab as labmod
-from orchestrator.lab.lab import Lab, LabError
+from orchestrator.lab.record import Lab, LabError
 from orchestrator.node import DEFAULT_PORT
 
 REPLICAS = 10

@@ -1,5 +1,6 @@
 """A container engine per lab node: Debian's dockerd, in the node's network namespace, for the
-container executor (`shoald --executor container --engine unix://...`).
+container executor (`shoald --executor container --engine unix://...`). Part of the namespace
+backend (orchestrator/lab/netns.py), which starts and removes them; docs/lab-registry.md.
 
 Each node's dockerd is its own Docker host, as each node of the blog's swarm had one:
   API        unix:///run/shoal/lab/<lab>/<node>/docker.sock
@@ -43,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.lab.lab import Lab, LabError, add_process, stop_pids
+from orchestrator.lab.record import NETNS, Lab, LabError, add_process, stop_pids
 
 DOCKERD = "/usr/sbin/dockerd"
 READY_TIMEOUT = 30.0
@@ -154,7 +155,7 @@ def argv(lab: Lab, node: str) -> list[str]:
 
 
 def _netns_lab(lab: Lab) -> None:
-    if lab.kind != "netns":
+    if lab.kind != NETNS:
         raise EngineError(
             f"lab {lab.name} is a {lab.kind} lab: only namespace labs run an engine per node"
         )
@@ -200,6 +201,10 @@ def start(lab: Lab, node: str) -> int | None:
         )
     finally:
         log.close()
+    # until nsenter has become dockerd: before, wait_ready would not find it and say it exited
+    deadline = time.monotonic() + 5
+    while _comm(proc.pid) == "nsenter" and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     add_process(lab.name, node, proc.pid)
     _record_cgroups(lab, node, proc.pid)
     return proc.pid

@@ -1,8 +1,13 @@
 """Drive shoal-mesh daemons in a lab from hand-made desired state, without a control plane.
 
 Used by the mesh's lab tests and benchmarks: it plays the orchestrator's part (allocating
-addresses, writing each node's state file) so the data plane can be exercised alone.
-Task namespaces are named `<node namespace>-<task>`, so `shoal lab down` removes them too.
+addresses, writing each node's state file, docs/mesh-state.md) so the data plane can be
+exercised alone, in any lab: the lab's backend (orchestrator/lab/backend.py) runs shoal-mesh
+in a node as `shoal lab exec` would, and makes the tasks' namespaces and starts their
+workloads where shoald would. In a namespace lab they are the host's, named `<node
+namespace>-<task>`, so `shoal lab down` removes them too; in a VM lab they are in the VM, and
+the state files and run directories must be in the lab's run directory, which the VMs share.
+orchestrator/lab/vmmesh.py adds encrypted networks, and waits sized for emulated VMs.
 """
 
 from __future__ import annotations
@@ -11,7 +16,6 @@ import contextlib
 import ipaddress
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -20,9 +24,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.lab.lab import Lab, LabError, add_process
-
-_METRIC = re.compile(r"^(shoal_mesh_state_generation|shoal_mesh_sync_errors_total) (\S+)$", re.M)
+from mesh.daemon import read_applied
+from mesh.netns import run_in_netns
+from orchestrator.lab.lab import backend
+from orchestrator.lab.record import Lab, LabError, add_process
 
 
 @dataclass
@@ -56,17 +61,30 @@ class Svc:
 
 
 class MeshLab:
+    # default waits, in seconds: for every daemon to apply a state, for a workload to listen;
+    # and between two looks at a workload
+    sync_timeout = 30.0
+    listen_timeout = 10.0
+    poll = 0.05
+
     def __init__(
         self, lab: Lab, run_dir: Path | None = None, dns_upstreams: list[str] | None = None
     ):
         self.lab = lab
+        self.backend = backend(lab)
         self.run_dir = run_dir or lab.run_dir / "mesh"
+        if not self.backend.shares(lab, self.run_dir):
+            raise LabError(
+                f"{self.run_dir} is not under {lab.run_dir}, the directory the nodes share; "
+                "leave run_dir unset"
+            )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.nets: dict[str, Net] = {}
         self.tasks: dict[str, Task] = {}
         self.services: dict[str, Svc] = {}
         self.generation = 0
         self.daemons: dict[str, subprocess.Popen[bytes]] = {}
+        self.daemon_args: dict[str, tuple[str, ...]] = {}  # what each was started with
         self.dns_upstreams = dns_upstreams
 
     # ---- model ------------------------------------------------------------------------------
@@ -113,14 +131,29 @@ class MeshLab:
     def remove_task(self, name: str) -> None:
         task = self.tasks.pop(name)
         self.stop_workload(task)
-        self._ip_netns(task.node, "del", task.netns, check=False)
+        self.backend.run(self.lab, task.node, ["ip", "netns", "del", task.netns])
 
     def _task_netns(self, node: str, name: str) -> str:
-        return f"{self.lab.node(node).netns}-{name}"
+        return f"{self.backend.netns_prefix(self.lab, node)}-{name}"
 
-    def _ip_netns(self, node: str, *args: str, check: bool = True) -> None:
-        """`ip netns ARGS` where the node's task namespaces live: here, the host."""
-        subprocess.run(["ip", "netns", *args], check=check, capture_output=True)
+    def _ip_netns(self, node: str, *args: str) -> None:
+        """`ip netns ARGS` where the node's task namespaces are."""
+        self.backend.check(self.lab, node, ["ip", "netns", *args])
+
+    def run(self, node: str, argv: list[str], timeout: float = 120.0) -> str:
+        """A command in a node; its stdout (LabError if it fails)."""
+        return self.backend.check(self.lab, node, argv, timeout=timeout)
+
+    def task_argv(self, task: Task, argv: list[str]) -> list[str]:
+        """A command line of this machine that runs argv in the task's namespace."""
+        return self.backend.daemon_argv(
+            self.lab, task.node, ["ip", "netns", "exec", task.netns, *argv]
+        )
+
+    @property
+    def outside(self) -> str | None:
+        """The network namespace of the lab's outside (None: this machine's)."""
+        return self.backend.outside(self.lab)
 
     def state(self, node: str) -> dict[str, object]:
         return {
@@ -180,11 +213,7 @@ class MeshLab:
     # ---- processes --------------------------------------------------------------------------
 
     def start_daemon(self, node: str, *extra: str) -> None:
-        cmd = [
-            "ip",
-            "netns",
-            "exec",
-            self.lab.node(node).netns,
+        argv = [
             sys.executable,
             "-m",
             "mesh.cli",
@@ -195,10 +224,17 @@ class MeshLab:
             str(self.run_dir / f"run-{node}"),
             *extra,
         ]
+        # what a previous daemon applied is not what this one has
+        (self.run_dir / f"run-{node}" / "applied").unlink(missing_ok=True)
         with open(self.run_dir / f"mesh-{node}.log", "ab") as log:
             self.daemons[node] = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                self.backend.exec_argv(self.lab, node, argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
+        self.daemon_args[node] = extra
         add_process(self.lab.name, node, self.daemons[node].pid)
 
     def stop_daemon(self, node: str, sig: int = signal.SIGTERM) -> None:
@@ -211,24 +247,40 @@ class MeshLab:
                 proc.kill()
                 proc.wait()
 
+    def restart_daemon(self, node: str) -> None:
+        """Stop the node's daemon and start another with the same options."""
+        self.stop_daemon(node)
+        self.start_daemon(node, *self.daemon_args.get(node, ()))
+
     def signal_daemon(self, node: str, sig: int) -> None:
         self.daemons[node].send_signal(sig)
 
     def metrics(self, node: str) -> str:
+        """The node's daemon's /metrics, scraped from the lab's outside."""
         url = f"http://{self.lab.node(node).address}:9323/metrics"
-        with urllib.request.urlopen(url, timeout=5) as r:
-            body: bytes = r.read()
-        return body.decode()
+
+        def get() -> str:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                body: bytes = r.read()
+            return body.decode()
+
+        return run_in_netns(self.outside, get)
 
     def wait_synced(
-        self, generation: int | None = None, timeout: float = 30.0, nodes: list[str] | None = None
+        self,
+        generation: int | None = None,
+        timeout: float | None = None,
+        nodes: list[str] | None = None,
     ) -> None:
-        """Until every daemon reports the generation applied."""
+        """Until every daemon (or those of `nodes`) has applied the generation (default: the
+        last published), as the `applied` file each writes to its run directory says: read
+        here, it costs the nodes nothing (a /metrics scrape costs an emulated VM a noticeable
+        share of its CPU)."""
         want = self.generation if generation is None else generation
+        timeout = self.sync_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         pending = set(nodes or self.daemons)
-        last = ""
-        while pending and time.monotonic() < deadline:
+        while pending:
             for node in sorted(pending):
                 proc = self.daemons.get(node)
                 if proc is not None and proc.poll() is not None:
@@ -236,24 +288,19 @@ class MeshLab:
                         f"shoal-mesh on {node} exited with {proc.returncode}; see "
                         f"{self.run_dir / f'mesh-{node}.log'}"
                     )
-                try:
-                    found = dict(_METRIC.findall(self.metrics(node)))
-                except OSError as e:
-                    last = str(e)
-                    continue
-                if float(found.get("shoal_mesh_state_generation", -1)) >= want:
+                if read_applied(self.run_dir / f"run-{node}")[0] >= want:
                     pending.discard(node)
-            if pending:
-                time.sleep(0.05)
-        if pending:
-            raise LabError(
-                f"nodes {sorted(pending)} did not apply generation {want} in {timeout:.0f} s {last}"
-            )
+            if pending and time.monotonic() > deadline:
+                raise LabError(
+                    f"nodes {sorted(pending)} did not apply generation {want} in {timeout:.0f} s"
+                )
+            time.sleep(0.05)
 
     def start_workload(self, task: Task, argv: list[str] | None = None) -> None:
         argv = argv or [sys.executable, "-m", "orchestrator.apps.micro", "--udp"]
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", task.netns, *argv],
+            self.task_argv(task, argv),
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -261,17 +308,14 @@ class MeshLab:
         task.pids.append(proc.pid)
         add_process(self.lab.name, task.node, proc.pid)
 
-    def wait_listening(self, task: Task, port: int = 8000, timeout: float = 10.0) -> None:
+    def wait_listening(self, task: Task, port: int = 8000, timeout: float | None = None) -> None:
+        timeout = self.listen_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
+        argv = ["ip", "netns", "exec", task.netns, "ss", "-Hltn", f"sport = :{port}"]
         while time.monotonic() < deadline:
-            out = subprocess.run(
-                ["ip", "netns", "exec", task.netns, "ss", "-Hltn", f"sport = :{port}"],
-                capture_output=True,
-                text=True,
-            ).stdout
-            if out.strip():
+            if self.backend.run(self.lab, task.node, argv).stdout.strip():
                 return
-            time.sleep(0.05)
+            time.sleep(self.poll)
         raise LabError(f"{task.name} is not listening on {port}")
 
     def stop_workload(self, task: Task) -> None:
@@ -287,18 +331,6 @@ class MeshLab:
         for name in list(self.tasks):
             self.remove_task(name)
         for node in self.lab.nodes:
-            subprocess.run(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    node.netns,
-                    sys.executable,
-                    "-m",
-                    "mesh.cli",
-                    "cleanup",
-                    "--run-dir",
-                    str(self.run_dir / f"run-{node.name}"),
-                ],
-                capture_output=True,
-            )
+            cleanup = [sys.executable, "-m", "mesh.cli", "cleanup"]
+            cleanup += ["--run-dir", str(self.run_dir / f"run-{node.name}")]
+            self.backend.run(self.lab, node.name, cleanup)

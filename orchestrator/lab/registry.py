@@ -7,7 +7,9 @@ Every node's engine has it as its registry mirror and as an insecure registry
 (nothing leaves the machine) and `docker push 192.168.56.1:5000/me/app` shares an image
 between nodes. Its storage, /var/lib/shoal/lab/<lab>/registry, survives `shoal lab down` so
 pushed images are still there next time; `shoal lab down --purge` removes it. Its log is
-/run/shoal/lab/<lab>/registry.log.
+/run/shoal/lab/<lab>/registry.log. Part of the namespace backend (orchestrator/lab/netns.py),
+which starts it for labs with the container executor and stops it with the lab;
+docs/lab-registry.md.
 
 `seed` pushes the images built here from busybox-static (orchestrator/images/rootfs.py) through
 the registry's HTTP API v2, with no engine: library/busybox and library/alpine (busybox; the
@@ -34,7 +36,7 @@ from pathlib import Path
 import yaml
 
 from orchestrator.images import rootfs
-from orchestrator.lab.lab import Lab, LabError, add_process, load, running, stop_pids
+from orchestrator.lab.record import Lab, LabError, add_process, load, running, stop_pids
 
 BINARY = "/usr/bin/docker-registry"
 PORT = 5000

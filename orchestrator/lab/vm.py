@@ -16,10 +16,12 @@ can leave it:
 The agent (orchestrator/lab/vmagent.py) runs commands in a VM; `exec_argv` gives a command
 line that runs one there as a local process (signals are forwarded, and killing it kills
 the remote command), so what drives processes in the namespace lab drives them here too:
-orchestrator/lab/daemons.py starts shoald in the VMs that way (`shoal lab up --vm`).
-KVM is used when this machine offers a usable one, TCG (emulation) otherwise. The lab is
-recorded like a namespace lab (orchestrator/lab/lab.py, kind "vm"); `down` stops the VMs and
-deletes the namespace, with its bridge and taps.
+orchestrator/lab/daemons.py starts shoald in the VMs that way, its socket and data root on
+the VM's own tmpfs (a unix socket on the 9p-shared run dir would not connect), so only
+commands in the VM reach it. KVM is used when this machine offers a usable one, TCG
+(emulation) otherwise. `VmBackend` is the lab's backend (orchestrator/lab/backend.py, kind
+"vm"); `down` stops the VMs and deletes the namespace, with its bridge and taps. Failures on
+demand are not made here: `kill`, `start` and `partition` refuse. docs/vm-lab.md has the rest.
 """
 
 from __future__ import annotations
@@ -35,28 +37,32 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from mesh.netns import netns_exists, run_in_netns
 from mesh.overlay import iproute
 from orchestrator.lab import vmagent, vmimage
-from orchestrator.lab.lab import (
-    DEFAULT_LAB,
-    DEFAULT_SUBNET,
-    FIRST_HOST,
+from orchestrator.lab.backend import (
+    Completed,
+    LabBackend,
+    Say,
+    exec_here,
+    need_command,
+)
+from orchestrator.lab.record import (
+    VM,
     Lab,
     LabError,
     Node,
-    _ip,
-    _kill,
-    check_name,
+    ip,
     load,
     locked,
+    node_index,
     running,
-    save,
     start_time,
+    stop_recorded,
 )
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -64,7 +70,14 @@ AGENT_BASE_PORT = 7800
 MEMORY_MB = 768
 BOOT_TIMEOUT = 240.0
 BRIDGE = "br0"
-KIND = "vm"
+KIND = VM
+# inside a VM (its /run and root are tmpfs); the agent points DOCKER_HOST at the socket
+SHOALD_SOCKET = Path(vmagent.SHOALD_SOCKET)
+SHOALD_DATA_ROOT = Path("/var/lib/shoal")
+_NO_FAULTS = (
+    "kill and start work on namespace labs; in a VM lab, stop a node's shoald with "
+    "`shoal lab exec swN -- pkill -f orchestrator.daemon`"
+)
 HOST = "host"  # `shoal lab exec host -- ...`: the lab's namespace, where its bridge is
 FORWARDED_SIGNALS = (
     signal.SIGTERM,
@@ -111,12 +124,8 @@ def lab_netns(name: str) -> str:
     return f"{name}-vm"
 
 
-def _index(node: str) -> int:
-    return int(node.removeprefix("sw"))
-
-
 def agent_port(node: str) -> int:
-    return AGENT_BASE_PORT + _index(node)
+    return AGENT_BASE_PORT + node_index(node)
 
 
 def _mac(prefix: str, address: str) -> str:
@@ -233,80 +242,210 @@ def info(lab: Lab) -> dict[str, str]:
         return {}
 
 
-# ---- up / down -------------------------------------------------------------------------------
+# ---- the backend ---------------------------------------------------------------------------------
 
 
-def up(
-    name: str = DEFAULT_LAB,
-    nodes: int = 3,
-    subnet: ipaddress.IPv4Network = DEFAULT_SUBNET,
-    say: Callable[[str], None] = print,
-) -> Lab:
-    """Make the VM lab have exactly `nodes` running VMs; idempotent."""
-    check_name(name)
-    if not 1 <= nodes <= 40:
-        raise LabError(f"--nodes must be between 1 and 40 for a VM lab, not {nodes}")
-    if subnet.prefixlen > 24:
-        raise LabError(f"underlay subnet {subnet} is too small; use a /24 or larger")
-    image = vmimage.ensure(say)
-    accel = choose_accel()
-    started: list[Node] = []
-    with locked():
-        lab = load(name)
-        if lab is not None and lab.kind != KIND:
-            raise LabError(
-                f"lab {name} is a namespace lab; remove it with `shoal lab down --name {name}` "
-                "first, or give the VM lab another --name"
+class VmBackend(LabBackend):
+    kind = KIND
+    executors: ClassVar[tuple[str, ...]] = ("native",)  # no engine in the image
+    max_nodes = 40
+    nodes_note = " for a VM lab"
+    # shoald imports a lot: ~10-30 s under emulation, three VMs at once on a couple of cores
+    shoald_timeout = 240.0
+    shoald_poll = 1.0
+
+    # ---- making and removing the lab -------------------------------------------------------------
+
+    def up(
+        self,
+        name: str,
+        nodes: int,
+        subnet: ipaddress.IPv4Network,
+        executor: str | None = None,
+        say: Say = print,
+    ) -> Lab:
+        """Make the VM lab have exactly `nodes` running VMs; idempotent."""
+        executor = self.check_up(name, nodes, subnet, executor)
+        image = vmimage.ensure(say)  # before the lock: the first build takes a while
+        accel = choose_accel()
+        booting: list[Node] = []
+        with locked():
+            lab = self.open_record(name, subnet, executor)
+            (lab.run_dir / "vm").mkdir(parents=True, exist_ok=True)
+            info_path(lab).write_text(
+                json.dumps({"accel": accel.describe(), "kernel": image.kernel_version})
             )
-        if lab is not None and lab.subnet != str(subnet):
-            raise LabError(
-                f"lab {name} already exists on {lab.subnet}; run `shoal lab down "
-                f"--name {name}` first to move it to {subnet}"
+            _ensure_netns(lab)
+
+            def ensure(node: Node) -> None:
+                if not _qemu_running(lab, node.name):
+                    _start_vm(lab, node, image, accel)
+                    booting.append(node)
+
+            self.resize(lab, nodes, ensure)
+        if booting:
+            say(
+                f"booting {len(booting)} VM(s) with Debian's kernel {image.kernel_version} "
+                f"under {accel.describe()}"
             )
-        if lab is None:
-            lab = Lab(name=name, subnet=str(subnet), bridge=BRIDGE, kind=KIND)
-        save(lab)  # record first, so `down` can clean a half-made lab
-        (lab.run_dir / "vm").mkdir(parents=True, exist_ok=True)
-        info_path(lab).write_text(
-            json.dumps({"accel": accel.describe(), "kernel": image.kernel_version})
+        t0 = time.monotonic()
+        for node in booting:
+            wait_agent(lab, node.name, deadline=t0 + BOOT_TIMEOUT)
+        if booting:
+            say(f"VMs up in {time.monotonic() - t0:.1f} s")
+        return lab
+
+    def other_kind(self, name: str) -> str:
+        return (
+            f"lab {name} is a namespace lab; remove it with `shoal lab down --name {name}` "
+            "first, or give the VM lab another --name"
         )
-        _ensure_netns(lab)
-        for i in range(1, nodes + 1):
-            node_name = f"sw{i}"
-            node = next((n for n in lab.nodes if n.name == node_name), None)
-            if node is None:
-                address = str(subnet.network_address + FIRST_HOST + i - 1)
-                node = Node(node_name, lab_netns(name), address, f"tap-{node_name}")
-                lab.nodes.append(node)
-                save(lab)
-            if not _qemu_running(lab, node.name):
-                _start_vm(lab, node, image, accel)
-                started.append(node)
-                save(lab)
-        for node in [n for n in lab.nodes if _index(n.name) > nodes]:
-            _kill(lab.processes.pop(node.name, []))
-            with iproute(lab_netns(name)) as ipr:
-                for index in ipr.link_lookup(ifname=node.host_veth):
-                    ipr.link("del", index=index)
-            lab.nodes.remove(node)
-            save(lab)
-    if started:
-        say(
-            f"booting {len(started)} VM(s) with Debian's kernel {image.kernel_version} "
-            f"under {accel.describe()}"
+
+    def new_lab(self, name: str, subnet: ipaddress.IPv4Network, executor: str) -> Lab:
+        return Lab(name=name, subnet=str(subnet), bridge=BRIDGE, kind=KIND, executor=executor)
+
+    def new_node(self, lab: Lab, name: str, address: str) -> Node:
+        return Node(name, lab_netns(lab.name), address, f"tap-{name}")
+
+    def remove_node(self, lab: Lab, node: Node) -> None:
+        stop_recorded(lab.processes.pop(node.name, []))
+        with iproute(lab_netns(lab.name)) as ipr:
+            for index in ipr.link_lookup(ifname=node.host_veth):
+                ipr.link("del", index=index)
+
+    def remove(self, lab: Lab) -> None:
+        """Stop every VM and process of the lab and delete its namespace (bridge and taps go
+        with it)."""
+        for node in lab.nodes:
+            stop_recorded(lab.processes.pop(node.name, []))
+        for procs in lab.processes.values():
+            stop_recorded(procs)
+        lab.processes.clear()
+        ns = lab_netns(lab.name)
+        if netns_exists(ns):
+            ip("netns", "del", ns)
+
+    def start_engines(self, lab: Lab) -> None:
+        """Nothing: VMs have no engine (their shoalds run the native executor)."""
+
+    def start_engine(self, lab: Lab, node: str) -> None:
+        """Nothing: VMs have no engine."""
+
+    # ---- running commands in a VM ----------------------------------------------------------------
+
+    def exec_argv(self, lab: Lab, node: str, argv: list[str]) -> list[str]:
+        """A local command line that runs argv in a VM (see the module's docstring), or, for
+        node `host`, in the lab's namespace: the outside of the lab, like the host of a
+        namespace lab."""
+        need_command(argv)
+        if node == HOST:
+            return ["ip", "netns", "exec", lab_netns(lab.name), *argv]
+        lab.node(node)
+        return [
+            sys.executable,
+            "-m",
+            "orchestrator.cli.main",
+            "lab",
+            "exec",
+            "--name",
+            lab.name,
+            node,
+            "--",
+            *argv,
+        ]
+
+    def daemon_argv(self, lab: Lab, node: str, argv: list[str]) -> list[str]:
+        return self.exec_argv(lab, node, argv)
+
+    def run(
+        self,
+        lab: Lab,
+        node: str,
+        argv: list[str],
+        input: bytes | None = None,
+        timeout: float | None = 60.0,
+    ) -> Completed:
+        return _run(lab, node, argv, input, timeout)
+
+    def exec_interactive(self, lab: Lab, node: str, argv: list[str]) -> int:
+        if node == HOST:
+            exec_here(self.exec_argv(lab, node, argv))
+        return _exec_interactive(lab, node, argv)
+
+    def outside(self, lab: Lab) -> str | None:
+        return lab_netns(lab.name)
+
+    def netns_prefix(self, lab: Lab, node: str) -> str:
+        return f"{lab.name}-{node}"
+
+    def shares(self, lab: Lab, path: Path) -> bool:
+        return path.resolve().is_relative_to(lab.run_dir.resolve())
+
+    # ---- shoald ----------------------------------------------------------------------------------
+
+    def shoald_socket(self, lab: Lab, node: str) -> Path:
+        return SHOALD_SOCKET
+
+    def shoald_data_root(self, lab: Lab, node: str) -> Path:
+        return SHOALD_DATA_ROOT
+
+    def shoald_options(self, lab: Lab, node: str) -> list[str]:
+        return ["--executor", "native"]
+
+    def shoald_answers(self, lab: Lab, node: str) -> bool:
+        probe = ["curl", "-sf", "-m", "3", "--unix-socket", str(SHOALD_SOCKET), "http://x/_ping"]
+        try:
+            return _run(lab, node, probe, timeout=15).returncode == 0
+        except OSError:
+            return False
+
+    def host_socket(self, lab: Lab, node: str) -> Path:
+        lab.node(node)  # a clear error for an unknown node
+        raise LabError(
+            f"lab {lab.name} is a VM lab: {node}'s shoald listens on {SHOALD_SOCKET} inside "
+            "its VM, which this machine cannot reach; run the CLI there, where DOCKER_HOST "
+            f"points at it: `shoal lab exec --name {lab.name} {node} -- shoal node ls`"
         )
-    t0 = time.monotonic()
-    for node in started:
-        wait_agent(lab, node.name, deadline=t0 + BOOT_TIMEOUT)
-    if started:
-        say(f"VMs up in {time.monotonic() - t0:.1f} s")
-    return lab
+
+    # ---- failures on demand: not here ------------------------------------------------------------
+
+    def kill(self, lab: Lab, node: str) -> list[int]:
+        raise LabError(_NO_FAULTS)
+
+    def check_start(self, lab: Lab, node: str) -> None:
+        raise LabError(_NO_FAULTS)
+
+    def partition(self, lab: Lab, nodes: list[str], from_nodes: list[str] | None) -> None:
+        raise LabError("partitions are made with nftables in node namespaces: netns labs only")
+
+    def heal(self, lab: Lab) -> None:
+        """Nothing to heal: a VM lab has no cuts."""
+
+    def cuts(self, lab: Lab) -> dict[str, bool]:
+        return {n.name: False for n in lab.nodes}
+
+    # ---- saying what there is --------------------------------------------------------------------
+
+    def describe(self, lab: Lab, daemons: bool) -> list[str]:
+        lines = [
+            f"lab {lab.name}: {len(lab.nodes)} VM(s) on {lab.subnet} (bridge {lab.bridge} "
+            f"{lab.gateway} in netns {lab_netns(lab.name)}; {info(lab).get('accel')})"
+        ]
+        lines += [f"  {n.name:6} {n.address:16} VM" for n in lab.nodes]
+        if daemons:
+            lines.append(
+                f"shoald runs in every VM: `shoal lab exec --name {lab.name} sw1 -- shoal ...`"
+            )
+        return lines
+
+
+# ---- the VMs -------------------------------------------------------------------------------------
 
 
 def _ensure_netns(lab: Lab) -> None:
     ns = lab_netns(lab.name)
     if not netns_exists(ns):
-        _ip("netns", "add", ns)
+        ip("netns", "add", ns)
     plen = ipaddress.IPv4Network(lab.subnet).prefixlen
     with iproute(ns) as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
@@ -330,10 +469,10 @@ def _qemu_running(lab: Lab, node: str) -> bool:
 
 def _start_vm(lab: Lab, node: Node, image: vmimage.Image, accel: Accel) -> None:
     ns = lab_netns(lab.name)
-    _kill(lab.processes.pop(node.name, []))
+    stop_recorded(lab.processes.pop(node.name, []))
     with iproute(ns) as ipr:
         if not ipr.link_lookup(ifname=node.host_veth):
-            _ip("-n", ns, "tuntap", "add", "dev", node.host_veth, "mode", "tap")
+            ip("-n", ns, "tuntap", "add", "dev", node.host_veth, "mode", "tap")
         index = ipr.link_lookup(ifname=node.host_veth)[0]
         bridge = ipr.link_lookup(ifname=BRIDGE)[0]
         ipr.link("set", index=index, master=bridge, state="up")
@@ -365,7 +504,7 @@ def wait_agent(lab: Lab, node: str, deadline: float) -> None:
     """Until the node's agent answers; LabError with the VM's console if it never does."""
     while True:
         try:
-            if run(lab, node, ["true"], timeout=10).returncode == 0:
+            if _run(lab, node, ["true"], timeout=10).returncode == 0:
                 return
         except OSError:
             pass
@@ -381,27 +520,7 @@ def wait_agent(lab: Lab, node: str, deadline: float) -> None:
         time.sleep(0.3)
 
 
-def remove(lab: Lab) -> None:
-    """Stop every VM and process of the lab and delete its namespace (bridge and taps go
-    with it). Called by lab.down, under the lab lock."""
-    for node in lab.nodes:
-        _kill(lab.processes.pop(node.name, []))
-    for procs in lab.processes.values():
-        _kill(procs)
-    lab.processes.clear()
-    ns = lab_netns(lab.name)
-    if netns_exists(ns):
-        _ip("netns", "del", ns)
-
-
-# ---- running commands in a VM ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Completed:
-    returncode: int
-    stdout: str
-    stderr: str
+# ---- the agent's client --------------------------------------------------------------------------
 
 
 def _connect(lab: Lab, node: str, timeout: float) -> socket.socket:
@@ -421,7 +540,7 @@ def _exit_status(payload: bytes) -> int:
     return 128 - code if code < 0 else code
 
 
-def run(
+def _run(
     lab: Lab,
     node: str,
     argv: list[str],
@@ -429,9 +548,8 @@ def run(
     timeout: float | None = 60.0,
     env: dict[str, str] | None = None,
 ) -> Completed:
-    """Run a command in a VM and collect its output (like subprocess.run; any thread)."""
-    if not argv:
-        raise LabError("nothing to run: give a command after --")
+    """Run a command in a VM through its agent and collect its output (any thread)."""
+    need_command(argv)
     sock = _connect(lab, node, timeout or 10.0)
     with sock:
         sock.settimeout(timeout)
@@ -459,20 +577,9 @@ def run(
                 )
 
 
-def check(lab: Lab, node: str, argv: list[str], timeout: float | None = 60.0) -> str:
-    """run(), raising LabError with the command's stderr if it fails; returns its stdout."""
-    done = run(lab, node, argv, timeout=timeout)
-    if done.returncode != 0:
-        raise LabError(
-            f"`{' '.join(argv)}` failed on {node} ({done.returncode}): {done.stderr.strip()}"
-        )
-    return done.stdout
-
-
-def exec_interactive(lab: Lab, node: str, argv: list[str]) -> int:
+def _exec_interactive(lab: Lab, node: str, argv: list[str]) -> int:
     """Run a command in a VM with this process's stdin, stdout, stderr and signals."""
-    if not argv:
-        raise LabError("nothing to run: give a command after --")
+    need_command(argv)
     try:
         sock = _connect(lab, node, 10.0)
     except OSError as e:
@@ -517,23 +624,3 @@ async def _interactive(sock: socket.socket, argv: list[str], node: str) -> int:
             return _exit_status(payload)
     os.write(2, f"shoal: lost the connection to {node}'s agent\n".encode())
     return 255
-
-
-def exec_argv(lab: Lab, node: str, argv: list[str]) -> list[str]:
-    """A local command line that runs argv in a VM (see the module's docstring), or, for node
-    `host`, in the lab's namespace: the outside of the lab, like the host of a namespace lab."""
-    if node == HOST:
-        return ["ip", "netns", "exec", lab_netns(lab.name), *argv]
-    lab.node(node)
-    return [
-        sys.executable,
-        "-m",
-        "orchestrator.cli.main",
-        "lab",
-        "exec",
-        "--name",
-        lab.name,
-        node,
-        "--",
-        *argv,
-    ]

@@ -17,6 +17,7 @@ from collections import Counter
 
 from orchestrator.lab import lab as labmod
 from orchestrator.lab import vm
+from orchestrator.lab.record import LabError
 from orchestrator.lab.vmmesh import VmMeshLab
 
 PUBLISHED = 30000
@@ -33,7 +34,7 @@ def _run(argv: list[str], shown: str) -> str:
     if text:
         print(text, flush=True)
     if out.returncode != 0:
-        raise labmod.LabError(f"`{shown}` failed")
+        raise LabError(f"`{shown}` failed")
     return text
 
 
@@ -73,7 +74,7 @@ def run(name: str = labmod.DEFAULT_LAB, replicas: int = 10, rounds: int = 2) -> 
     for node in lab.nodes:
         seen: Counter[str] = Counter()
         url = f"{node.address}:{PUBLISHED}"
-        argv = vm.exec_argv(lab, vm.HOST, ["curl", "-s", url])
+        argv = labmod.exec_argv(lab, vm.HOST, ["curl", "-s", url])
         for _ in range(rounds * replicas):
             body = _run(argv, f"shoal lab exec host -- curl -s {url}")
             seen[body.split('"ip": "')[1].split('"')[0]] += 1
@@ -83,7 +84,7 @@ def run(name: str = labmod.DEFAULT_LAB, replicas: int = 10, rounds: int = 2) -> 
             flush=True,
         )
         if len(seen) != replicas:
-            raise labmod.LabError(f"{node.name} did not reach every task: {dict(seen)}")
+            raise LabError(f"{node.name} did not reach every task: {dict(seen)}")
     time.sleep(2.5)  # IPVS sums its counters every 2 s
     _run(
         [*exec_, "sw2", "--", "ipvsadm", "-Ln", "--stats"],

@@ -15,11 +15,11 @@ import logging
 
 from orchestrator.background import BackgroundLoop
 from orchestrator.ca.tokens import TokenError, UnlockKey
+from orchestrator.raft.node import RaftNode
 from orchestrator.store.objects import Cluster
-from orchestrator.store.raftlog import RaftLog
 from orchestrator.store.store import Store
 
-log = logging.getLogger("shoal.manager")
+log = logging.getLogger(__name__)
 
 
 def autolocked(cluster: Cluster) -> bool:
@@ -42,7 +42,7 @@ class KeySealer(BackgroundLoop):
 
     task_name = "key-sealer"
 
-    def __init__(self, store: Store, raft: RaftLog, sealed_with: bytes | None):
+    def __init__(self, store: Store, raft: RaftNode, sealed_with: bytes | None):
         self.store, self.raft = store, raft
         self._sealed_with = sealed_with
         self._checked = False  # the file is resealed once after a start, whatever it holds

@@ -37,7 +37,7 @@ from orchestrator.store.ids import new_id, now_rfc3339
 from orchestrator.store.objects import Cluster, Network, Node, Service, Task, TaskState
 from orchestrator.store.store import Store, Tx
 
-log = logging.getLogger("shoal.dispatcher")
+log = logging.getLogger(__name__)
 
 SERVICE = "shoal.Dispatcher"
 DEFAULT_PERIOD = 5.0

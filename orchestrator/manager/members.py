@@ -15,12 +15,12 @@ import asyncio
 import logging
 
 from orchestrator.background import BackgroundLoop
+from orchestrator.raft.node import RaftNode
 from orchestrator.store.log import NotLeader
 from orchestrator.store.objects import Node
-from orchestrator.store.raftlog import RaftLog
 from orchestrator.store.store import Store
 
-log = logging.getLogger("shoal.members")
+log = logging.getLogger(__name__)
 
 PERIOD = 0.5
 
@@ -28,7 +28,7 @@ PERIOD = 0.5
 class RaftMembers(BackgroundLoop):
     task_name = "raft-members"
 
-    def __init__(self, store: Store, raft: RaftLog):
+    def __init__(self, store: Store, raft: RaftNode):
         self.store = store
         self.raft = raft
 

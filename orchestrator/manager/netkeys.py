@@ -25,7 +25,7 @@ from orchestrator.store.log import NotLeader
 from orchestrator.store.objects import Cluster
 from orchestrator.store.store import Store, Tx
 
-log = logging.getLogger("shoal.manager")
+log = logging.getLogger(__name__)
 
 FIELD = "NetworkKeyRotation"
 MIN_INTERVAL = timedelta(minutes=1)

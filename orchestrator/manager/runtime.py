@@ -36,13 +36,15 @@ from orchestrator.manager.dispatcher import Dispatcher, ManagerInfo
 from orchestrator.manager.manager import Manager
 from orchestrator.manager.members import RaftMembers
 from orchestrator.manager.netkeys import NetworkKeyLoop
-from orchestrator.rpc import jsonrpc, peers
+from orchestrator.raft.grpc_transport import CONTROL_SERVICE as RAFT_CONTROL_SERVICE
+from orchestrator.raft.grpc_transport import LINK_OPTIONS, RAFT_SERVICE, GrpcTransport
+from orchestrator.raft.node import RaftNode, RaftSettings
+from orchestrator.raft.storage import on_disk
+from orchestrator.rpc import jsonrpc
 from orchestrator.store.objects import Cluster
-from orchestrator.store.raftlog import CONTROL_SERVICE as RAFT_CONTROL_SERVICE
-from orchestrator.store.raftlog import RAFT_SERVICE, RaftLog, RaftSettings
 from orchestrator.store.store import Store
 
-log = logging.getLogger("shoal.manager")
+log = logging.getLogger(__name__)
 
 # Who may call what on a manager; a method not named here is refused to everyone.
 POLICY = Policy(
@@ -69,15 +71,15 @@ class ManagerRuntime:
         unlock_key: bytes | None = None,
     ):
         self.certs = certs
-        self.raft = RaftLog(
-            self.raft_dir(data_dir),
+        self.transport = GrpcTransport(lambda target: certs.channel(target, LINK_OPTIONS))
+        self.raft = RaftNode(
             raft_id,
             advertise,
+            on_disk(self.raft_dir(data_dir), unlock_key),
+            self.transport,
             settings,
             bootstrap=bootstrap,
             known=known,
-            channel_factory=lambda target: certs.channel(target, peers.LINK_OPTIONS),
-            unlock_key=unlock_key,
         )
         self.store = Store(self.raft)
         self.sealer = KeySealer(self.store, self.raft, unlock_key)
@@ -97,6 +99,8 @@ class ManagerRuntime:
         self.join_server: aio.Server | None = None
         self._leadership = asyncio.Lock()
         self._changes: set[asyncio.Task[None]] = set()
+        self._watch: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Future[None] | None = None
 
     @staticmethod
     def raft_dir(data_dir: Path) -> Path:
@@ -151,7 +155,7 @@ class ManagerRuntime:
         guard = [AuthInterceptor(self.authorizer)]
         self.server = jsonrpc.server(guard)
         self.server.add_generic_rpc_handlers(
-            [self.dispatcher.handler(), self.ca.handler(), *self.raft.handlers()]
+            [self.dispatcher.handler(), self.ca.handler(), *self.transport.handlers()]
         )
         if self.server.add_secure_port(listen, self.certs.source.control_server_credentials()) == 0:
             raise OSError(f"cannot listen on {listen}")
@@ -165,7 +169,24 @@ class ManagerRuntime:
         await self.join_server.start()
         self.raft.on_leadership(self._on_leadership)
         await self.raft.start()
+        self._watch = asyncio.create_task(self._watch_raft(), name="raft-watch")
         self.sealer.start()
+
+    async def _watch_raft(self) -> None:
+        """A Raft node that stops on its own broke an invariant (or lost its storage): this
+        manager stops serving, as etcd's panic stops etcd, rather than answer from a log that
+        may have diverged. shoald goes on as a node and does not start it again (its role is
+        still manager, so the upkeep leaves it be): restarting shoald does, once the cause is
+        dealt with."""
+        try:
+            await self.raft.wait()
+        except Exception:
+            log.critical(
+                "%s; this manager stops serving (restart shoald to start it again)",
+                self.raft.failure,
+                exc_info=True,
+            )
+            await self.stop()
 
     async def wait_leader(self, within: float) -> None:
         """Until some manager leads (this one, for a new cluster); NoQuorum-like OSError if not."""
@@ -215,6 +236,12 @@ class ManagerRuntime:
             await self.dispatcher.stop()
 
     async def stop(self) -> None:
+        """Stop everything (once: later calls wait for the first to finish)."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop())
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self) -> None:
         for change in list(self._changes):
             change.cancel()
             with contextlib.suppress(asyncio.CancelledError):

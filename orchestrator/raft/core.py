@@ -63,7 +63,10 @@ class StateRole(enum.Enum):
 
 
 class NotLeader(RuntimeError):
-    """This node cannot take the request; `leader` is who can (NONE if unknown)."""
+    """This node cannot take the request; `leader` is who can (NONE if unknown).
+
+    The only such exception: the Raft node (node.py, and its NoQuorum) raises it too, the
+    store's interface exports it (orchestrator/store/log.py) and the API answers it with 503."""
 
     def __init__(self, message: str, leader: int = NONE):
         super().__init__(message)

@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from orchestrator.store.wal import fsync_dir
+from orchestrator.raft.wal import fsync_dir
 
 KEY_FILE = "raft.dek"
 KEY_BYTES = 32  # the DEK, the unlock key, and every key derived from them
@@ -102,7 +102,7 @@ class DataKey:
         return cls(os.urandom(KEY_BYTES))
 
     def file_cipher(self, salt: bytes) -> FileCipher:
-        """The cipher of the file whose header holds `salt` (an orchestrator.store.wal
+        """The cipher of the file whose header holds `salt` (an orchestrator.raft.wal
         RecordCipher, and the snapshot's)."""
         if len(salt) != SALT_BYTES:
             raise ValueError(f"a file salt is {SALT_BYTES} bytes")
@@ -132,7 +132,7 @@ class FileCipher:
         except InvalidTag:
             return None
 
-    # orchestrator.store.wal.RecordCipher: a record cannot be moved within its file, swapped
+    # orchestrator.raft.wal.RecordCipher: a record cannot be moved within its file, swapped
     # with another, or dropped from the middle without the ones after it failing to open.
 
     def seal(self, ordinal: int, index: int, data: bytes) -> bytes:

@@ -1,5 +1,9 @@
 """Durable storage for a Raft node: its log and hard state in the WAL, plus one snapshot file.
 
+`Storage` is what the driver (orchestrator/raft/node.py) needs of a node's storage, as
+etcd-io/raft's Storage is what its Node needs: `RaftStorage` on disk for managers,
+`MemoryStorage` in memory for tests and the simulator.
+
 `RaftStorage(directory, unlock_key)` recovers what is on disk (`initial_state()`, to build the
 `Raft` from) and then persists each Ready with `save(...)`: one WAL append, one fsync (none when
 only the commit index moved). Compaction writes the snapshot file and rewrites the WAL with only
@@ -14,7 +18,7 @@ unlock key, or stores it in the clear.
 On disk, in `directory`:
 
 - `raft.dek`: the data key (orchestrator.raft.sealing).
-- `raft.wal`: orchestrator.store.wal records (length, CRC, index, sealed payload), one per
+- `raft.wal`: orchestrator.raft.wal records (length, CRC, index, sealed payload), one per
     - entry ("E" + term + type + data; the record index is the entry's) — an entry at index i
       replaces any earlier-written entries from i on, so a conflicting suffix is cut simply by
       writing the new entries;
@@ -40,10 +44,13 @@ import json
 import os
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from orchestrator.raft import sealing
+from orchestrator.raft.log import LogError
 from orchestrator.raft.messages import (
     ConfState,
     Entry,
@@ -55,8 +62,8 @@ from orchestrator.raft.messages import (
     StorageState,
 )
 from orchestrator.raft.sealing import DataKey
-from orchestrator.store.wal import OLD_MAGIC as OLD_WAL_MAGIC
-from orchestrator.store.wal import Record, Wal, WalCorrupt, fsync_dir
+from orchestrator.raft.wal import OLD_MAGIC as OLD_WAL_MAGIC
+from orchestrator.raft.wal import Record, Wal, WalCorrupt, fsync_dir
 
 WAL_FILE = "raft.wal"
 SNAP_FILE = "snapshot"
@@ -69,8 +76,44 @@ _SNAP_HEADER = len(SNAP_MAGIC) + sealing.SALT_BYTES
 _TYPES = [EntryType.NORMAL, EntryType.CONF_CHANGE]
 
 
-class StorageError(RuntimeError):
-    pass
+class StorageError(LogError):
+    """The driver handed storage entries that do not follow its log: a Raft invariant broken."""
+
+
+class Storage(Protocol):
+    """A Raft node's durable state, as the driver uses it.
+
+    `initial_state()` once, to build the core from; then `save`/`save_ready` for each Ready
+    (returning once it is durable), `compact` for each snapshot the application makes.
+    """
+
+    def initial_state(self) -> StorageState: ...
+
+    def save(
+        self,
+        hard_state: HardState | None,
+        entries: list[Entry],
+        snapshot: Snapshot | None = None,
+    ) -> None: ...
+
+    def save_ready(self, rd: Ready) -> None: ...
+
+    def must_sync(
+        self, hard_state: HardState | None, entries: list[Entry], snapshot: Snapshot | None
+    ) -> bool:
+        """Would saving this wait for a disk? (If not, the driver saves on its event loop.)"""
+        ...
+
+    def compact(self, snapshot: Snapshot) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Resealable(Protocol):
+    """Storage encrypted under a data key that can be sealed under an unlock key."""
+
+    def reseal(self, unlock_key: bytes | None) -> None: ...
 
 
 @dataclass
@@ -146,11 +189,19 @@ class MemoryStorage:
     def save_ready(self, rd: Ready) -> None:
         self.save(rd.hard_state, rd.entries, rd.snapshot)
 
+    def must_sync(
+        self, hard_state: HardState | None, entries: list[Entry], snapshot: Snapshot | None
+    ) -> bool:
+        return False  # no disk to wait for
+
     def compact(self, snapshot: Snapshot) -> None:
         self._d.install(snapshot)
 
     def last_index(self) -> int:
         return self._d.offset + len(self._d.entries)
+
+    def close(self) -> None:
+        pass
 
 
 def _encode_snapshot(snap: Snapshot, key: DataKey) -> bytes:
@@ -345,3 +396,9 @@ class RaftStorage:
 
     def close(self) -> None:
         self._wal.close()
+
+
+def on_disk(directory: Path, unlock_key: bytes | None = None) -> Callable[[], RaftStorage]:
+    """What opens a manager's storage in `directory` (the driver opens it in `start`, off its
+    event loop; opening raises sealing.Locked or WrongUnlockKey, see RaftStorage)."""
+    return lambda: RaftStorage(directory, unlock_key)

@@ -1,44 +1,47 @@
-"""The store's log replicated by Raft across the managers (issue #4).
+"""The Raft node a manager runs: the driver of the sans-I/O core, and the store's replicated log.
 
-`RaftLog` drives the sans-I/O core (`orchestrator.raft.core.Raft`): a tick task, messages
-from peers stepped in as they arrive, and one loop taking each Ready: persist (one fsync, in a
-thread, while the core keeps taking messages and proposals, so writes batch up), send, apply,
-advance.
+`RaftNode` drives `orchestrator.raft.core.Raft` with what it is given, as etcd-io/raft's Node
+is driven by its application: a `Storage` (orchestrator/raft/storage.py: the encrypted WAL on
+disk, or memory in tests), a `Transport` (orchestrator/raft/transport.py: gRPC between
+managers, or an in-memory network in tests) and a `Ticker` (a fixed cadence, or a test's
+hand). It runs a tick task, steps messages from peers as they arrive, and one loop taking each
+Ready: persist (one fsync, in a thread, while the core keeps taking messages and proposals,
+so writes batch up), send, apply, advance.
 
 Proposals carry a random 16-byte id before the store's entry. The proposer remembers which
 index its entry got; when that index is applied it gets the apply result if the entry there is
 its own, or NotLeader if another leader's entry took the place (the write did not happen).
-A follower forwards the entry to the leader (`shoal.RaftControl/Propose`), learns the index,
-and waits for its own store to apply it, so a caller always reads its own writes. Writes
-fail with NoQuorum after `propose_timeout` without a commit.
+A follower forwards the entry to the leader (`Transport.forward`), learns the index, and waits
+for its own store to apply it, so a caller always reads its own writes. Writes fail with
+NoQuorum after `propose_timeout` without a commit.
 
 Linearizable reads: `read_barrier()` runs ReadIndex and waits until the store has applied up
 to the leader's commit index at the time of the request.
 
 Members' addresses ride in the context of the membership entries and in snapshots, so every
 manager knows where every other is.
+
+A broken Raft invariant (the core's LogError, say a message that would overwrite a committed
+entry) or a storage that fails stops the node, as etcd's panic stops etcd: it steps and sends
+nothing more, every waiting caller gets NotLeader, and `wait()` raises the error, so its owner
+(the manager runtime) stops serving. A malformed frame from the network is only dropped, by the
+transport.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
 import os
 import random
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import grpc
-
-from orchestrator.raft import codec
-from orchestrator.raft.core import Config, ProposalDropped, Raft
-from orchestrator.raft.core import NotLeader as RaftNotLeader
+from orchestrator.raft.core import Config, NotLeader, ProposalDropped, Raft
 from orchestrator.raft.messages import (
     NONE,
     ConfChange,
@@ -46,21 +49,19 @@ from orchestrator.raft.messages import (
     Entry,
     EntryType,
     HardState,
+    Message,
     MessageType,
     Ready,
     Snapshot,
     StorageState,
 )
 from orchestrator.raft.progress import ProgressState
-from orchestrator.raft.storage import RaftStorage
-from orchestrator.rpc import jsonrpc, peers
-from orchestrator.store.log import NotLeader, ReplicatedLog
+from orchestrator.raft.storage import Resealable, Storage
+from orchestrator.raft.transport import Transport
 
-log = logging.getLogger("shoal.raft")
+log = logging.getLogger(__name__)
 
 ID_LEN = 16
-RAFT_SERVICE = "shoal.Raft"
-CONTROL_SERVICE = "shoal.RaftControl"
 RECENT_RESULTS = 4096
 # Messages only a leader sends, asserting nothing about what its unpersisted Ready holds.
 _SEND_BEFORE_PERSIST = frozenset({MessageType.APP, MessageType.HEARTBEAT, MessageType.SNAP})
@@ -85,6 +86,33 @@ class RaftSettings:
         return 2 * self.election_tick * self.tick
 
 
+class Ticker(Protocol):
+    async def wait(self) -> None:
+        """Return at the next tick."""
+
+
+class IntervalTicker:
+    """Ticks on a fixed cadence, as Go's time.Ticker does: sleeping a tick after each tick
+    let the work in between stretch every tick (and so every election timeout) on a busy
+    machine. Ticks missed while the loop was stalled are dropped, not fired in a burst that
+    would look like an election timeout."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self._next: float | None = None
+
+    async def wait(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._next is None:
+            self._next = now + self.interval
+        else:
+            self._next += self.interval
+            if self._next <= now:
+                self._next = now + self.interval
+        await asyncio.sleep(self._next - now)
+
+
 @dataclass
 class _Pending:
     pid: bytes
@@ -103,39 +131,49 @@ def _context_addr(context: bytes) -> str:
         return ""
 
 
-class RaftLog(ReplicatedLog):
+def describe_failure(error: BaseException) -> str:
+    """How a stopped node's error reads in a log line and in the NotLeader callers get."""
+    if isinstance(error, AssertionError):  # LogError, StorageError, the core's assertions
+        return f"raft invariant broken: {error}"
+    return f"raft stopped: {type(error).__name__}: {error}"
+
+
+class RaftNode:
     def __init__(
         self,
-        directory: Path,
         raft_id: int,
         addr: str,
+        storage: Callable[[], Storage],
+        transport: Transport,
         settings: RaftSettings | None = None,
         rng: random.Random | None = None,
-        channel_factory: peers.ChannelFactory = peers.insecure_channel,
+        *,
         bootstrap: bool = False,
         known: dict[int, str] | None = None,
-        *,
-        unlock_key: bytes | None = None,
+        ticker: Ticker | None = None,
     ):
-        """`bootstrap`: this is the first manager of a new cluster (empty storage only).
+        """`storage` opens the node's storage (`start` calls it in a thread: opening may read
+        a disk, and raise, e.g. sealing.Locked; see storage.on_disk).
+        `transport`: how it reaches its peers; this node attaches itself to it.
+        `bootstrap`: this is the first manager of a new cluster (empty storage only).
         `known`: members' addresses to start with (a joining manager has no log yet to learn
         them from, and must be able to answer the leader).
-        `unlock_key`: the unlock key's 32 raw bytes (autolock): `start` needs it if the Raft
-        data key is sealed, and seals a new one under it (see RaftStorage)."""
-        super().__init__()
-        self.dir = directory
+        `ticker`: when to tick (default: every `settings.tick` seconds)."""
         self.id = raft_id
         self.addr = addr
         self.settings = settings or RaftSettings()
         self._rng = rng or random.Random()
         self._bootstrap = bootstrap
-        self._unlock_key = unlock_key
-        self._channel_factory = channel_factory
-        self.transport = peers.Peers(RAFT_SERVICE, channel_factory=channel_factory)
+        self._open_storage = storage
+        self.transport = transport
+        self._ticker = ticker or IntervalTicker(self.settings.tick)
         self.members: dict[int, str] = {}
         self._known = dict(known or {})
         self.raft: Raft | None = None
-        self._storage: RaftStorage | None = None
+        self._storage: Storage | None = None
+        self._apply: Callable[[int, bytes], Any] | None = None
+        self._snapshot: Callable[[], Any] | None = None
+        self._restore: Callable[[int, Any], None] | None = None
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: dict[int, _Pending] = {}
@@ -150,13 +188,24 @@ class RaftLog(ReplicatedLog):
         # resolved when this manager learns of a new leader; requests waiting for one retry
         self._lead_changed: asyncio.Future[None] | None = None
         self._leadership_listeners: list[Callable[[bool, int], None]] = []
-        self._controls: dict[str, jsonrpc.Client] = {}
+        self._failure: BaseException | None = None
+        self._stopped = asyncio.Event()
+        transport.attach(self)
 
-    # ---- ReplicatedLog ------------------------------------------------------------------
+    # ---- the store's ReplicatedLog (orchestrator/store/log.py) --------------------------
+
+    def bind(
+        self,
+        apply: Callable[[int, bytes], Any],
+        snapshot: Callable[[], Any],
+        restore: Callable[[int, Any], None],
+    ) -> None:
+        """apply(index, entry) -> result; snapshot() -> state; restore(index, state)."""
+        self._apply, self._snapshot, self._restore = apply, snapshot, restore
 
     @property
     def is_leader(self) -> bool:
-        return self.raft is not None and self.raft.is_leader
+        return self.raft is not None and self.raft.is_leader and self._failure is None
 
     @property
     def term(self) -> int:
@@ -164,11 +213,16 @@ class RaftLog(ReplicatedLog):
 
     @property
     def leader(self) -> int:
-        return self.raft.lead if self.raft is not None else NONE
+        return self.raft.lead if self.raft is not None and self._failure is None else NONE
 
     @property
     def applied(self) -> int:
         return self._applied
+
+    @property
+    def failure(self) -> str | None:
+        """Why the node stopped on its own (see describe_failure); None while it runs."""
+        return describe_failure(self._failure) if self._failure is not None else None
 
     def on_leadership(self, fn: Callable[[bool, int], None]) -> None:
         """fn(is_leader, term) on every change of leadership as this manager sees it."""
@@ -177,7 +231,7 @@ class RaftLog(ReplicatedLog):
     async def start(self) -> None:
         assert self._apply and self._restore
         # raises sealing.Locked / WrongUnlockKey before anything is written
-        storage = await asyncio.to_thread(RaftStorage, self.dir, self._unlock_key)
+        storage = await asyncio.to_thread(self._open_storage)
         state = storage.initial_state()
         if self._bootstrap and _empty(state):
             cc = ConfChange(ConfChangeType.ADD_NODE, self.id, member_context(self.addr))
@@ -198,8 +252,8 @@ class RaftLog(ReplicatedLog):
             self.raft.campaign()  # alone: no one to wait for
         self._update_peers()
         self._tasks = [
-            asyncio.create_task(self._ready_loop(), name="raft-ready"),
-            asyncio.create_task(self._tick_loop(), name="raft-tick"),
+            asyncio.create_task(self._guard(self._ready_loop()), name="raft-ready"),
+            asyncio.create_task(self._guard(self._tick_loop()), name="raft-tick"),
         ]
         self._wake.set()
         # what was committed before a restart is in the store before anyone reads it
@@ -209,9 +263,8 @@ class RaftLog(ReplicatedLog):
 
     async def propose(self, entry: bytes, term: int | None = None) -> Any:
         """Commit an entry; `term`: only as the leader of that term (leader-only loops)."""
-        if self.raft is None:
-            raise NotLeader("the store is not open")
-        if term is not None and (not self.raft.is_leader or self.raft.term != term):
+        raft = self._running()
+        if term is not None and (not raft.is_leader or raft.term != term):
             raise NotLeader(f"no longer the leader of term {term}")
         pid = os.urandom(ID_LEN)
         data = pid + entry
@@ -221,12 +274,14 @@ class RaftLog(ReplicatedLog):
         find_leader_by = loop.time() + self.settings.leaderless_wait
         while True:
             try:
-                if self.raft.is_leader:
+                if self._running().is_leader:
                     index = self._propose_local(data)
                 else:
                     index = await self._forward(data, deadline)
                 break
-            except (RaftNotLeader, ProposalDropped, NotLeader) as e:
+            except (NotLeader, ProposalDropped) as e:
+                if self._failure is not None:
+                    raise self._stopped_error() from e
                 if loop.time() >= min(deadline, find_leader_by) or isinstance(e, NoQuorum):
                     raise NoQuorum(
                         "the managers have no leader or no quorum: the write was not made"
@@ -236,21 +291,23 @@ class RaftLog(ReplicatedLog):
 
     async def read_barrier(self) -> None:
         """Return once this manager's store holds every write committed before the call."""
-        if self.raft is None:
-            raise NotLeader("the store is not open")
+        self._running()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.propose_timeout
         find_leader_by = loop.time() + self.settings.leaderless_wait
         while True:
+            raft = self._running()
             ctx = os.urandom(8)
             fut: asyncio.Future[None] = loop.create_future()
             self._reads[ctx] = fut
             try:
-                self.raft.read_index(ctx)
+                raft.read_index(ctx)
                 self._wake.set()
                 await asyncio.wait_for(asyncio.shield(fut), min(1.0, deadline - loop.time()))
                 return
-            except RaftNotLeader:
+            except NotLeader:
+                if self._failure is not None:
+                    raise
                 if loop.time() >= min(deadline, find_leader_by):
                     raise NoQuorum(
                         "the managers have no leader or no quorum: cannot read the latest state"
@@ -271,8 +328,9 @@ class RaftLog(ReplicatedLog):
         changes; the old key is not needed."""
         if self._storage is None:
             raise RuntimeError("the Raft log is not open")
+        if not isinstance(self._storage, Resealable):
+            raise RuntimeError("this Raft storage has no data key to seal")
         await asyncio.to_thread(self._storage.reseal, unlock_key)
-        self._unlock_key = unlock_key
 
     async def close(self) -> None:
         for t in self._tasks:
@@ -282,15 +340,20 @@ class RaftLog(ReplicatedLog):
                 await t
         self._tasks = []
         await self.transport.close()
-        for c in self._controls.values():
-            await c.close()
-        self._controls = {}
         for p in self._pending.values():
             if not p.future.done():
                 p.future.set_exception(NotLeader("the manager is shutting down"))
         if self._storage is not None:
             self._storage.close()
             self._storage = None
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        """Until the node stops: returns once it was closed; raises the error that stopped it
+        otherwise (a broken Raft invariant, a storage that failed)."""
+        await self._stopped.wait()
+        if self._failure is not None:
+            raise self._failure
 
     # ---- membership ---------------------------------------------------------------------
 
@@ -308,7 +371,7 @@ class RaftLog(ReplicatedLog):
 
     def caught_up(self, raft_id: int, slack: int = 50) -> bool:
         """Leader only: the member's log is within `slack` entries of the leader's."""
-        if self.raft is None or not self.raft.is_leader:
+        if self.raft is None or not self.is_leader:
             return False
         pr = self.raft.prs.get(raft_id)
         # REPLICATE: the follower acknowledged appends in a row (not merely probed)
@@ -320,7 +383,7 @@ class RaftLog(ReplicatedLog):
 
     def reachable(self, raft_id: int) -> bool | None:
         """Leader only: the member answered within an election timeout (None: unknown here)."""
-        if self.raft is None or not self.raft.is_leader:
+        if self.raft is None or not self.is_leader:
             return None
         if raft_id == self.id:
             return True
@@ -334,19 +397,15 @@ class RaftLog(ReplicatedLog):
         return set(self.raft.conf.learners) if self.raft is not None else set()
 
     async def transfer_leadership(self, target: int) -> None:
-        if self.raft is None:
-            raise NotLeader("the store is not open")
-        self.raft.transfer_leadership(target)
+        self._running().transfer_leadership(target)
         self._wake.set()
 
     async def _conf_change(self, cc: ConfChange) -> None:
-        if self.raft is None:
-            raise NotLeader("the store is not open")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.propose_timeout
         while True:
             try:
-                index = self.raft.propose_conf_change(cc)
+                index = self._running().propose_conf_change(cc)
                 break
             except ProposalDropped:
                 if loop.time() >= deadline:
@@ -355,78 +414,96 @@ class RaftLog(ReplicatedLog):
         self._wake.set()
         await self._wait_applied(index, deadline)
 
-    # ---- the RPC side -------------------------------------------------------------------
+    # ---- what the transport delivers (orchestrator/raft/transport.py) --------------------
 
-    def handlers(self) -> list[grpc.GenericRpcHandler]:
-        """What the manager's gRPC server must serve for this log."""
-        return [
-            peers.handler(RAFT_SERVICE, self.receive),
-            jsonrpc.service(CONTROL_SERVICE, unary={"Propose": self._rpc_propose}),
-        ]
-
-    def receive(self, frame: bytes) -> None:
-        """A frame from a peer's stream."""
-        if self.raft is None:
-            return
-        try:
-            m = codec.decode(frame)
-        except codec.CodecError as e:
-            log.warning("dropping a malformed Raft message: %s", e)
-            return
-        if m.to != self.id:
+    def step(self, m: Message) -> None:
+        """A message from a peer. Whatever the core raises here is a broken invariant: the
+        node stops (a malformed frame never gets here: the transport drops it)."""
+        if self.raft is None or self._failure is not None or m.to != self.id:
             return
         try:
             self.raft.step(m)
-        except Exception:  # a bad message must not take the manager down
-            log.exception("Raft refused a message from %d", m.frm)
+        except Exception as e:
+            self._fail(e)
             return
         self._wake.set()
 
-    async def _rpc_propose(self, msg: jsonrpc.Message, context: jsonrpc.Context) -> jsonrpc.Message:
-        if self.raft is None or not self.raft.is_leader:
-            return {"error": "not the leader", "leader": self.leader}
-        try:
-            data = base64.b64decode(str(msg.get("data", "")), validate=True)
-        except ValueError:
-            return {"error": "bad data"}
+    def propose_forwarded(self, data: bytes) -> int:
+        """A follower's proposal (id and entry): its index in this leader's log."""
+        if self.raft is None or not self.is_leader:
+            raise NotLeader("not the leader", self.leader)
         if len(data) < ID_LEN:
-            return {"error": "bad data"}
-        try:
-            index = self._propose_local(data)
-        except (RaftNotLeader, ProposalDropped) as e:
-            return {"error": str(e), "leader": self.leader}
-        return {"index": index}
+            raise ValueError("bad data")
+        return self._propose_local(data)
+
+    def report_unreachable(self, peer: int) -> None:
+        if self.raft is not None and self._failure is None:
+            self.raft.report_unreachable(peer)
+
+    def report_snapshot(self, peer: int, ok: bool) -> None:
+        if self.raft is not None and self._failure is None:
+            self.raft.report_snapshot(peer, ok)
 
     # ---- internals ----------------------------------------------------------------------
 
+    def _running(self) -> Raft:
+        """The core, if the node runs; NotLeader otherwise."""
+        if self._failure is not None:
+            raise self._stopped_error()
+        if self.raft is None:
+            raise NotLeader("the store is not open")
+        return self.raft
+
+    def _stopped_error(self) -> NotLeader:
+        return NotLeader(f"this manager stopped: {self.failure}")
+
+    async def _guard(self, loop: Coroutine[Any, Any, None]) -> None:
+        """Run one of the node's loops; an error out of it stops the node."""
+        try:
+            await loop
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._fail(e)
+
+    def _fail(self, error: BaseException) -> None:
+        """Stop on a broken invariant: nothing more is stepped, persisted or sent; waiters
+        learn it; wait() raises it."""
+        if self._failure is not None:
+            return
+        self._failure = error
+        current = asyncio.current_task()
+        for t in self._tasks:
+            if t is not current:
+                t.cancel()
+        self._fail_waiters(self._stopped_error())
+        self._stopped.set()
+
+    def _fail_waiters(self, error: NotLeader) -> None:
+        for p in self._pending.values():
+            if not p.future.done():
+                p.future.set_exception(error)
+        self._pending = {}
+        for waits in (self._read_waits, self._applied_waits):
+            for _, fut in waits:
+                if not fut.done():
+                    fut.set_exception(error)
+            waits.clear()
+        for fut in self._reads.values():
+            if not fut.done():
+                fut.set_exception(error)
+
     def _propose_local(self, data: bytes) -> int:
-        assert self.raft is not None
-        index = self.raft.propose(data)
+        index = self._running().propose(data)
         self._wake.set()
         return index
 
     async def _forward(self, data: bytes, deadline: float) -> int:
         loop = asyncio.get_running_loop()
         lead = self.leader
-        addr = self.members.get(lead)
-        if lead == NONE or not addr:
+        if lead == NONE or not self.members.get(lead):
             raise NotLeader("no leader known")
-        client = self._controls.get(addr)
-        if client is None:
-            client = jsonrpc.Client(addr, self._channel_factory(addr))
-            self._controls[addr] = client
-        try:
-            reply = await client.call(
-                CONTROL_SERVICE,
-                "Propose",
-                {"data": base64.b64encode(data).decode()},
-                deadline=max(0.1, deadline - loop.time()),
-            )
-        except grpc.RpcError as e:
-            raise NotLeader(f"cannot reach the leader at {addr}") from e
-        if "index" not in reply:
-            raise NotLeader(str(reply.get("error", "the leader refused the write")))
-        return int(reply["index"])
+        return await self.transport.forward(lead, data, max(0.1, deadline - loop.time()))
 
     async def _wait_result(self, index: int, pid: bytes, deadline: float) -> Any:
         recent = self._recent.get(index)
@@ -434,6 +511,7 @@ class RaftLog(ReplicatedLog):
             if recent is None:
                 raise NotLeader("the write's outcome is unknown: it was applied long ago")
             return self._outcome(index, pid, recent)
+        self._running()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[index] = _Pending(pid, fut)
         try:
@@ -460,6 +538,7 @@ class RaftLog(ReplicatedLog):
     async def _wait_applied(self, index: int, deadline: float) -> None:
         if self._applied >= index:
             return
+        self._running()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._applied_waits.append((index, fut))
         try:
@@ -469,22 +548,11 @@ class RaftLog(ReplicatedLog):
             raise NoQuorum("the change was not committed in time") from None
 
     async def _tick_loop(self) -> None:
-        """Tick on a fixed cadence, as Go's time.Ticker does: sleeping a tick after each tick
-        let the work in between stretch every tick (and so every election timeout) on a busy
-        machine. Ticks missed while the loop was stalled are dropped, not fired in a burst
-        that would look like an election timeout."""
         assert self.raft is not None
-        loop = asyncio.get_running_loop()
-        tick = self.settings.tick
-        next_at = loop.time() + tick
         while True:
-            await asyncio.sleep(next_at - loop.time())
+            await self._ticker.wait()
             self.raft.tick()
             self._wake.set()
-            next_at += tick
-            now = loop.time()
-            if next_at <= now:
-                next_at = now + tick
 
     async def _ready_loop(self) -> None:
         """Take each Ready; while its fsync runs in a thread, do what need not wait for it.
@@ -509,12 +577,12 @@ class RaftLog(ReplicatedLog):
                 persist = None
                 if storage.must_sync(rd.hard_state, rd.entries, rd.snapshot):
                     persist = loop.run_in_executor(None, storage.save_ready, rd)
-                elif rd.hard_state is not None:
-                    storage.save_ready(rd)  # the commit index alone: a small unsynced write
+                else:
+                    storage.save_ready(rd)  # nothing to wait for (the commit index alone)
                 late = []
                 for m in rd.messages:
                     if m.type in _SEND_BEFORE_PERSIST:
-                        send(str(m.to), codec.encode(m))
+                        send(m)
                     else:
                         late.append(m)
                 if rd.snapshot is None:
@@ -525,7 +593,7 @@ class RaftLog(ReplicatedLog):
                     self._install(rd.snapshot)
                     self._apply_committed(rd)
                 for m in late:
-                    send(str(m.to), codec.encode(m))
+                    send(m)
                 self._serve_reads(rd)
                 raft.advance(rd)
                 self._notify_leadership()
@@ -626,7 +694,7 @@ class RaftLog(ReplicatedLog):
     def _update_peers(self) -> None:
         addrs = {**self._known, **self.members}
         self.transport.set_peers(
-            {str(rid): addr for rid, addr in addrs.items() if rid != self.id and addr}
+            {rid: addr for rid, addr in addrs.items() if rid != self.id and addr}
         )
 
     async def _leader_change(self, within: float) -> None:

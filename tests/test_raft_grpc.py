@@ -1,21 +1,30 @@
-"""The store replicated by Raft (orchestrator/store/raftlog.py): three managers in one process,
-real gRPC on loopback, real disks. Members join as learners and are promoted; writes go
-through any member; a dead leader is replaced and nothing acknowledged is lost."""
+"""The store replicated by Raft (orchestrator/raft/node.py) as managers run it: three members in
+one process on the gRPC transport over loopback, real disks. Members join as learners and are
+promoted; writes go through any member; a dead leader is replaced and nothing acknowledged is
+lost. (The driver's logic, deterministically and without sockets: test_raft_driver.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import random
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from grpc import aio
 
+from orchestrator.ca.certs import NodeCertificates
+from orchestrator.ca.pki import NodeCSR, Role, RootCA
+from orchestrator.ca.tls import NodeCredentials
+from orchestrator.manager.runtime import ManagerRuntime
+from orchestrator.raft.grpc_transport import GrpcTransport
+from orchestrator.raft.node import NoQuorum, RaftNode, RaftSettings
+from orchestrator.raft.storage import RaftStorage, StorageError, on_disk
 from orchestrator.store.log import NotLeader
 from orchestrator.store.objects import Cluster
-from orchestrator.store.raftlog import NoQuorum, RaftLog, RaftSettings
 from orchestrator.store.store import Store
 
 FAST = RaftSettings(tick=0.05, election_tick=10, propose_timeout=3.0)
@@ -25,7 +34,7 @@ FAST = RaftSettings(tick=0.05, election_tick=10, propose_timeout=3.0)
 class Member:
     raft_id: int
     addr: str
-    log: RaftLog
+    log: RaftNode
     store: Store
     server: aio.Server
 
@@ -44,17 +53,19 @@ class Cluster3:
         port = server.add_insecure_port(f"127.0.0.1:{self.ports.get(raft_id, 0)}")
         self.ports[raft_id] = port
         addr = f"127.0.0.1:{port}"
-        rlog = RaftLog(
-            self.tmp / f"m{raft_id}",
+        transport = GrpcTransport()
+        rlog = RaftNode(
             raft_id,
             addr,
+            on_disk(self.tmp / f"m{raft_id}"),
+            transport,
             self.settings,
             random.Random(raft_id),
             bootstrap=bootstrap,
             known=known,
         )
         store = Store(rlog)
-        server.add_generic_rpc_handlers(rlog.handlers())
+        server.add_generic_rpc_handlers(transport.handlers())
         await server.start()
         await rlog.start()
         m = Member(raft_id, addr, rlog, store, server)
@@ -217,3 +228,66 @@ def test_a_lagging_member_catches_up_from_a_snapshot(tmp_path: Path) -> None:
             await c.close()
 
     asyncio.run(main())
+
+
+def two_free_ports() -> int:
+    """A port P with P+1 free too (a manager's control and join ports)."""
+    for _ in range(50):
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            port = int(a.getsockname()[1])
+            try:
+                b.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no two consecutive free ports")
+
+
+def test_a_manager_whose_raft_breaks_an_invariant_stops_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As shoald runs it: the Raft node stops, the manager runtime logs why and stops serving
+    (its listeners close), and the store answers NotLeader with the reason, instead of going on
+    with a log that may have diverged."""
+    root = RootCA.create()
+    csr = NodeCSR.generate()
+    chain = root.issuer().sign_csr(csr.pem, node_id="m1", role=Role.MANAGER, cluster_id="c1")
+    certs = NodeCertificates.create(
+        tmp_path / "certificates", NodeCredentials(csr.key_pem, chain, root.cert_pem)
+    )
+    port = two_free_ports()
+    addr = f"127.0.0.1:{port}"
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise StorageError("entries from 9 do not follow the log (0, 3]")
+
+    async def main() -> None:
+        runtime = ManagerRuntime(tmp_path / "manager", 1, addr, certs, bootstrap=True)
+        await runtime.start(addr)
+        try:
+            await runtime.wait_leader(10)
+            await put_label(runtime.store, "before", "1")
+            monkeypatch.setattr(RaftStorage, "save", broken)
+            with pytest.raises(NotLeader, match="raft invariant broken: entries from 9"):
+                await put_label(runtime.store, "after", "1")
+
+            def closed() -> bool:
+                with socket.socket() as s:
+                    return s.connect_ex(("127.0.0.1", port)) != 0
+
+            await until(closed, 10)  # it no longer serves its peers or its nodes
+            with pytest.raises(NotLeader, match="this manager stopped: raft invariant broken"):
+                await runtime.raft.read_barrier()
+            assert not runtime.raft.is_leader and runtime.manager is None
+        finally:
+            await asyncio.wait_for(runtime.stop(), 10)  # again: a no-op
+
+    with caplog.at_level(logging.CRITICAL, logger="orchestrator.manager.runtime"):
+        asyncio.run(main())
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert any(
+        line.startswith("raft invariant broken: entries from 9 do not follow the log")
+        and "this manager stops serving" in line
+        for line in lines
+    ), lines
