@@ -5,7 +5,8 @@ and a VXLAN device `sh-vx<vni>` enslaved to it, with learning off and ARP proxyi
 remote endpoint (tasks and other nodes' gateways) gets a static neighbour entry (IP -> MAC)
 and a static FDB entry (MAC -> that node's underlay address) on the VXLAN device; nothing is
 flooded. Per local endpoint: a veth pair, one end on the bridge, the other in the task's
-namespace as ethN with the endpoint's MAC and address.
+namespace as ethN with the endpoint's MAC and address, and a static entry for that MAC on the
+bridge's port (an address, and so its MAC, may move between nodes as tasks are replaced).
 
 Reconcile reads what exists and changes only the difference; it touches only links named
 `sh-...` and the entries on our own VXLAN devices.
@@ -38,6 +39,9 @@ from mesh.state import ESP_OVERHEAD, VXLAN_OVERHEAD, Endpoint, MeshState, Networ
 log = logging.getLogger(__name__)
 
 AF_INET = 2
+AF_BRIDGE = socket.AF_BRIDGE
+NUD_NOARP = 0x40  # a static entry (NUD_PERMANENT would make the bridge take the frames itself)
+NTF_MASTER = 0x04  # an entry in the bridge's own table, not the port's
 
 
 class OverlayError(RuntimeError):
@@ -353,6 +357,7 @@ class Overlay:
                 log.info("recreating endpoint %s of %s", host, ep.task)
                 ipr.link("del", index=link["index"])
                 link = None
+            attached = link is None
             if link is None:
                 self._create_veth(ipr, tipr, host, ifname, ep, mtu, plen)
                 report.changes += 1
@@ -360,6 +365,20 @@ class Overlay:
             if link.get_attr("IFLA_MASTER") != br_index or link.get_attr("IFLA_MTU") != mtu:
                 ipr.link("set", index=link["index"], master=br_index, mtu=mtu)
                 report.changes += 1
+                attached = True
+            if attached:
+                # The bridge may have learned this MAC on the VXLAN port while its address
+                # belonged to a task on another node; until the new task sends a frame, the
+                # bridge would keep sending its traffic there (to a node that dropped it).
+                # A static entry on the task's port settles it now.
+                ipr.neigh(
+                    "replace",
+                    family=AF_BRIDGE,
+                    ifindex=link["index"],
+                    lladdr=ep.mac,
+                    state=NUD_NOARP,
+                    flags=NTF_MASTER,
+                )
             if not link["flags"] & 1:
                 ipr.link("set", index=link["index"], state="up")
             lo = tipr.link_lookup(ifname="lo")[0]

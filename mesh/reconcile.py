@@ -5,6 +5,11 @@ traffic is sure to be encrypted; one that cannot be is left out of everything el
 and addresses (a VIP rule is useless without the interface it routes over), then the tables,
 then conntrack clean-up for backends that went away. Each part reports its own errors and the
 others still run; a failed part is retried by the next sync.
+
+A backend that leaves a balancer while its task still holds its address is *ending*: it drains
+(docs/updates.md), so its conntrack entries stay until its endpoint is gone from the state,
+and only then are they cleaned (mesh/conntrack.py): a connection still in its handshake with
+an ending task finishes with it rather than being balanced afresh mid-way.
 """
 
 from __future__ import annotations
@@ -61,6 +66,9 @@ class Mesh:
         self._node_table: NamespaceTable | None = None
         self._task_tables: dict[str, NamespaceTable] = {}
         self._prepared = False
+        # backends that left a balancer while their tasks end: namespace -> targets, cleaned
+        # from conntrack once their addresses leave the state
+        self._ending: dict[str | None, set[Target]] = {}
 
     def _prepare(self) -> None:
         def tune() -> None:
@@ -118,8 +126,9 @@ class Mesh:
                     continue
                 ns_full = True
             removed_here = self._sync_table(table, task_lb(state, networks), ns_full, ns, report)
-            report.conntrack_deleted += self._clean_conntrack(ns, removed_here, report)
-        report.conntrack_deleted += self._clean_conntrack(self.netns, removed, report)
+            self._ending.setdefault(ns, set()).update(removed_here)
+        self._ending.setdefault(self.netns, set()).update(removed)
+        report.conntrack_deleted += self._clean_gone(state, report)
         report.full = full
         report.seconds = time.perf_counter() - started
         return report
@@ -148,6 +157,22 @@ class Mesh:
                 Target(b.ip, b.port, fe.protocol) for b in fe.backends if (b.ip, b.port) not in kept
             ]
         return gone
+
+    def _clean_gone(self, state: MeshState, report: SyncReport) -> int:
+        """Clean the conntrack entries of ending backends whose tasks are gone."""
+        live = {e.ip for e in state.endpoints}
+        deleted = 0
+        for ns in list(self._ending):
+            gone = [t for t in self._ending[ns] if t.ip not in live]
+            if ns is not None and ns != self.netns and not netns_exists(ns):
+                del self._ending[ns]  # the namespace went with its task, entries and all
+                continue
+            if gone:
+                self._ending[ns].difference_update(gone)
+                deleted += self._clean_conntrack(ns, gone, report)
+            if not self._ending[ns]:
+                del self._ending[ns]
+        return deleted
 
     @staticmethod
     def _clean_conntrack(netns: str | None, targets: list[Target], report: SyncReport) -> int:

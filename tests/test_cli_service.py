@@ -1,4 +1,5 @@
-"""`shoal service create | update | logs`: docker CLI 20.10's flags and the JSON they make.
+"""`shoal service create | update | rollback | logs`: docker CLI 20.10's flags and the JSON they
+make, and how `update` and `rollback` follow the update they start.
 
 The expected specs are what Debian's docker 20.10.24 (`/usr/bin/docker`) posted for the same
 command lines to a socket recording them, less the empty fields it adds (`"Placement": {}`,
@@ -16,13 +17,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import docker.errors
 import pytest
 
 from orchestrator.api.convert import node_json
 from orchestrator.api.docker import canonical
 from orchestrator.cli import service
 from orchestrator.cli.client import CliError
-from orchestrator.cli.main import build_parser
+from orchestrator.cli.main import build_parser, main
 from orchestrator.cli.service import (
     SECOND,
     _updated_spec,
@@ -31,8 +33,12 @@ from orchestrator.cli.service import (
     parse_bytes,
     parse_cpus,
     parse_duration,
+    parse_health_duration,
     parse_mount,
+    parse_ratio,
+    parse_retries,
     parse_since,
+    parse_uint,
     ram_in_bytes,
     registry_auth,
 )
@@ -670,6 +676,482 @@ def test_update_posts_the_whole_spec_with_its_version(
     }
 
 
+# ---- --update-*, --rollback-*, --health-* ---------------------------------------------------
+
+FIVE_S = 5 * SECOND
+# what the docker CLI fills in under the flags (swarmkit's defaults)
+DEFAULT_ROLLOUT = {
+    "Parallelism": 1,
+    "FailureAction": "pause",
+    "Monitor": FIVE_S,
+    "MaxFailureRatio": 0,
+    "Order": "stop-first",
+}
+
+
+def test_create_update_and_rollback_config_as_docker_sends_them() -> None:
+    spec = created(
+        "--update-parallelism", "0", "--update-monitor", "1m",
+        "--update-failure-action", "rollback", "--update-max-failure-ratio", "0.3",
+        "--update-order", "start-first",
+        "--rollback-parallelism", "2", "--rollback-delay", "1s",
+        "--rollback-failure-action", "continue", "--rollback-monitor", "0s",
+        "--rollback-max-failure-ratio", "1", "--rollback-order", "start-first",
+    )  # fmt: skip
+    assert spec["UpdateConfig"] == {
+        "Parallelism": 0,
+        "FailureAction": "rollback",
+        "Monitor": 60 * SECOND,
+        "MaxFailureRatio": 0.3,
+        "Order": "start-first",
+    }
+    assert spec["RollbackConfig"] == {  # Monitor 0 is left out (omitempty): the default
+        "Parallelism": 2,
+        "Delay": SECOND,
+        "FailureAction": "continue",
+        "MaxFailureRatio": 1,
+        "Order": "start-first",
+    }
+    assert json.dumps(spec["RollbackConfig"]["MaxFailureRatio"]) == "1"  # as Go writes it
+    # one flag: swarmkit's defaults under it, for that config only
+    spec = created("--update-delay", "10s")
+    assert spec["UpdateConfig"] == {**DEFAULT_ROLLOUT, "Delay": 10 * SECOND}
+    assert "RollbackConfig" not in spec
+    assert created("--rollback-parallelism", "0x10")["RollbackConfig"] == {
+        **DEFAULT_ROLLOUT,
+        "Parallelism": 16,
+    }
+    # a float32, as docker sends it
+    ratio = created("--update-max-failure-ratio", "0.123456789")["UpdateConfig"]
+    assert json.dumps(ratio["MaxFailureRatio"]) == "0.12345679"
+    assert "UpdateConfig" not in created() and "RollbackConfig" not in created()
+
+
+@pytest.mark.parametrize(
+    ("flags", "health"),
+    [
+        (("--health-cmd", "true", "--health-interval", "1s"),
+         {"Test": ["CMD-SHELL", "true"], "Interval": SECOND}),
+        (("--health-cmd", "curl -f http://localhost/ || exit 1", "--health-interval", "1m30s",
+          "--health-timeout", "5s", "--health-retries", "5", "--health-start-period", "20s"),
+         {"Test": ["CMD-SHELL", "curl -f http://localhost/ || exit 1"], "Interval": 90 * SECOND,
+          "Timeout": FIVE_S, "Retries": 5, "StartPeriod": 20 * SECOND}),
+        (("--health-retries", "3"), {"Retries": 3}),
+        (("--health-retries", "0"), None),  # nothing set
+        (("--health-cmd", ""), None),
+        (("--no-healthcheck",), {"Test": ["NONE"]}),
+        (("--no-healthcheck", "--health-retries", "0"), {"Test": ["NONE"]}),
+        (("--no-healthcheck=false",), None),
+        # docker 20.10 dropped a lone --health-start-period; 23.0 sends it, and so do we
+        (("--health-start-period", "1s"), {"StartPeriod": SECOND}),
+    ],
+)  # fmt: skip
+def test_create_healthcheck(flags: tuple[str, ...], health: dict[str, Any] | None) -> None:
+    assert created(*flags)["TaskTemplate"]["ContainerSpec"].get("Healthcheck") == health
+
+
+def test_the_api_takes_the_rollout_and_health_flags() -> None:
+    spec = created(
+        "--update-parallelism", "2", "--update-delay", "1s", "--update-failure-action",
+        "rollback", "--update-monitor", "2s", "--update-max-failure-ratio", "0.25",
+        "--update-order", "start-first", "--rollback-parallelism", "0",
+        "--rollback-failure-action", "continue", "--rollback-max-failure-ratio", "0.1",
+        "--health-cmd", "true", "--health-interval", "1ms", "--health-timeout", "1s",
+        "--health-retries", "2", "--health-start-period", "3s",
+    )  # fmt: skip
+    stored_spec = normalize_service_spec(canonical(json.loads(json.dumps(spec))))
+    assert stored_spec["UpdateConfig"] == spec["UpdateConfig"]
+    assert stored_spec["RollbackConfig"] == spec["RollbackConfig"]
+    health = stored_spec["TaskTemplate"]["ContainerSpec"]["Healthcheck"]
+    assert health == spec["TaskTemplate"]["ContainerSpec"]["Healthcheck"]
+    again = _updated_spec(
+        args_of("update", "--no-healthcheck", "--update-delay", "0s", "web"), spec
+    )
+    normalize_service_spec(again)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--update-parallelism", "-1"),
+         'invalid argument "-1" for "--update-parallelism" flag: strconv.ParseUint: parsing '
+         '"-1": invalid syntax'),
+        (("--rollback-parallelism", "two"),
+         'invalid argument "two" for "--rollback-parallelism" flag: strconv.ParseUint'),
+        (("--update-parallelism", str(2**64)),
+         'invalid argument "18446744073709551616" for "--update-parallelism" flag: '
+         "strconv.ParseUint: parsing \"18446744073709551616\": value out of range"),
+        (("--update-delay", "10"),
+         'invalid argument "10" for "--update-delay" flag: time: missing unit in duration'),
+        (("--rollback-monitor", "-1s"),
+         'invalid argument "-1s" for "--rollback-monitor" flag: duration cannot be negative'),
+        (("--update-failure-action", "stop"),
+         'invalid argument "stop" for "--update-failure-action" flag: use "pause", "continue" '
+         'or "rollback"'),
+        (("--rollback-failure-action", "rollback"),  # a rollback is never rolled back
+         'invalid argument "rollback" for "--rollback-failure-action" flag: use "pause" or '
+         '"continue"'),
+        (("--update-order", "random"),
+         'invalid argument "random" for "--update-order" flag: use "stop-first" or '
+         '"start-first"'),
+        (("--update-max-failure-ratio", "abc"),
+         'invalid argument "abc" for "--update-max-failure-ratio" flag: strconv.ParseFloat: '
+         'parsing "abc": invalid syntax'),
+        (("--rollback-max-failure-ratio", "1.5"),
+         'invalid argument "1.5" for "--rollback-max-failure-ratio" flag: the failure ratio '
+         "must be a number from 0 to 1"),
+        (("--update-max-failure-ratio", "nan"), '"--update-max-failure-ratio" flag'),
+        (("--health-interval", "-1s"),
+         'invalid argument "-1s" for "--health-interval" flag: duration cannot be negative'),
+        (("--health-timeout", "500us"),
+         'invalid argument "500us" for "--health-timeout" flag: must be at least 1ms'),
+        (("--health-start-period", "5"),
+         'invalid argument "5" for "--health-start-period" flag: time: missing unit'),
+        (("--health-retries", "x"),
+         'invalid argument "x" for "--health-retries" flag: strconv.ParseInt: parsing "x": '
+         "invalid syntax"),
+        (("--health-retries", "-1"),
+         'invalid argument "-1" for "--health-retries" flag: must not be negative'),
+        (("--no-healthcheck", "--health-cmd", "true"),
+         "--no-healthcheck conflicts with --health-* options"),
+        (("--no-healthcheck=maybe",),
+         'invalid argument "maybe" for "--no-healthcheck" flag: strconv.ParseBool'),
+    ],
+)  # fmt: skip
+def test_rollout_and_health_refusals_name_the_flag(flags: tuple[str, ...], message: str) -> None:
+    assert message in refused(created, *flags)
+    assert message in refused(updated, *flags)
+
+
+def test_update_merges_update_and_rollback_config_as_docker_does() -> None:
+    spec = updated("--update-delay", "3s", "--rollback-order", "start-first")
+    assert spec["UpdateConfig"] == {"Parallelism": 2, "Order": "start-first", "Delay": 3 * SECOND}
+    assert spec["RollbackConfig"] == {"Parallelism": 1, "Order": "start-first"}
+    # 0 leaves Delay and Monitor out, as Go's omitempty does
+    current = stored()
+    current["UpdateConfig"] = {"Parallelism": 2, "Delay": SECOND, "Monitor": 9 * SECOND}
+    spec = _updated_spec(
+        args_of("update", "--update-delay", "0s", "--update-monitor", "0s",
+                "--update-failure-action", "continue", "--update-parallelism", "4", "web"),
+        current,
+    )  # fmt: skip
+    assert spec["UpdateConfig"] == {"Parallelism": 4, "FailureAction": "continue"}
+    # none yet: swarmkit's defaults under the flags
+    bare = {"Name": "web", "TaskTemplate": {"ContainerSpec": {"Image": "alpine"}}}
+    spec = _updated_spec(args_of("update", "--rollback-order", "start-first", "web"), bare)
+    assert spec["RollbackConfig"] == {**DEFAULT_ROLLOUT, "Order": "start-first"}
+    assert "UpdateConfig" not in spec
+    spec = _updated_spec(args_of("update", "--update-parallelism", "3", "web"), stored())
+    assert spec["UpdateConfig"] == {"Parallelism": 3, "Order": "start-first"}
+
+
+def health_of(health: dict[str, Any], *flags: str) -> Any:
+    current = stored()
+    current["TaskTemplate"]["ContainerSpec"]["Healthcheck"] = health
+    spec = _updated_spec(args_of("update", *flags, "web"), current)
+    return spec["TaskTemplate"]["ContainerSpec"].get("Healthcheck")
+
+
+def test_update_merges_the_healthcheck_as_docker_does() -> None:
+    cmd = {"Test": ["CMD", "a"], "Interval": 5_000_000, "Retries": 4}
+    none = {"Test": ["NONE"]}
+    assert health_of(cmd) == cmd
+    assert health_of(cmd, "--health-timeout", "1s") == {**cmd, "Timeout": SECOND}
+    assert health_of(cmd, "--health-cmd", "") == {"Interval": 5_000_000, "Retries": 4}
+    assert health_of(cmd, "--health-retries", "0", "--health-interval", "0s") == {
+        "Test": ["CMD", "a"]
+    }
+    assert health_of(cmd, "--health-cmd", "curl x")["Test"] == ["CMD-SHELL", "curl x"]
+    assert health_of(cmd, "--no-healthcheck") == none
+    # a --health-* flag drops a NONE test
+    assert health_of(none, "--health-interval", "2s") == {"Interval": 2 * SECOND}
+    assert health_of(none, "--health-cmd", "curl x", "--health-retries", "0") == {
+        "Test": ["CMD-SHELL", "curl x"]
+    }
+    assert health_of(none, "--no-healthcheck=false") == {}
+    assert health_of(none, "--health-cmd", "") == {}
+    assert health_of(none, "-d", "--force") == none
+    message = refused(health_of, cmd, "--no-healthcheck", "--health-retries", "0")
+    assert message == "--no-healthcheck conflicts with --health-* options"
+    bare = {"Name": "web", "TaskTemplate": {"ContainerSpec": {"Image": "alpine"}}}
+    spec = _updated_spec(args_of("update", "--health-retries", "2", "web"), bare)
+    assert spec["TaskTemplate"]["ContainerSpec"]["Healthcheck"] == {"Retries": 2}
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("0", 0), ("3", 3), ("0x10", 16), ("017", 15), ("0o17", 15), ("0b101", 5), ("1_000", 1000),
+     (str(2**64 - 1), 2**64 - 1)],
+)  # fmt: skip
+def test_uint_flags_read_as_pflag_does(text: str, value: int) -> None:
+    assert parse_uint(text, "--update-parallelism") == value
+
+
+@pytest.mark.parametrize("text", ["", "+1", "-0", "1.5", "1e3", "0x", "1__0", " 1", "08"])
+def test_bad_uints(text: str) -> None:
+    assert refused(parse_uint, text, "--rollback-parallelism").startswith(
+        f'invalid argument {json.dumps(text)} for "--rollback-parallelism" flag: strconv.ParseUint'
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "ratio"),
+    [("0", 0), ("1", 1), ("0.3", 0.3), (".5", 0.5), ("1e-1", 0.1), ("0.123456789", 0.12345679),
+     ("0.1000000001", 0.1)],
+)  # fmt: skip
+def test_failure_ratios_are_float32s(text: str, ratio: float) -> None:
+    value = parse_ratio(text, "--update-max-failure-ratio")
+    assert value == ratio and json.dumps(value) == json.dumps(ratio)
+
+
+def test_health_retries_and_durations() -> None:
+    assert parse_retries("0x10") == 16
+    assert "at most" in refused(parse_retries, str(2**31 + 1))
+    assert parse_health_duration("1ms", "--health-interval") == 1_000_000
+    assert parse_health_duration("0s", "--health-interval") == 0  # the default
+
+
+# ---- rollback -------------------------------------------------------------------------------
+
+
+def test_rollback_posts_the_current_spec_with_rollback_previous(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = RecordingClient({"Warnings": ["a warning"]}, current=stored())
+    monkeypatch.setattr(service, "connect", lambda host: client)
+    args = args_of("rollback", "-d", "web")
+    assert args.func(args) == 0
+    # docker 20.10: `?rollback=previous&version=9`, the spec as read, no registryAuthFrom
+    assert client.posts == [
+        ("/services/svc1/update", stored(), {"version": 9, "rollback": "previous"}, {})
+    ]
+    assert capsys.readouterr() == ("web\n", "a warning\n")
+
+
+def test_update_rollback_is_rollback_with_registry_auth_from_spec(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = RecordingClient({}, current=stored())
+    monkeypatch.setattr(service, "connect", lambda host: client)
+    for flags in (("--rollback", "-d"), ("--rollback", "-dq"), ("--rollback=true", "--detach")):
+        args = args_of("update", *flags, "web")
+        assert args.func(args) == 0
+        url, spec, params, headers = client.posts[-1]
+        assert url == "/services/svc1/update" and spec == stored() and not headers
+        assert params == {"version": 9, "registryAuthFrom": "spec", "rollback": "previous"}
+    assert capsys.readouterr().out == "web\n" * 3
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--force=false",),
+        ("--with-registry-auth",),
+        ("--image", "alpine:3"),
+        ("--update-delay", "1s"),
+        ("--no-healthcheck",),
+        ("-t",),
+        ("--env-add", "A=1"),
+        ("-dt",),
+    ],
+)
+def test_update_rollback_takes_no_other_flag(
+    monkeypatch: pytest.MonkeyPatch, flags: tuple[str, ...]
+) -> None:
+    def no_daemon(host: str | None) -> Any:
+        raise AssertionError("connected")
+
+    monkeypatch.setattr(service, "connect", no_daemon)
+    args = args_of("update", "--rollback", *flags, "web")
+    assert refused(args.func, args) == "other flags may not be combined with --rollback"
+
+
+def test_rollback_without_a_previous_spec_is_the_daemons_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    message = (
+        "rpc error: code = FailedPrecondition desc = service svc1 does not have a previous spec"
+    )
+    client = RecordingClient({}, current=stored(), refuse=(400, message))
+    monkeypatch.setattr(service, "connect", lambda host: client)
+    assert main(["service", "rollback", "web"]) == 1
+    assert capsys.readouterr() == ("", f"Error response from daemon: {message}\n")
+
+
+# ---- following an update or a rollback ------------------------------------------------------
+
+PAUSED = "update paused due to failure or early termination of task t2"
+
+
+def follow(client: ClusterClient, clock: Clock) -> None:
+    service.watch_update(client, "svc1", clock=clock.monotonic, sleep=clock.sleep)
+
+
+def test_a_paused_update_is_an_error_with_its_message(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    client = ClusterClient(
+        [("", "", 0), ("updating", "update in progress", 1), ("paused", PAUSED, 1)]
+    )
+    assert refused(follow, client, Clock()) == f"service update paused: {PAUSED}"
+    assert capsys.readouterr().out == (
+        "overall progress: 0 out of 3 tasks\noverall progress: 1 out of 3 tasks\n"
+    )
+    client = ClusterClient([("rollback_paused", "rollback paused: t7 failed", 2)])
+    assert refused(follow, client, Clock()) == "service rollback paused: rollback paused: t7 failed"
+
+
+def test_an_update_ends_when_the_manager_says_completed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # converged at once, but the update is under way until the manager completes it: more
+    # than the 5 s Monitor of polls (0.2 s each) say `updating`
+    frames = [("", "", 0), ("updating", "update in progress", 2)]
+    frames += [("updating", "update in progress", 3)] * 40
+    frames += [("completed", "update completed", 3)]
+    client, clock = ClusterClient(frames), Clock()
+    follow(client, clock)
+    assert client.polls == len(frames)
+    assert capsys.readouterr().out.splitlines() == [
+        "overall progress: 0 out of 3 tasks",
+        "overall progress: 2 out of 3 tasks",
+        "overall progress: 3 out of 3 tasks",
+        *(
+            f"verify: Waiting {n} seconds to verify that tasks are stable..."
+            for n in range(5, 0, -1)
+        ),
+        "verify: Service svc1 converged",
+    ]
+    assert clock.now == pytest.approx(0.2 * (len(frames) - 1))
+
+
+def test_without_update_status_it_waits_monitor_once_converged(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # an update changing no task has no UpdateStatus: docker's wait, UpdateConfig.Monitor long
+    spec = stored()
+    spec["UpdateConfig"]["Monitor"] = 2 * SECOND
+    frames = [("", "", 3), ("", "", 3), ("", "", 2), ("", "", 3)]
+    client, clock = ClusterClient(frames, spec), Clock()
+    follow(client, clock)
+    assert capsys.readouterr().out.splitlines() == [
+        "overall progress: 3 out of 3 tasks",
+        "verify: Waiting 2 seconds to verify that tasks are stable...",
+        "overall progress: 2 out of 3 tasks",
+        "verify: Detected task failure",
+        "overall progress: 3 out of 3 tasks",
+        "verify: Waiting 2 seconds to verify that tasks are stable...",
+        "verify: Waiting 1 seconds to verify that tasks are stable...",
+        "verify: Service svc1 converged",
+    ]
+    assert clock.now == pytest.approx(0.6 + 2.0)  # the wait began again after the failure
+
+
+def test_rollback_follows_to_rollback_completed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manual = "manually requested rollback"
+    frames = [("rollback_started", manual, 0), ("rollback_started", manual, 1)]
+    frames += [("rollback_completed", "rollback completed", 3)]
+    client, clock = ClusterClient(frames), Clock()
+    monkeypatch.setattr(service, "connect", lambda host: client)
+    monkeypatch.setattr(service, "time", clock)
+    assert main(["service", "rollback", "web"]) == 0
+    assert client.posts[-1][2] == {"version": 9, "rollback": "previous"}
+    assert capsys.readouterr().out.splitlines() == [
+        "web",
+        "rollback: manually requested rollback",
+        "overall progress: rolling back update: 0 out of 3 tasks",
+        "overall progress: rolling back update: 1 out of 3 tasks",
+        "overall progress: rolling back update: 3 out of 3 tasks",
+        "verify: Service svc1 converged",
+        "rollback: rollback completed",
+    ]
+
+
+def test_an_update_rolled_back_on_failure_ends_well_as_dockers(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    why = "update rolled back due to failure or early termination of task t9"
+    frames = [("updating", "update in progress", 1), ("rollback_started", why, 1)]
+    frames += [("rollback_completed", "rollback completed", 3)]
+    client = ClusterClient(frames)
+    monkeypatch.setattr(service, "connect", lambda host: client)
+    monkeypatch.setattr(service, "time", Clock())
+    assert main(["service", "update", "--image", "alpine:4", "web"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "web",
+        "overall progress: 1 out of 3 tasks",
+        f"rollback: {why}",
+        "overall progress: rolling back update: 1 out of 3 tasks",
+        "overall progress: rolling back update: 3 out of 3 tasks",
+        "verify: Service svc1 converged",
+        "rollback: rollback completed",
+    ]
+
+
+def test_update_paused_exits_non_zero(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = ClusterClient([("updating", "update in progress", 0), ("paused", PAUSED, 0)])
+    monkeypatch.setattr(service, "connect", lambda host: client)
+    monkeypatch.setattr(service, "time", Clock())
+    assert main(["service", "update", "--force", "web"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "web\noverall progress: 0 out of 3 tasks\n"
+    assert err == f"shoal: service update paused: {PAUSED}\n"
+
+
+def test_detach_does_not_wait_and_quiet_prints_nothing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = ClusterClient([("updating", "update in progress", 0)])
+    monkeypatch.setattr(service, "connect", lambda host: client)
+    for argv in (["update", "-d", "--force", "web"], ["rollback", "--detach", "web"]):
+        assert main(["service", *argv]) == 0
+    assert client.polls == 0 and len(client.posts) == 2
+    client.frames = [("completed", "update completed", 3)]
+    for argv in (["update", "-q", "--force", "web"], ["rollback", "-q", "web"]):
+        assert main(["service", *argv]) == 0
+    assert client.polls == 2
+    assert capsys.readouterr() == ("web\n" * 4, "")
+
+
+def test_an_update_that_stops_moving_is_given_up(capsys: pytest.CaptureFixture[str]) -> None:
+    client, clock = ClusterClient([("updating", "update in progress", 1)]), Clock()
+    assert refused(follow, client, clock) == (
+        "service svc1: no progress in 305 s (1/3 running, updating); see `shoal service ps svc1`"
+    )
+    assert 305 < clock.now < 306
+
+
+def test_ctrl_c_leaves_the_update_running(capsys: pytest.CaptureFixture[str]) -> None:
+    class Interrupted(Clock):
+        def sleep(self, seconds: float) -> None:
+            raise KeyboardInterrupt
+
+    follow(ClusterClient([("updating", "update in progress", 1)]), Interrupted())
+    assert capsys.readouterr().out.splitlines() == [
+        "overall progress: 1 out of 3 tasks",
+        "Operation continuing in background.",
+        "Use `shoal service ps svc1` to check progress.",
+    ]
+
+
+def test_progress_lines_on_a_terminal_redraw_in_place(capsys: pytest.CaptureFixture[str]) -> None:
+    lines = service.ProgressLines()
+    lines.tty = True
+    lines.show("overall progress", "0 out of 3 tasks")
+    lines.show("overall progress", "0 out of 3 tasks")
+    lines.show("overall progress", "3 out of 3 tasks")
+    lines.show("verify", "Service svc1 converged")
+    lines.close()
+    assert capsys.readouterr().out == (
+        "overall progress: 0 out of 3 tasks\r\x1b[Koverall progress: 3 out of 3 tasks\n"
+        "verify: Service svc1 converged\n"
+    )
+
+
 # ---- --with-registry-auth -------------------------------------------------------------------
 
 
@@ -894,9 +1376,15 @@ class Response:
 class RecordingClient:
     """What the commands call of docker.APIClient; records the posts."""
 
-    def __init__(self, answer: dict[str, Any], current: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        answer: dict[str, Any],
+        current: dict[str, Any] | None = None,
+        refuse: tuple[int, str] | None = None,
+    ):
         self.answer = answer
         self.current = current or {}
+        self.refuse = refuse  # the daemon's answer to a post: status, message
         self.posts: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, str]]] = []
         self.logs: dict[str, Any] = {}
 
@@ -910,7 +1398,9 @@ class RecordingClient:
         return Response(self.answer)
 
     def _raise_for_status(self, response: Response) -> None:
-        pass
+        if self.refuse is not None:
+            status, message = self.refuse
+            raise docker.errors.APIError(f"{status} Client Error", explanation=message)
 
     def inspect_service(self, ref: str) -> dict[str, Any]:
         return {"ID": "svc1", "Version": {"Index": 9}, "Spec": copy.deepcopy(self.current)}
@@ -918,3 +1408,55 @@ class RecordingClient:
     def service_logs(self, service_id: str, **kwargs: Any) -> list[bytes]:
         self.logs = kwargs
         return []
+
+
+class ClusterClient(RecordingClient):
+    """A service (stored(): 3 replicas, one node) whose update goes through `frames`, one a
+    poll: (UpdateStatus's State, its Message, the up-to-date tasks running). The last frame
+    stays."""
+
+    def __init__(self, frames: list[tuple[str, str, int]], spec: dict[str, Any] | None = None):
+        super().__init__({}, current=spec or stored())
+        self.frames = frames
+        self.polls = 0  # a poll reads the service, then its tasks
+
+    def frame(self) -> tuple[str, str, int]:
+        return self.frames[min(self.polls, len(self.frames) - 1)]
+
+    def inspect_service(self, ref: str) -> dict[str, Any]:
+        svc = super().inspect_service(ref)
+        state, message, _ = self.frame()
+        if state:
+            svc["UpdateStatus"] = {"State": state, "Message": message}
+        return svc
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return [{"ID": "n1", "Status": {"State": "ready"}, "Spec": {"Availability": "active"}}]
+
+    def tasks(self, filters: dict[str, str]) -> list[dict[str, Any]]:
+        assert filters == {"service": "svc1", "_up-to-date": "true"}
+        running = self.frame()[2]
+        self.polls += 1
+        return [
+            {
+                "ID": f"t{slot}",
+                "Slot": slot,
+                "NodeID": "n1",
+                "DesiredState": "running",
+                "Status": {"State": "running" if slot <= running else "starting"},
+            }
+            for slot in (1, 2, 3)
+        ]
+
+
+class Clock:
+    """time.monotonic and time.sleep without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now = round(self.now + seconds, 9)

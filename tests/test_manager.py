@@ -129,6 +129,44 @@ def test_replicas_are_spread_allocated_and_scheduled(tmp_path: Path) -> None:
     asyncio.run(run())
 
 
+def test_task_addresses_are_handed_out_in_order_and_not_reused_at_once(tmp_path: Path) -> None:
+    """Docker's serial allocation: a replacement gets the next address, not the one its
+    predecessor just gave up (which other nodes may still route to the old task)."""
+
+    async def run() -> None:
+        store, mgr = await cluster(tmp_path)
+        svc = await create(store, spec("web", 3))
+        net = next(iter(svc.vips))
+        await mgr.reconcile()
+        first = sorted(ipaddress.IPv4Interface(t.addresses[net]).ip for t in live(store, svc))
+        assert [int(b) - int(a) for a, b in itertools.pairwise(first)] == [1, 1]
+
+        def end_one(tx: Tx) -> None:
+            [task] = [t for t in tx.list(Task) if t.addresses[net].startswith(f"{first[0]}/")]
+            tx.put(dataclasses.replace(task, state=TaskState.FAILED))
+
+        await store.update(end_one)
+
+        def next_one(tx: Tx) -> str:
+            network = next(n for n in tx.list(Network) if n.id == net)
+            return AddressBook(tx).take(network)
+
+        assert ipaddress.IPv4Interface(await store.update(next_one)).ip == first[-1] + 1
+
+        # at the subnet's end it wraps around to the lowest free address
+        def fill(tx: Tx) -> str:
+            network = next(n for n in tx.list(Network) if n.id == net)
+            top = ipaddress.IPv4Network(network.subnet).broadcast_address - 1
+            tx.put(Task(id=new_id(), service_id="x", addresses={net: f"{top}/16"}))
+            return AddressBook(tx).take(network)
+
+        # the lowest free one: the address the failed task gave up
+        assert ipaddress.IPv4Interface(await store.update(fill)).ip == first[0]
+        await store.log.close()
+
+    asyncio.run(run())
+
+
 def test_constraints_drain_and_node_loss(tmp_path: Path) -> None:
     async def run() -> None:
         store, mgr = await cluster(tmp_path)

@@ -39,6 +39,7 @@ MAX_BACKOFF = 8.0
 LOG_BATCH = 200
 LOG_FLUSH = 0.2  # seconds between batches of a followed log
 SWEEP_EVERY = 5.0  # seconds between removals of deleted tasks' remains
+MESH_REPORT = 0.05  # seconds between looks at what the node's mesh has applied
 
 
 @dataclass
@@ -81,6 +82,8 @@ class Agent:
         # tasks the managers still have (running or history); None until they have said
         self._keep: set[str] | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._mesh_reporter: asyncio.Task[None] | None = None
+        self._mesh_reported = -1  # the applied store index the managers were last told
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._run())
@@ -94,8 +97,9 @@ class Agent:
         self.runners.clear()
         for t in self._log_tasks.values():
             t.cancel()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for loop in (self._sweeper, self._mesh_reporter):
+            if loop is not None:
+                loop.cancel()
         if self._client is not None:
             await self._client.close()
 
@@ -105,6 +109,7 @@ class Agent:
         backoff = 0.5
         await self.executor.start(self.cfg.node_id)
         self._sweeper = asyncio.create_task(self._sweep())
+        self._mesh_reporter = asyncio.create_task(self._report_mesh())
         sender = asyncio.create_task(self._send_statuses())
         try:
             while True:
@@ -181,6 +186,7 @@ class Agent:
                 if "period" in msg:
                     self.period = float(msg["period"])
                     self.connected = True
+                    self._mesh_reported = -1  # this manager may not know it yet
                     self._set_managers([str(m) for m in msg.get("managers", [])])
                     log.info("session open with %s", self.manager)
                     if beat is None:
@@ -226,7 +232,7 @@ class Agent:
         for tid, msg in tasks.items():
             existing = self.runners.get(tid)
             if existing is not None:
-                existing.update(str(msg.get("desired_state", "running")))
+                existing.update(str(msg.get("desired_state", "running")), bool(msg.get("drained")))
                 continue
             try:
                 task = TaskInfo.from_message(msg, self.cfg.node_id, self.cfg.hostname)
@@ -245,6 +251,25 @@ class Agent:
             runner.start()
         self._keep = set(tasks) | {str(t) for t in assignment.get("retained", [])}
         self.feed.update(assignment.get("mesh"), self._netns_of)
+
+    async def _report_mesh(self) -> None:
+        """Tell the managers which view this node's mesh has applied, as soon as it has: a task
+        being stopped gets its stop signal once every node's load balancers have let it go
+        (the dispatcher says so in its assignment)."""
+        while True:
+            await asyncio.sleep(MESH_REPORT)
+            if not self.connected or self._client is None:
+                continue
+            index = self.feed.applied_index()
+            if index <= self._mesh_reported:
+                continue
+            try:
+                await self._client.call(
+                    DISPATCHER, "MeshApplied", {"node_id": self.cfg.node_id, "index": index}
+                )
+                self._mesh_reported = index
+            except (grpc.aio.AioRpcError, OSError):
+                pass  # next round
 
     async def _sweep(self) -> None:
         """Now and then, the remains of tasks the managers deleted go (their stopped

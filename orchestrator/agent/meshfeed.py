@@ -18,6 +18,7 @@ from typing import Any
 from mesh.daemon import read_applied
 
 POLL = 0.05
+KEEP_INDEXES = 64
 
 
 class MeshFeed:
@@ -33,6 +34,8 @@ class MeshFeed:
         # Generations only grow, across restarts too: they start at the clock in ms.
         self._generation = time.time_ns() // 1_000_000
         self._written: dict[str, Any] | None = None
+        # the store index (the view's generation) each written generation carries, newest last
+        self._indexes: dict[int, int] = {}
         # Called after each new state is written (the node wakes shoal-mesh with it rather
         # than leaving the change to its next poll of the file).
         self.on_write: Callable[[], None] | None = None
@@ -64,9 +67,19 @@ class MeshFeed:
             f.write(json.dumps(doc, indent=1))
         tmp.replace(self.state_path)
         self._written = comparable
+        self._indexes[self._generation] = int(self._view.get("generation") or 0)
+        while len(self._indexes) > KEEP_INDEXES:
+            del self._indexes[next(iter(self._indexes))]
         if self.on_write is not None:
             self.on_write()
         return self._generation
+
+    def applied_index(self) -> int:
+        """The store index of the newest view shoal-mesh has applied (-1: none known): every
+        task that left the load balancers at or before it has left them on this node."""
+        applied, _ = read_applied(self.run_dir)
+        done = [index for gen, index in self._indexes.items() if gen <= applied]
+        return max(done) if done else -1
 
     async def wait(self, generation: int, task_id: str, within: float = 30.0) -> str | None:
         """None once shoal-mesh applied the generation without an error about the task."""

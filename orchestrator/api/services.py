@@ -29,6 +29,7 @@ from orchestrator.api.docker import (
 from orchestrator.api.resolve import resolve
 from orchestrator.images import reference
 from orchestrator.manager.allocator import AddressBook, AllocationError, allocate_service
+from orchestrator.manager.orchestrator import update as updater
 from orchestrator.manager.orchestrator.tasks import stop
 from orchestrator.manager.spec import SpecError, normalize_service_spec, same_task_template, view
 from orchestrator.store.ids import new_id
@@ -161,12 +162,27 @@ async def update(request: web.Request) -> web.Response:
     same_image = image == svc.spec.get("TaskTemplate", {}).get("ContainerSpec", {}).get("Image")
     warnings = [] if same_image else await _pin_image(request, spec, auth or svc.registry_auth)
 
+    rollback = request.query.get("rollback", "")
+    if rollback not in ("", "none", "previous"):
+        raise ApiError(400, f"invalid rollback {rollback!r}: use previous")
+
     def fn(tx: Tx) -> None:
         current = tx.get(Service, svc.id)
         if current is None:
             raise ApiError(404, f"service {svc.id} not found")
         if current.meta.version != int(raw_version):
             raise ApiError(500, "rpc error: code = Unknown desc = update out of sequence")
+        if rollback == "previous":
+            # swarmkit's rule: the previous spec comes back, the current one becomes the
+            # previous (a second rollback undoes the first); the spec sent is not used
+            if current.previous_spec is None:
+                raise ApiError(
+                    400,
+                    "rpc error: code = FailedPrecondition desc = service "
+                    f"{current.id} does not have a previous spec",
+                )
+            tx.put(updater.roll_back(current, "manually requested rollback", manual=True))
+            return
         _name_taken(tx, spec["Name"], current.id)
         changed = not same_task_template(
             spec.get("TaskTemplate", {}), current.spec.get("TaskTemplate", {})
@@ -177,6 +193,9 @@ async def update(request: web.Request) -> web.Response:
             previous_spec=copy.deepcopy(current.spec),
             spec_version=current.spec_version + (1 if changed else 0),
             registry_auth=auth or current.registry_auth,
+            # a new update starts afresh: a paused one resumes, a rollback under way stops
+            # (swarmkit's rule: the service is updated to the spec sent)
+            update_status=None,
         )
         try:
             updated = allocate_service(tx, updated, AddressBook(tx))

@@ -1,9 +1,13 @@
-"""`shoal service create | ls | inspect | ps | scale | update | logs | rm`.
+"""`shoal service create | ls | inspect | ps | scale | update | rollback | logs | rm`.
 
 The flags are docker CLI 20.10's, with the same names, values and JSON: durations are Go's
 (`10s`, `1m30s`, `500ms`), sizes docker's (`64m`, `1g`, plain bytes), CPUs decimals (`0.5`),
 `--mount` the CSV syntax, and booleans pflag's (`--read-only`, `--read-only=false`). Values are
 checked here, so a bad one is refused naming its flag before anything is sent.
+
+`update` and `rollback` then follow the rolling update the managers run (UpdateConfig,
+RollbackConfig, UpdateStatus) as the docker CLI does, until it completes, pauses (an error)
+or is rolled back; `-d` returns at once.
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ import argparse
 import base64
 import csv
 import json
+import math
 import re
 import shlex
+import struct
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from fractions import Fraction
 from typing import Any
@@ -27,7 +33,13 @@ import docker.errors
 from orchestrator.cli.client import CliError, api_message, connect
 from orchestrator.cli.output import image_name, pretty_json, short, table
 from orchestrator.cli.tasks import print_tasks
-from orchestrator.manager.spec import PROPAGATIONS, SpecError, signal_number
+from orchestrator.manager.spec import (
+    DEFAULT_MONITOR,
+    PROPAGATIONS,
+    UPDATE_ORDERS,
+    SpecError,
+    signal_number,
+)
 
 CONVERGE_TIMEOUT = 300.0
 SECOND = 1_000_000_000
@@ -82,6 +94,7 @@ class DockerFlagParser(argparse.ArgumentParser):
     ) -> tuple[argparse.Namespace, list[str]]:
         tokens = list(sys.argv[1:] if args is None else args)
         given: dict[str, tuple[str, str]] = {}  # dest -> (flag, value)
+        named: set[str] = set()  # the dests of the flags given by their name
         rest: list[str] = []
         i = 0
         while i < len(tokens):
@@ -91,6 +104,8 @@ class DockerFlagParser(argparse.ArgumentParser):
                 break
             name, eq, value = token.partition("=")
             action = self._option_string_actions.get(name)
+            if action is not None:
+                named.add(action.dest)
             if isinstance(action, GoBool):
                 given[action.dest] = (name, value if eq else "true")
             elif action is not None and not eq and action.nargs is None and i + 1 < len(tokens):
@@ -111,6 +126,14 @@ class DockerFlagParser(argparse.ArgumentParser):
             else:
                 setattr(ns, dest, parsed)
         ns.flag_errors = errors
+        # pflag's Changed: given by name, or (bundled: `-dq`) with a value not the default
+        ns.flags_given = sorted(
+            a.dest
+            for a in self._actions
+            if a.option_strings
+            and not isinstance(a, argparse._HelpAction)
+            and (a.dest in named or getattr(ns, a.dest, a.default) != a.default)
+        )
         return ns, extra
 
 
@@ -242,6 +265,105 @@ def parse_cpus(text: str, flag: str) -> int:
     if nano > MAX_INT64:
         raise _invalid(text, flag, "too many CPUs")
     return int(nano)
+
+
+_GO_INT = re.compile(r"([+-]?)(0[xX][0-9a-fA-F_]+|0[bB][01_]+|0[oO][0-7_]+|0[0-7_]*|[1-9][0-9_]*)")
+
+
+def _go_int(text: str) -> int | None:
+    """strconv.ParseInt(text, 0, ...)'s syntax (`12`, `-3`, `0x1f`, `0o17`, `017`, `1_000`);
+    None if it is not."""
+    m = _GO_INT.fullmatch(text)
+    if m is None:
+        return None
+    digits = m.group(2)
+    if len(digits) > 1 and digits[0] == "0" and digits[1] in "01234567_":
+        digits = "0o" + digits[1:]  # Go's leading-zero octal
+    try:
+        value = int(digits, 0)
+    except ValueError:  # misplaced underscores
+        return None
+    return -value if m.group(1) == "-" else value
+
+
+def parse_uint(text: str, flag: str) -> int:
+    """pflag's uint flag (strconv.ParseUint(text, 0, 64)): a whole number, 0 or more."""
+    value = _go_int(text)
+    if value is None or text[:1] in ("+", "-"):
+        raise _invalid(
+            text,
+            flag,
+            f"strconv.ParseUint: parsing {_q(text)}: invalid syntax (use a whole number, 0 or "
+            "more)",
+        )
+    if value > 2**64 - 1:
+        raise _invalid(text, flag, f"strconv.ParseUint: parsing {_q(text)}: value out of range")
+    return value
+
+
+def parse_retries(text: str, flag: str = "--health-retries") -> int:
+    """pflag's int flag (strconv.ParseInt(text, 0, 64)), not negative: the engine refuses
+    negative retries, and takes at most 2^31."""
+    value = _go_int(text)
+    if value is None:
+        raise _invalid(
+            text, flag, f"strconv.ParseInt: parsing {_q(text)}: invalid syntax (use a number)"
+        )
+    if value < 0:
+        raise _invalid(text, flag, "must not be negative (0: the default, 3)")
+    if value > 2**31:
+        raise _invalid(text, flag, f"too many retries (at most {2**31})")
+    return value
+
+
+def _float32(value: float) -> float | int:
+    """A float32 as Go's JSON writes it: the shortest decimal that reads back as the same
+    float32 (0.123456789 -> 0.12345679), whole numbers without a fraction (1, 0)."""
+    single: float = struct.unpack("<f", struct.pack("<f", value))[0]
+    if single.is_integer():
+        return int(single)
+    for digits in range(1, 10):
+        shortest = float(f"{single:.{digits}g}")
+        if struct.unpack("<f", struct.pack("<f", shortest))[0] == single:
+            return shortest
+    return single
+
+
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def parse_ratio(text: str, flag: str) -> float | int:
+    """`--update-max-failure-ratio` and `--rollback-max-failure-ratio`: pflag's float32, from 0
+    to 1 (the engine's bounds), as Go would send it."""
+    if not _FLOAT.fullmatch(text):
+        raise _invalid(
+            text,
+            flag,
+            f"strconv.ParseFloat: parsing {_q(text)}: invalid syntax (use a number from 0 to 1)",
+        )
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise _invalid(text, flag, "the failure ratio must be a number from 0 to 1")
+    return _float32(value)
+
+
+MIN_HEALTH_DURATION = 1_000_000  # the engine's: 1 ms
+
+
+def parse_health_duration(text: str, flag: str) -> int:
+    """A `--health-*` duration in ns: not negative (docker's PositiveDurationOpt) and, unless 0
+    (the default), at least 1ms, which the engine requires."""
+    ns = parse_duration(text, flag)
+    if 0 < ns < MIN_HEALTH_DURATION:
+        raise _invalid(text, flag, "must be at least 1ms (0: the default)")
+    return ns
+
+
+def _choice(text: str, flag: str, choices: Sequence[str]) -> str:
+    if text not in choices:
+        words = [_q(c) for c in choices]
+        raise _invalid(text, flag, f"use {', '.join(words[:-1])} or {words[-1]}")
+    return text
 
 
 def _shell_words(text: str, flag: str) -> list[str]:
@@ -507,6 +629,69 @@ def _container_flags(p: argparse.ArgumentParser, update: bool) -> None:
     )
 
 
+def _rollout_flags(p: argparse.ArgumentParser, update: bool) -> None:
+    """The UpdateConfig, RollbackConfig and Healthcheck flags `create` and `update` share
+    (docker's names); their values are checked when the spec is made."""
+    for kind, done, actions in (
+        ("update", "updated", "pause|continue|rollback"),
+        ("rollback", "rolled back", "pause|continue"),
+    ):
+        p.add_argument(
+            f"--{kind}-parallelism",
+            metavar="UINT",
+            help=f"tasks {done} at once (0: all at once; default 1)",
+        )
+        p.add_argument(
+            f"--{kind}-delay", metavar="DURATION", help=f"delay between task {kind}s (default 0s)"
+        )
+        p.add_argument(
+            f"--{kind}-failure-action",
+            metavar=actions,
+            help=f"what a failed {kind} does (default pause)",
+        )
+        p.add_argument(
+            f"--{kind}-monitor",
+            metavar="DURATION",
+            help=f"how long each task {done} is watched for failure (default 5s)",
+        )
+        p.add_argument(
+            f"--{kind}-max-failure-ratio",
+            metavar="FLOAT",
+            help=f"failure rate to tolerate during a{'n' if kind == 'update' else ''} {kind}, "
+            "0 to 1 (default 0)",
+        )
+        p.add_argument(
+            f"--{kind}-order",
+            metavar="start-first|stop-first",
+            help=f"{kind} order (default stop-first)",
+        )
+    p.add_argument(
+        "--health-cmd", metavar="COMMAND", help="command to run to check health (by /bin/sh -c)"
+    )
+    p.add_argument(
+        "--health-interval", metavar="DURATION", help="time between running the check (30s)"
+    )
+    p.add_argument(
+        "--health-timeout", metavar="DURATION", help="maximum time to allow one check to run (30s)"
+    )
+    p.add_argument(
+        "--health-retries",
+        metavar="INT",
+        help="consecutive failures needed to report unhealthy (3)",
+    )
+    p.add_argument(
+        "--health-start-period",
+        metavar="DURATION",
+        help="start period for the container to initialize before failures count (0s)",
+    )
+    p.add_argument(
+        "--no-healthcheck",
+        action=GoBool,
+        default=None if update else False,
+        help="disable any container-specified HEALTHCHECK",
+    )
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("service", help="manage services")
     s = p.add_subparsers(
@@ -537,13 +722,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     c.add_argument("--network", action="append", default=[])
     c.add_argument("--endpoint-mode", choices=("vip", "dnsrr"), default="vip")
     _container_flags(c, update=False)
-    c.add_argument("--update-parallelism", type=int, help="tasks updated at once (0: all)")
+    _rollout_flags(c, update=False)
     c.add_argument(
         "-d",
         "--detach",
         action=GoBool,
         help="return at once instead of waiting for the tasks to run",
     )
+    c.add_argument("-q", "--quiet", action=GoBool, help="no progress output")
     c.add_argument("image", metavar="IMAGE")
     c.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND")
     c.set_defaults(func=cmd_create)
@@ -586,11 +772,36 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     up.add_argument("--constraint-add", action="append", default=[], metavar="EXPR")
     up.add_argument("--constraint-rm", action="append", default=[], metavar="EXPR")
     _container_flags(up, update=True)
-    up.add_argument("--update-parallelism", type=int)
+    _rollout_flags(up, update=True)
     up.add_argument("--force", action=GoBool, help="replace the tasks even if nothing changed")
-    up.add_argument("-d", "--detach", action=GoBool)
+    up.add_argument(
+        "--rollback",
+        action=GoBool,
+        help="roll back to the previous spec (as `service rollback`; no other flags)",
+    )
+    up.add_argument(
+        "-d",
+        "--detach",
+        action=GoBool,
+        help="return at once instead of following the update",
+    )
+    up.add_argument("-q", "--quiet", action=GoBool, help="no progress output")
     up.add_argument("service", metavar="SERVICE")
     up.set_defaults(func=cmd_update)
+    rb = s.add_parser(
+        "rollback",
+        help="revert a service to its previous spec",
+        usage="shoal service rollback [OPTIONS] SERVICE",
+    )
+    rb.add_argument(
+        "-d",
+        "--detach",
+        action=GoBool,
+        help="return at once instead of following the rollback",
+    )
+    rb.add_argument("-q", "--quiet", action=GoBool, help="no progress output")
+    rb.add_argument("service", metavar="SERVICE")
+    rb.set_defaults(func=cmd_rollback)
     lg = s.add_parser("logs", help="a service's logs")
     lg.add_argument("service", metavar="SERVICE")
     lg.add_argument("-f", "--follow", action=GoBool)
@@ -694,6 +905,129 @@ def _restart_flags(args: argparse.Namespace) -> bool:
     )
 
 
+# swarmkit's defaults for an UpdateConfig or a RollbackConfig (defaults.Service.Update and
+# .Rollback), which the docker CLI fills in under the flags it is given
+DEFAULT_ROLLOUT: dict[str, Any] = {
+    "Parallelism": 1,
+    "FailureAction": "pause",
+    "Monitor": DEFAULT_MONITOR,
+    "MaxFailureRatio": 0,
+    "Order": "stop-first",
+}
+FAILURE_ACTIONS = {"update": ("pause", "continue", "rollback"), "rollback": ("pause", "continue")}
+
+
+def _rollout_changes(args: argparse.Namespace, kind: str) -> dict[str, Any]:
+    """What the `--update-*` (kind "update") or `--rollback-*` flags set, checked."""
+
+    def given(name: str) -> tuple[str | None, str]:
+        return getattr(args, f"{kind}_{name.replace('-', '_')}"), f"--{kind}-{name}"
+
+    changes: dict[str, Any] = {}
+    text, flag = given("parallelism")
+    if text is not None:
+        changes["Parallelism"] = parse_uint(text, flag)
+    text, flag = given("delay")
+    if text is not None:
+        changes["Delay"] = parse_duration(text, flag)
+    text, flag = given("failure-action")
+    if text is not None:
+        changes["FailureAction"] = _choice(text, flag, FAILURE_ACTIONS[kind])
+    text, flag = given("monitor")
+    if text is not None:
+        changes["Monitor"] = parse_duration(text, flag)
+    text, flag = given("max-failure-ratio")
+    if text is not None:
+        changes["MaxFailureRatio"] = parse_ratio(text, flag)
+    text, flag = given("order")
+    if text is not None:
+        changes["Order"] = _choice(text, flag, UPDATE_ORDERS)
+    return changes
+
+
+def _rollout_config(
+    args: argparse.Namespace, kind: str, current: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The UpdateConfig or RollbackConfig with the flags applied, as the docker CLI makes it:
+    None when no flag names it; swarmkit's defaults under the flags when there is none yet;
+    Delay and Monitor left out when 0 (Go's omitempty: a Monitor of 0 is the default)."""
+    changes = _rollout_changes(args, kind)
+    if not changes:
+        return None
+    config = dict(DEFAULT_ROLLOUT) if current is None else dict(current)
+    for key, value in changes.items():
+        if key in ("Delay", "Monitor") and not value:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    return config
+
+
+def _health_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The `--health-*` flags given: Healthcheck key -> value, checked (None: not given)."""
+
+    def duration(text: str | None, flag: str) -> int | None:
+        return None if text is None else parse_health_duration(text, flag)
+
+    return {
+        "Test": args.health_cmd,
+        "Interval": duration(args.health_interval, "--health-interval"),
+        "Timeout": duration(args.health_timeout, "--health-timeout"),
+        "Retries": None if args.health_retries is None else parse_retries(args.health_retries),
+        "StartPeriod": duration(args.health_start_period, "--health-start-period"),
+    }
+
+
+def _create_healthcheck(args: argparse.Namespace) -> dict[str, Any] | None:
+    """ContainerSpec.Healthcheck from the flags, as docker's toHealthConfig: none unless one
+    sets something (`--health-cmd ""` and `--health-retries 0` do not); `--no-healthcheck`:
+    ["NONE"]. (`--health-start-period` counts, as in docker since 23.0; 20.10 dropped it
+    when alone.)"""
+    values = _health_values(args)
+    have = (
+        bool(values["Test"])
+        or bool(values["Retries"])
+        or any(values[k] is not None for k in ("Interval", "Timeout", "StartPeriod"))
+    )
+    if args.no_healthcheck:
+        if have:
+            raise CliError("--no-healthcheck conflicts with --health-* options")
+        return {"Test": ["NONE"]}
+    if not have:
+        return None
+    health: dict[str, Any] = {}
+    if values["Test"]:
+        health["Test"] = ["CMD-SHELL", values["Test"]]
+    for key in ("Interval", "Timeout", "Retries", "StartPeriod"):
+        if values[key]:
+            health[key] = values[key]
+    return health
+
+
+def _update_healthcheck(args: argparse.Namespace, container: dict[str, Any]) -> None:
+    """docker's updateHealthcheck: the flags given change the service's Healthcheck, the rest
+    of it stays; `--health-cmd ""` goes back to the image's test; a ["NONE"] test is dropped
+    when a `--health-*` flag is given; `--no-healthcheck` replaces it all with ["NONE"]."""
+    values = _health_values(args)
+    changed = any(v is not None for v in values.values())
+    if not changed and args.no_healthcheck is None:
+        return
+    if args.no_healthcheck:
+        if changed:
+            raise CliError("--no-healthcheck conflicts with --health-* options")
+        container["Healthcheck"] = {"Test": ["NONE"]}
+        return
+    health = dict(container.get("Healthcheck") or {})
+    if (health.get("Test") or [None])[0] == "NONE":
+        health.pop("Test", None)
+    for key in ("Interval", "Timeout", "Retries", "StartPeriod"):
+        if values[key] is not None:
+            _set(health, key, values[key])
+    if values["Test"] is not None:
+        _set(health, "Test", ["CMD-SHELL", values["Test"]] if values["Test"] else None)
+    container["Healthcheck"] = health
+
+
 def create_spec(args: argparse.Namespace) -> dict[str, Any]:
     """The ServiceSpec `service create` sends, as the docker CLI builds it from the same flags.
     Raises CliError for a bad value, naming its flag."""
@@ -757,8 +1091,13 @@ def create_spec(args: argparse.Namespace) -> dict[str, Any]:
         ),
         "EndpointSpec": endpoint,
     }
-    if args.update_parallelism is not None:
-        spec["UpdateConfig"] = {"Parallelism": args.update_parallelism}
+    health = _create_healthcheck(args)
+    if health is not None:
+        container["Healthcheck"] = health
+    for kind, key in (("update", "UpdateConfig"), ("rollback", "RollbackConfig")):
+        config = _rollout_config(args, kind, None)
+        if config is not None:
+            spec[key] = config
     return spec
 
 
@@ -798,55 +1137,209 @@ def cmd_create(args: argparse.Namespace) -> int:
     service_id = result["ID"]
     print(service_id)
     if not args.detach:
-        converge(client, service_id)
+        converge(client, service_id, args.quiet)
     return 0
 
 
-def converge(client: Any, service_id: str) -> None:
+def _tally(client: Any, service_id: str, svc: dict[str, Any]) -> tuple[int, int, list[str]]:
+    """The service's up-to-date tasks running (on nodes not down), how many are wanted, and
+    their errors."""
+    nodes = {n["ID"]: n for n in client.nodes()}
+    tasks = [
+        t
+        for t in client.tasks(filters={"service": service_id, "_up-to-date": "true"})
+        if t["DesiredState"] == "running"
+    ]
+    mode = svc["Spec"]["Mode"]
+    if "Replicated" in mode:
+        wanted = int(mode["Replicated"].get("Replicas", 1))
+    else:
+        wanted = sum(
+            1
+            for n in nodes.values()
+            if n["Status"]["State"] == "ready" and n["Spec"]["Availability"] == "active"
+        )
+    running = sum(
+        1
+        for t in tasks
+        if t["Status"]["State"] == "running"
+        and nodes.get(t.get("NodeID", ""), {}).get("Status", {}).get("State") != "down"
+    )
+    errors = sorted({t["Status"]["Err"] for t in tasks if t["Status"].get("Err")})
+    return running, wanted, errors
+
+
+def converge(client: Any, service_id: str, quiet: bool = False) -> None:
     """Wait until every wanted task runs, showing progress (the docker CLI's loop)."""
     tty = sys.stdout.isatty()
     deadline = time.monotonic() + CONVERGE_TIMEOUT
     last = ""
     while True:
         svc = client.inspect_service(service_id)
-        nodes = {n["ID"]: n for n in client.nodes()}
-        tasks = [
-            t
-            for t in client.tasks(filters={"service": service_id, "_up-to-date": "true"})
-            if t["DesiredState"] == "running"
-        ]
-        mode = svc["Spec"]["Mode"]
-        if "Replicated" in mode:
-            wanted = mode["Replicated"].get("Replicas", 1)
-        else:
-            wanted = sum(
-                1
-                for n in nodes.values()
-                if n["Status"]["State"] == "ready" and n["Spec"]["Availability"] == "active"
-            )
-        running = sum(
-            1
-            for t in tasks
-            if t["Status"]["State"] == "running"
-            and nodes.get(t.get("NodeID", ""), {}).get("Status", {}).get("State") != "down"
-        )
-        errors = sorted({t["Status"]["Err"] for t in tasks if t["Status"].get("Err")})
+        running, wanted, errors = _tally(client, service_id, svc)
         line = f"overall progress: {running} out of {wanted} tasks"
         if errors:
             line += f" ({errors[-1]})"
-        if line != last:
+        if line != last and not quiet:
             print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
             last = line
         if running >= wanted:
-            print(("\n" if tty else "") + f"verify: Service {service_id} converged")
+            if not quiet:
+                print(("\n" if tty else "") + f"verify: Service {service_id} converged")
             return
         if time.monotonic() > deadline:
-            print()
+            if not quiet:
+                print()
             raise CliError(
                 f"service {service_id} did not converge in {CONVERGE_TIMEOUT:.0f} s "
                 f"({running}/{wanted} running); see `shoal service ps {service_id}`"
             )
         time.sleep(0.2)
+
+
+class ProgressLines:
+    """Progress as the docker CLI shows it: `ID: text` lines; on a terminal a line with the
+    same ID as the last one is redrawn in place, elsewhere a line is printed when it changes."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.tty = sys.stdout.isatty()
+        self.shown: dict[str, str] = {}
+        self.open_id: str | None = None  # a terminal line left open, by its ID
+
+    def show(self, ident: str, text: str) -> None:
+        if self.quiet or self.shown.get(ident) == text:
+            return
+        self.shown[ident] = text
+        line = f"{ident}: {text}"
+        if not self.tty:
+            print(line, flush=True)
+        elif self.open_id == ident:
+            print("\r\x1b[K" + line, end="", flush=True)
+        else:
+            print(("\n" if self.open_id is not None else "") + line, end="", flush=True)
+        if self.tty:
+            self.open_id = ident
+
+    def close(self) -> None:
+        if self.open_id is not None:
+            print(flush=True)
+            self.open_id = None
+
+
+UPDATING_STATES = ("updating", "rollback_started")
+
+
+def watch_update(
+    client: Any,
+    service_id: str,
+    quiet: bool = False,
+    clock: Callable[[], float] | None = None,
+    sleep: Callable[[float], None] | None = None,
+) -> None:
+    """Follow an update or a rollback to its end, as `docker service update` and `rollback`
+    do (docker CLI 20.10, cli/command/service/progress), polling the service and its tasks:
+
+    - `paused` / `rollback_paused`: CliError "service update paused: <Message>" / "service
+      rollback paused: <Message>";
+    - `rollback_started`: "rollback: <Message>" once (a manual one's is "manually requested
+      rollback"; an update's FailureAction rollback says why), then the tasks count as
+      "rolling back update: N out of M tasks";
+    - `completed` / `rollback_completed`: the manager has watched the new tasks for Monitor
+      already: "verify: Service <id> converged" (and "rollback: rollback completed");
+    - no UpdateStatus (the update changed no task, or the manager has not begun it): once
+      every task runs, "verify: Waiting N seconds to verify that tasks are stable..." for
+      UpdateConfig.Monitor, then converged; a task that stops meanwhile is "verify: Detected
+      task failure" and the wait starts again.
+
+    While an update is under way the end is the manager's `completed`, not this wait (so
+    that its state is final when the command returns). With nothing changing for
+    CONVERGE_TIMEOUT (plus the update's Delay and Monitor) it gives up. Ctrl-C leaves the
+    update running, as docker does. clock and sleep: time.monotonic and time.sleep."""
+    clock = clock or time.monotonic
+    sleep = sleep or time.sleep
+    progress = ProgressLines(quiet)
+    rollback = False
+    converged_at: float | None = None
+    seen: tuple[Any, ...] = ()
+    changed_at = clock()
+    running = wanted = 0
+    try:
+        while True:
+            svc = client.inspect_service(service_id)
+            spec = svc.get("Spec") or {}
+            status = svc.get("UpdateStatus") or {}
+            state, message = str(status.get("State") or ""), str(status.get("Message") or "")
+            if state == "paused":
+                raise CliError(f"service update paused: {message}")
+            if state == "rollback_paused":
+                raise CliError(f"service rollback paused: {message}")
+            if state == "updating":
+                rollback = False
+            elif state in ("rollback_started", "rollback_completed"):
+                if not rollback and message and state == "rollback_started":
+                    progress.show("rollback", message)
+                rollback = True
+            running, wanted, errors = _tally(client, service_id, svc)
+            doing = "rolling back update: " if rollback else ""
+            line = f"{doing}{running} out of {wanted} tasks"
+            if errors:
+                line += f" ({_trunc(errors[-1])})"
+            progress.show("overall progress", line)
+            converged = running >= wanted
+            if state in ("completed", "rollback_completed"):
+                if converged:
+                    progress.show("verify", f"Service {service_id} converged")
+                if state == "rollback_completed" and message:
+                    progress.show("rollback", message)
+                return
+            now = clock()
+            monitor = (spec.get("UpdateConfig") or {}).get("Monitor") or DEFAULT_MONITOR
+            if converged:
+                if converged_at is None:
+                    converged_at = now
+                wait = monitor / 1e9 - (now - converged_at)
+                if wait > 0:
+                    progress.show(
+                        "verify",
+                        f"Waiting {math.ceil(wait)} seconds to verify that tasks are stable...",
+                    )
+                elif state not in UPDATING_STATES:
+                    progress.show("verify", f"Service {service_id} converged")
+                    return
+            else:
+                if converged_at is not None:
+                    progress.show("verify", "Detected task failure")
+                converged_at = None
+            now_seen = (state, running, wanted, converged)
+            if now_seen != seen:
+                seen, changed_at = now_seen, now
+            config = spec.get("RollbackConfig" if rollback else "UpdateConfig") or {}
+            patience = (
+                CONVERGE_TIMEOUT
+                + (int(config.get("Delay") or 0) + int(config.get("Monitor") or DEFAULT_MONITOR))
+                / 1e9
+            )
+            if now - changed_at > patience:
+                raise CliError(
+                    f"service {service_id}: no progress in {patience:.0f} s ({running}/"
+                    f"{wanted} running{f', {state}' if state else ''}); see `shoal service ps "
+                    f"{service_id}`"
+                )
+            sleep(0.2)
+    except KeyboardInterrupt:
+        if running < wanted:
+            progress.close()
+            print("Operation continuing in background.")
+            print(f"Use `shoal service ps {service_id}` to check progress.")
+    finally:
+        progress.close()
+
+
+def _trunc(error: str) -> str:
+    """A task's error on one line of at most 75 characters (docker's truncError)."""
+    error = error.replace("\n", " ")
+    return error if len(error) <= 75 else error[:74] + "\u2026"
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -1053,8 +1546,11 @@ def _updated_spec(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, A
                 if not (p["TargetPort"] == int(target) and p["Protocol"] == (proto or "tcp"))
             ]
         endpoint["Ports"] = ports + [parse_publish(p) for p in args.publish_add]
-    if args.update_parallelism is not None:
-        spec.setdefault("UpdateConfig", {})["Parallelism"] = args.update_parallelism
+    for kind, key in (("update", "UpdateConfig"), ("rollback", "RollbackConfig")):
+        config = _rollout_config(args, kind, spec.get(key))
+        if config is not None:
+            spec[key] = config
+    _update_healthcheck(args, container)
     if args.force:
         template["ForceUpdate"] = int(template.get("ForceUpdate") or 0) + 1
     if args.tty is not None:
@@ -1068,19 +1564,44 @@ def _updated_spec(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, A
 
 def cmd_update(args: argparse.Namespace) -> int:
     _refuse_bad_flags(args)
+    if args.rollback and set(args.flags_given) - {"rollback", "detach", "quiet"}:
+        raise CliError("other flags may not be combined with --rollback")
     client = connect(args.host)
     svc = client.inspect_service(args.service)
-    spec = _updated_spec(args, svc["Spec"])
-    if args.with_registry_auth:
+    if args.rollback:  # as `service rollback`, the service keeping its credentials
+        result = _push(
+            client,
+            svc,
+            svc["Spec"],
+            params={"registryAuthFrom": "spec", "rollback": "previous"},
+        )
+    elif args.with_registry_auth:
+        spec = _updated_spec(args, svc["Spec"])
         # the image as updated (or the service's own): its registry's credentials
         auth = registry_auth(spec["TaskTemplate"]["ContainerSpec"]["Image"])
         result = _push(client, svc, spec, auth=auth)
     else:  # the service keeps the credentials it has, as docker asks
+        spec = _updated_spec(args, svc["Spec"])
         result = _push(client, svc, spec, params={"registryAuthFrom": "spec"})
     _print_warnings(result)
     print(args.service)
     if not args.detach:
-        converge(client, svc["ID"])
+        watch_update(client, svc["ID"], args.quiet)
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """docker 20.10's `service rollback`: the spec goes back as read, with `rollback=previous`
+    (the manager takes the previous spec; 400 if there is none), then the rollback is
+    followed as an update is."""
+    _refuse_bad_flags(args)
+    client = connect(args.host)
+    svc = client.inspect_service(args.service)
+    result = _push(client, svc, svc["Spec"], params={"rollback": "previous"})
+    _print_warnings(result)
+    print(args.service)
+    if not args.detach:
+        watch_update(client, svc["ID"], args.quiet)
     return 0
 
 

@@ -48,7 +48,8 @@ class Task:
     netns: str
     ips: dict[str, ipaddress.IPv4Address]  # network -> address
     pids: list[int] = field(default_factory=list)
-    serving: bool = True  # False: drained, still attached but out of its service
+    serving: bool = True  # False: ending, still attached but out of its service
+    attached: bool = True  # False: gone from the state (its namespace and processes kept)
 
 
 @dataclass
@@ -180,6 +181,7 @@ class MeshLab:
                     **({"netns": t.netns} if t.node == node else {}),
                 }
                 for t in self.tasks.values()
+                if t.attached
                 for net, ip in t.ips.items()
             ],
             "services": [
@@ -189,7 +191,9 @@ class MeshLab:
                     "vips": {k: str(v) for k, v in s.vips.items()},
                     "ports": s.ports,
                     "tasks": [
-                        t.name for t in self.tasks.values() if t.service == s.name and t.serving
+                        t.name
+                        for t in self.tasks.values()
+                        if t.service == s.name and t.serving and t.attached
                     ],
                 }
                 for s in self.services.values()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import itertools
 from collections.abc import Iterable
 from typing import Any
 
@@ -87,7 +88,14 @@ def new_network(tx: Tx, spec: dict[str, Any], subnet: ipaddress.IPv4Network | No
 
 
 class AddressBook:
-    """Free addresses of each network, as of this transaction."""
+    """Free addresses of each network, as of this transaction.
+
+    Task addresses are handed out in order, after the highest one any task of the network
+    holds or held (history included), wrapping at the subnet's end: Docker's serial
+    allocation. An address a task just gave up is not given to the next task at once, so
+    nothing still pointing at the old task elsewhere (a neighbour or conntrack entry on a node
+    that has not caught up) sends the new task's traffic there.
+    """
 
     def __init__(self, tx: Tx):
         self._tx = tx
@@ -108,19 +116,27 @@ class AddressBook:
             for svc in self._tx.list(Service):
                 if net.id in svc.vips:
                     used.add(ipaddress.IPv4Interface(svc.vips[net.id]).ip)
+            highest = 1
             for task in self._tx.list(Task):
+                if net.id not in task.addresses:
+                    continue
+                ip = ipaddress.IPv4Interface(task.addresses[net.id]).ip
+                if ip in subnet:
+                    highest = max(highest, int(ip) - int(subnet.network_address))
                 # A finished task's address is free again (history keeps it for display).
-                if net.id in task.addresses and not task.state.terminal:
-                    used.add(ipaddress.IPv4Interface(task.addresses[net.id]).ip)
+                if not task.state.terminal:
+                    used.add(ip)
             self._used[net.id] = used
+            self._next[net.id] = highest + 1
         return self._used[net.id]
 
     def take(self, net: Network) -> str:
         """The next free address, as "a.b.c.d/len"."""
         subnet = ipaddress.IPv4Network(net.subnet)
         used = self._used_in(net)
-        start = self._next.get(net.id, 2)
-        for offset in range(start, subnet.num_addresses - 1):
+        start = self._next[net.id]
+        last = subnet.num_addresses - 2  # the broadcast address is not given out
+        for offset in itertools.chain(range(start, last + 1), range(2, min(start, last + 1))):
             ip = subnet.network_address + offset
             if ip not in used:
                 used.add(ip)

@@ -68,6 +68,9 @@ class Dispatcher:
         self.active = False
         self._sessions: dict[str, asyncio.Queue[Message]] = {}
         self._beats: dict[str, float] = {}
+        # node -> the newest store index its mesh has applied: a task being stopped gets its
+        # stop signal once every ready node's load balancers have let it go
+        self._applied: dict[str, int] = {}
         self._updates: list[tuple[str, Message]] = []
         self._log_streams: dict[str, asyncio.Queue[Message | None]] = {}
         self._dirty = asyncio.Event()
@@ -82,6 +85,7 @@ class Dispatcher:
                 "Heartbeat": self.heartbeat,
                 "UpdateTaskStatus": self.update_task_status,
                 "PublishLogs": self.publish_logs,
+                "MeshApplied": self.mesh_applied,
             },
             streaming={"Session": self.session},
         )
@@ -92,6 +96,7 @@ class Dispatcher:
         self.active = True
         self._started = time.monotonic()
         self._beats.clear()
+        self._applied.clear()
         self._tasks = [
             asyncio.create_task(self._watch()),
             asyncio.create_task(self._monitor()),
@@ -207,6 +212,7 @@ class Dispatcher:
         auths = {s.id: s.registry_auth for s in services if s.registry_auth}
         mine = []
         retained = []  # its tasks with nothing left to do, whose remains (logs) it keeps
+        meshes = [n.id for n in nodes if n.state == "ready" and n.id in self._sessions]
         for t in tasks:
             if t.node_id != node_id or t.state < TaskState.ASSIGNED:
                 continue
@@ -224,6 +230,7 @@ class Dispatcher:
                     **({"registry_auth": auths[t.service_id]} if t.service_id in auths else {}),
                     "desired_state": t.desired_state.api,
                     "state": t.state.api,
+                    **({"drained": True} if self._drained(t, meshes) else {}),
                     "networks": [net_names.get(n, n) for n in t.networks],
                     "addresses": {net_names.get(k, k): v for k, v in t.addresses.items()},
                 }
@@ -246,6 +253,30 @@ class Dispatcher:
             out["raft_id"] = me.raft_id
             out["raft_members"] = {str(k): v for k, v in self.managers.raft_members().items()}
         return out
+
+    def _drained(self, task: Task, meshes: list[str]) -> bool:
+        """A task being stopped that no load balancer sends new connections to any more: every
+        ready node's mesh applied a view from after it was told to stop (the views leave out
+        tasks not wanted running)."""
+        if task.desired_state <= TaskState.RUNNING:
+            return False
+        return all(self._applied.get(nid, -1) >= task.meta.version for nid in meshes)
+
+    async def mesh_applied(self, req: Message, ctx: Context) -> Message:
+        node_id = await self._caller(req, ctx)
+        index = req.get("index")
+        if isinstance(index, int) and index > self._applied.get(node_id, -1):
+            self._applied[node_id] = index
+            stopping = {
+                t.node_id
+                for t in self.store.list(Task)
+                if t.desired_state > TaskState.RUNNING and not t.state.terminal
+            }
+            for nid in stopping:  # their tasks may be drained now
+                session = self._sessions.get(nid)
+                if session is not None:
+                    session.put_nowait({"recompute": True})
+        return {}
 
     async def _watch(self) -> None:
         q = self.store.watch()

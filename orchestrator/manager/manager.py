@@ -28,6 +28,7 @@ from orchestrator.background import BackgroundLoop
 from orchestrator.manager import allocator, reaper, scheduler
 from orchestrator.manager.orchestrator import global_, replicated
 from orchestrator.manager.orchestrator.restart import RestartTracker
+from orchestrator.manager.orchestrator.update import UpdateTracker
 from orchestrator.manager.spec import view
 from orchestrator.store.log import NotLeader
 from orchestrator.store.objects import Cluster, Node, Service, Task
@@ -57,6 +58,7 @@ class Manager(BackgroundLoop):
         self.term = term
         self.backoff = backoff
         self.restarts = RestartTracker()
+        self.updates = UpdateTracker()
         self._wake_at: float | None = None
         self.passes = 0
         self.registry = CollectorRegistry()
@@ -124,7 +126,9 @@ class Manager(BackgroundLoop):
         wakes = []
         for svc in tx.list(Service):
             loop = global_ if view(svc.spec).mode == "global" else replicated
-            wake = loop.reconcile(tx, svc, by_service.get(svc.id, []), nodes, self.restarts)
+            wake = loop.reconcile(
+                tx, svc, by_service.get(svc.id, []), nodes, self.restarts, self.updates
+            )
             if wake is not None:
                 wakes.append(wake)
         return wakes

@@ -105,6 +105,37 @@ class MountSpec:
     tmpfs_mode: int = 0  # permission bits; 0 the engine's default (1777)
 
 
+MIN_HEALTH_DURATION = 1_000_000  # ns: Docker refuses shorter health check durations
+HEALTH_INTERVAL = 30 * SECOND  # Docker's defaults
+HEALTH_TIMEOUT = 30 * SECOND
+HEALTH_RETRIES = 3
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """A health check as given (Healthcheck): `test` empty means the image's; durations in ns,
+    0 meaning Docker's default (health.resolve applies them)."""
+
+    test: tuple[str, ...] = ()
+    interval: int = 0
+    timeout: int = 0
+    retries: int = 0
+    start_period: int = 0
+
+
+def health_view(raw: Any) -> HealthCheck | None:
+    """A Healthcheck (the spec's or an image config's) typed; None if absent."""
+    if not isinstance(raw, dict):
+        return None
+    return HealthCheck(
+        test=tuple(raw.get("Test") or ()),
+        interval=int(raw.get("Interval") or 0),
+        timeout=int(raw.get("Timeout") or 0),
+        retries=int(raw.get("Retries") or 0),
+        start_period=int(raw.get("StartPeriod") or 0),
+    )
+
+
 @dataclass(frozen=True)
 class ContainerView:
     """What a task runs, from its TaskTemplate. Hostname, Env values and mount sources may
@@ -128,6 +159,7 @@ class ContainerView:
     stop_grace: int = DEFAULT_STOP_GRACE  # ns
     limits: Resources = Resources()
     reservations: Resources = Resources()
+    healthcheck: HealthCheck | None = None  # None: the image's, if it has one
 
 
 @dataclass(frozen=True)
@@ -148,8 +180,6 @@ class ServiceView:
     restart_max_attempts: int
     restart_window: int  # ns
     stop_grace: int  # ns
-    update_parallelism: int
-    update_delay: int  # ns
     reservations: Resources = Resources()  # what each task needs of its node
 
 
@@ -362,6 +392,32 @@ def _check_container(cs: dict[str, Any]) -> None:
             raise SpecError(f"{CONTAINER}.StopSignal: {e}") from None
     _int(cs.get("StopGracePeriod"), f"{CONTAINER}.StopGracePeriod")
     _check_mounts(cs.get("Mounts"))
+    _check_healthcheck(cs.get("Healthcheck"))
+
+
+def _check_healthcheck(raw: Any) -> None:
+    """Docker's HealthConfig: Test is [] (the image's), ["NONE"], ["CMD", arg...] or
+    ["CMD-SHELL", command]; durations in ns, at least 1 ms when given (Docker's rule)."""
+    if raw is None:
+        return
+    where = f"{CONTAINER}.Healthcheck"
+    hc = _obj(raw, where)
+    test = _strings(hc.get("Test"), f"{where}.Test", MAX_VALUE)
+    if test and (
+        test[0] not in ("NONE", "CMD", "CMD-SHELL")
+        or (test[0] == "CMD" and len(test) < 2)
+        or (test[0] == "CMD-SHELL" and len(test) != 2)
+        or (test[0] == "NONE" and len(test) != 1)
+    ):
+        raise SpecError(
+            f'{where}.Test: {list(test)!r} is not [], ["NONE"], ["CMD", arg...] or '
+            '["CMD-SHELL", command]'
+        )
+    for key in ("Interval", "Timeout", "StartPeriod"):
+        value = _int(hc.get(key), f"{where}.{key}")
+        if 0 < value < MIN_HEALTH_DURATION:
+            raise SpecError(f"{where}.{key}: {value} ns is less than the minimum of 1 ms")
+    _int(hc.get("Retries"), f"{where}.Retries", 0, 2**31)
 
 
 def _check_mounts(raw: Any) -> None:
@@ -471,6 +527,68 @@ def _check_resources(tt: dict[str, Any]) -> None:
             )
 
 
+UPDATE_ORDERS = ("stop-first", "start-first")
+DEFAULT_MONITOR = 5 * SECOND
+
+
+@dataclass(frozen=True)
+class UpdatePolicy:
+    """How a rolling update (UpdateConfig) or a rollback (RollbackConfig) proceeds, with
+    swarmkit's defaults for what the spec leaves out."""
+
+    parallelism: int = 1  # 0: every slot at once
+    delay: int = 0  # ns a worker waits after its slot
+    failure_action: str = "pause"  # pause | continue | rollback (updates only)
+    monitor: int = DEFAULT_MONITOR  # ns a new task is watched for failure
+    max_failure_ratio: float = 0.0
+    order: str = "stop-first"  # | start-first
+
+
+def _check_update_config(raw: Any, where: str) -> None:
+    cfg = _obj(raw, where)
+    _int(cfg.get("Parallelism"), f"{where}.Parallelism", 0, 2**31)
+    _int(cfg.get("Delay"), f"{where}.Delay")
+    _int(cfg.get("Monitor"), f"{where}.Monitor")
+    actions = (
+        ("pause", "continue", "rollback") if where == "UpdateConfig" else ("pause", "continue")
+    )
+    action = cfg.get("FailureAction")
+    if action not in (None, "", *actions):
+        raise SpecError(f"{where}.FailureAction: {action!r} is not one of {', '.join(actions)}")
+    ratio = cfg.get("MaxFailureRatio")
+    if ratio is not None and (
+        isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio <= 1
+    ):
+        raise SpecError(f"{where}.MaxFailureRatio: {ratio!r} is not a number from 0 to 1")
+    order = cfg.get("Order")
+    if order not in (None, "", *UPDATE_ORDERS):
+        raise SpecError(f"{where}.Order: {order!r} is not stop-first or start-first")
+
+
+def _policy(raw: Any) -> UpdatePolicy:
+    """swarmkit's defaults when the config is absent; within a config given, Docker's zero
+    values (Parallelism 0: all at once; Monitor 0: the default period)."""
+    if not isinstance(raw, dict):
+        return UpdatePolicy()
+    cfg = raw
+    return UpdatePolicy(
+        parallelism=int(cfg.get("Parallelism") or 0),
+        delay=int(cfg.get("Delay") or 0),
+        failure_action=str(cfg.get("FailureAction") or "pause"),
+        monitor=int(cfg.get("Monitor") or DEFAULT_MONITOR),
+        max_failure_ratio=float(cfg.get("MaxFailureRatio") or 0.0),
+        order=str(cfg.get("Order") or "stop-first"),
+    )
+
+
+def update_policy(spec: dict[str, Any]) -> UpdatePolicy:
+    return _policy(spec.get("UpdateConfig"))
+
+
+def rollback_policy(spec: dict[str, Any]) -> UpdatePolicy:
+    return _policy(spec.get("RollbackConfig"))
+
+
 def normalize_service_spec(raw: Any) -> dict[str, Any]:
     """Apply Docker's defaults to a ServiceSpec and check it; raises SpecError."""
     spec: dict[str, Any] = copy.deepcopy(_obj(raw, "Spec"))
@@ -512,6 +630,9 @@ def normalize_service_spec(raw: Any) -> dict[str, Any]:
         )
     for key in ("Delay", "MaxAttempts", "Window"):
         _int(restart.get(key), f"TaskTemplate.RestartPolicy.{key}")
+    for key in ("UpdateConfig", "RollbackConfig"):
+        if spec.get(key) is not None:
+            _check_update_config(spec[key], key)
     nets = _list(tt.get("Networks") or spec.get("Networks"), "TaskTemplate.Networks")
     for i, n in enumerate(nets):
         target = _obj(n, f"TaskTemplate.Networks[{i}]").get("Target")
@@ -567,7 +688,6 @@ def view(spec: dict[str, Any]) -> ServiceView:
     cs = tt.get("ContainerSpec", {})
     mode = spec.get("Mode", {})
     restart = tt.get("RestartPolicy", {})
-    update = spec.get("UpdateConfig") or {}
     ep = spec.get("EndpointSpec", {})
     return ServiceView(
         name=spec["Name"],
@@ -597,8 +717,6 @@ def view(spec: dict[str, Any]) -> ServiceView:
         restart_max_attempts=restart.get("MaxAttempts", 0),
         restart_window=restart.get("Window", 0),
         stop_grace=_stop_grace(cs),
-        update_parallelism=update.get("Parallelism", 1),
-        update_delay=update.get("Delay", 0),
         reservations=reservations_of(tt),
     )
 
@@ -668,6 +786,7 @@ def container_view(task_template: dict[str, Any]) -> ContainerView:
         stop_grace=_stop_grace(cs),
         limits=_resources_view(res.get("Limits")),
         reservations=_resources_view(res.get("Reservations")),
+        healthcheck=health_view(cs.get("Healthcheck")),
     )
 
 

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from orchestrator.agent.exec.health import Check
 from orchestrator.manager.spec import ContainerView, container_view
 from orchestrator.manager.templates import TemplateContext
 
@@ -152,6 +153,15 @@ class Controller(Protocol):
 
     async def wait(self) -> Exit:
         """Until the process ends. Raises EngineUnavailable if it cannot be watched."""
+        ...
+
+    def health_check(self) -> Check | None:
+        """The task's health check (the spec's, else its image's), once it has started."""
+        ...
+
+    async def probe(self, argv: list[str]) -> int:
+        """Run a health check command inside the task; its exit status (cancelled when its
+        timeout runs out)."""
         ...
 
     async def terminate(self) -> None:

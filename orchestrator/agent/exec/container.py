@@ -39,6 +39,7 @@ from typing import Any
 import docker.errors
 import docker.types
 
+from orchestrator.agent.exec import health
 from orchestrator.agent.exec.base import (
     LABEL_NODE_ID,
     LABEL_TASK_ID,
@@ -51,6 +52,7 @@ from orchestrator.agent.exec.base import (
     default_hostname,
 )
 from orchestrator.agent.exec.engine import Engine, decode_registry_auth, explain
+from orchestrator.agent.exec.health import Check
 from orchestrator.agent.exec.netns import (
     netns_name,
     remove_leftover_namespaces,
@@ -58,7 +60,7 @@ from orchestrator.agent.exec.netns import (
 )
 from orchestrator.agent.exec.process import run_quietly
 from orchestrator.images import reference, rootfs
-from orchestrator.manager.spec import MountSpec
+from orchestrator.manager.spec import MountSpec, health_view
 from orchestrator.manager.templates import expand
 
 log = logging.getLogger(__name__)
@@ -279,6 +281,7 @@ class ContainerController:
         self.pid = 0
         self.gate: Path | None = None
         self.exit: asyncio.Future[Exit] | None = None  # its exit, watched from before it starts
+        self.check: Check | None = None
         self.stop_signal = "SIGTERM"
 
     @property
@@ -380,6 +383,7 @@ class ContainerController:
                 stop_signal=spec.stop_signal or None,
                 stop_timeout=max(1, spec.stop_grace // 1_000_000_000),
                 tty=spec.tty,
+                healthcheck={"test": ["NONE"]},
                 host_config=host_config,
             )
             return str(made["Id"])
@@ -391,6 +395,9 @@ class ContainerController:
                 raise
             await self.executor._remove_container(self.task.name)
             self.container_id = await self.engine.call(create)
+        # Docker's own check is off (it would start probing while the gate holds the task):
+        # the executor runs the spec's, else the image's, once the task's command runs
+        self.check = health.resolve(spec.healthcheck, health_view(config.get("Healthcheck")))
         # the spec's stop signal, else the image's (the engine merged it), else SIGTERM
         self.stop_signal = str(config.get("StopSignal") or "SIGTERM")
         if spec.stop_signal:
@@ -404,6 +411,22 @@ class ContainerController:
         except OSError as e:
             raise StartFailed(f"starting the task's command failed: {e}") from None
         return {"ContainerID": self.container_id, "PID": self.pid}
+
+    def health_check(self) -> Check | None:
+        return self.check
+
+    async def probe(self, argv: list[str]) -> int:
+        """An exec in the container, as Docker's own health checks run."""
+
+        def run(api: docker.APIClient) -> int:
+            made = api.exec_create(self.container_id, argv, stdout=True, stderr=True)
+            api.exec_start(made["Id"])
+            return int(api.exec_inspect(made["Id"]).get("ExitCode") or 0)
+
+        try:
+            return await self.engine.call(run)
+        except docker.errors.APIError:
+            return -1
 
     async def wait(self) -> Exit:
         assert self.exit is not None

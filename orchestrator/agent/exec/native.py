@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.agent import images, logs
+from orchestrator.agent.exec import health
 from orchestrator.agent.exec.base import Exit, LogEntry, Rejected, StartFailed, TaskInfo
+from orchestrator.agent.exec.health import Check
 from orchestrator.agent.exec.netns import (
     ETC_NETNS,
     netns_name,
@@ -28,8 +30,8 @@ from orchestrator.agent.exec.netns import (
     remove_namespace,
 )
 from orchestrator.agent.exec.process import Child, run_quietly
-from orchestrator.agent.exec.runner import signal_number
 from orchestrator.agent.logs import TaskLog
+from orchestrator.manager.spec import signal_number
 from orchestrator.manager.templates import expand
 
 _LAUNCH = 'echo "$0" > /proc/sys/kernel/hostname && exec "$@"'
@@ -178,6 +180,35 @@ class NativeController:
         ]
         return {"ContainerID": self.task.id, "PID": self.proc.pid}
 
+    def health_check(self) -> Check | None:
+        return health.resolve(self.task.spec.healthcheck, None)
+
+    async def probe(self, argv: list[str]) -> int:
+        """The command in the task's namespaces: those of the process unshare started."""
+        if self.proc is None:
+            return -1
+        inner = await asyncio.to_thread(_child, self.proc.pid)
+        if inner is None:
+            return -1
+        child = await Child.start(
+            "nsenter",
+            f"--target={inner}",
+            "--net",
+            "--uts",
+            "--pid",
+            "--mount",
+            "--",
+            *argv,
+            pipes=False,
+            env={"PATH": PATH},
+        )
+        try:
+            return await child.wait()
+        except asyncio.CancelledError:  # its timeout ran out
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGKILL)
+            raise
+
     async def wait(self) -> Exit:
         assert self.proc is not None
         code = await self.proc.wait()
@@ -186,7 +217,7 @@ class NativeController:
         return Exit(code if code >= 0 else 128 - code)
 
     async def terminate(self) -> None:
-        self._signal(signal_number(self.task.spec.stop_signal))
+        self._signal(signal_number(self.task.spec.stop_signal or "SIGTERM"))
 
     async def kill(self) -> None:
         self._signal(signal.SIGKILL)
@@ -211,3 +242,12 @@ class NativeController:
         self._close_log()
         await remove_namespace(self._netns)
         self._netns_made = False
+
+
+def _child(pid: int) -> int | None:
+    """The first child of a process (unshare's: the task's own first process), if any."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return None
+    return int(text[0]) if text else None

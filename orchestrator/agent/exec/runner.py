@@ -15,11 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator.agent.exec import health
 from orchestrator.agent.exec.base import (
     Controller,
     EngineUnavailable,
@@ -32,7 +32,7 @@ from orchestrator.store.objects import TaskState
 
 log = logging.getLogger(__name__)
 
-DRAIN_DELAY = 1.0  # between leaving the load balancers and the stop signal
+DRAIN_MAX = 10.0  # at most this long (and the grace period) for the load balancers to let go
 KILL_WAIT = 5.0  # after SIGKILL, how long to wait for the exit to be seen
 
 
@@ -56,6 +56,8 @@ class TaskRunner:
         self.state = TaskState.parse(state)
         self.making_netns = False  # its namespace is being made (the agent batches mesh writes)
         self._changed = asyncio.Event()
+        # the managers saw every node's load balancers let it go (a stop waits for it)
+        self.drained = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -69,11 +71,13 @@ class TaskRunner:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"task {self.id}")
 
-    def update(self, desired: str) -> None:
+    def update(self, desired: str, drained: bool = False) -> None:
         state = TaskState.parse(desired)
         if state != self.desired:
             self.desired = state
             self._changed.set()
+        if drained:
+            self.drained.set()
 
     @property
     def stop_wanted(self) -> bool:
@@ -134,20 +138,50 @@ class TaskRunner:
         except (StartFailed, EngineUnavailable) as e:
             self._report(TaskState.FAILED, "starting", str(e))
             return
-        self._report(TaskState.RUNNING, "started", container={**status, "ExitCode": 0})
         waiter = asyncio.create_task(self.controller.wait())
+        check = self.controller.health_check()
+        monitor = health.Monitor(check, self.controller.probe) if check is not None else None
+        watcher = asyncio.create_task(monitor.run()) if monitor is not None else None
         try:
-            while not waiter.done():
-                changed = asyncio.create_task(self._changed.wait())
-                await asyncio.wait({waiter, changed}, return_when=asyncio.FIRST_COMPLETED)
-                changed.cancel()
+            if monitor is None:
+                self._report(TaskState.RUNNING, "started", container={**status, "ExitCode": 0})
+            # STARTING until its check passes (it enters the load balancers only then)
+            while not waiter.done() and (watcher is None or not watcher.done()):
+                events: set[asyncio.Future[Any]] = {
+                    waiter,
+                    asyncio.ensure_future(self._changed.wait()),
+                }
+                healthy = None
+                if monitor is not None and self.state < TaskState.RUNNING:
+                    healthy = asyncio.ensure_future(monitor.healthy.wait())
+                    events.add(healthy)
+                if watcher is not None:
+                    events.add(watcher)
+                await asyncio.wait(events, return_when=asyncio.FIRST_COMPLETED)
+                for pending in events - {waiter, watcher}:
+                    pending.cancel()
                 self._changed.clear()
+                if healthy is not None and monitor is not None and monitor.healthy.is_set():
+                    self._report(TaskState.RUNNING, "started", container={**status, "ExitCode": 0})
                 if self.stop_wanted and not waiter.done():
                     end = await self._stop(waiter)
                     self._report(
                         TaskState.SHUTDOWN, "shutdown", container=self._status(status, end)
                     )
                     return
+            if watcher is not None and watcher.done() and not waiter.done():
+                # unhealthy: Docker kills it and the task fails; the restart policy replaces it
+                with contextlib.suppress(EngineUnavailable):
+                    await self.controller.kill()
+                with contextlib.suppress(TimeoutError, EngineUnavailable):
+                    end = await asyncio.wait_for(asyncio.shield(waiter), KILL_WAIT)
+                self._report(
+                    TaskState.FAILED,
+                    "unhealthy",
+                    health.UNHEALTHY,
+                    container=self._status(status, waiter.result() if waiter.done() else None),
+                )
+                return
             try:
                 end = waiter.result()
             except EngineUnavailable as e:
@@ -155,6 +189,8 @@ class TaskRunner:
                 return
         finally:
             waiter.cancel()
+            if watcher is not None:
+                watcher.cancel()
         container = self._status(status, end)
         if end.code == 0:
             self._report(TaskState.COMPLETE, "finished", container=container)
@@ -167,8 +203,14 @@ class TaskRunner:
         return {**started, "PID": 0, "ExitCode": end.code if end is not None else -9}
 
     async def _stop(self, waiter: asyncio.Task[Exit]) -> Exit | None:
-        """Its stop signal, then SIGKILL after the grace period; how it ended."""
-        await asyncio.sleep(DRAIN_DELAY)  # let load balancers stop sending it connections
+        """Once no load balancer on any node sends it new connections (the managers say so,
+        or DRAIN_MAX passed), its stop signal, then SIGKILL after the grace period; how it
+        ended."""
+        wait = min(DRAIN_MAX, self.task.spec.stop_grace / 1e9)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.drained.wait(), wait)
+        if not self.drained.is_set():
+            log.warning("task %s: stopping before every node's mesh let it go", self.id)
         with contextlib.suppress(EngineUnavailable):
             await self.controller.terminate()
         with contextlib.suppress(TimeoutError, EngineUnavailable):
@@ -185,28 +227,16 @@ class TaskRunner:
     async def remove(self) -> None:
         """Stop it if it runs (gracefully) and release what it holds on the node."""
         if self._task is not None and not self._task.done():
-            if self.state == TaskState.RUNNING:
+            if self.state >= TaskState.STARTING:
+                self.drained.set()  # gone from the managers' view (or the agent stops)
                 self.desired = TaskState.SHUTDOWN
                 self._changed.set()
                 grace = self.task.spec.stop_grace / 1e9
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
-                        asyncio.shield(self._task), DRAIN_DELAY + grace + KILL_WAIT + 3
+                        asyncio.shield(self._task), DRAIN_MAX + grace + KILL_WAIT + 3
                     )
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.controller.remove()
-
-
-def signal_number(name: str) -> int:
-    """SIGTERM, TERM, 15 -> 15 (the spec's StopSignal; validated at create)."""
-    if not name:
-        return int(signal.SIGTERM)
-    if name.isdigit():
-        return int(name)
-    upper = name.upper()
-    try:
-        return int(signal.Signals[upper if upper.startswith("SIG") else f"SIG{upper}"])
-    except KeyError:  # refused at create; a spec from before that check
-        return int(signal.SIGTERM)

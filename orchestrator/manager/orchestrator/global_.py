@@ -2,7 +2,8 @@
 
 Eligible nodes are ready, active and satisfy the constraints. A node leaving eligibility
 (down, drained, a label removed) has its task shut down; a task that ended is restarted on
-the same node according to the restart policy.
+the same node according to the restart policy; tasks running an older spec are the updater's
+(update.py), a node being a slot.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
+from orchestrator.manager.orchestrator import update
 from orchestrator.manager.orchestrator.restart import RestartTracker
-from orchestrator.manager.orchestrator.tasks import dirty, new_task, runnable, stop
+from orchestrator.manager.orchestrator.tasks import new_task, runnable, stop
 from orchestrator.manager.scheduler import eligible, satisfies
 from orchestrator.manager.spec import view
 from orchestrator.store.objects import Node, Service, Task, TaskState
@@ -24,6 +26,7 @@ def reconcile(
     tasks: list[Task],
     nodes: dict[str, Node],
     restarts: RestartTracker,
+    updates: update.UpdateTracker,
     now: float | None = None,
 ) -> float | None:
     now = time.time() if now is None else now
@@ -33,6 +36,8 @@ def reconcile(
     for t in tasks:
         by_node[t.node_id].append(t)
     wake: float | None = None
+    slots: list[update.Slot] = []
+    replacing = updates.in_flight(svc.id)
     for node_id in sorted(set(by_node) | wanted):
         history = sorted(by_node.get(node_id, []), key=lambda t: t.meta.created_at or t.timestamp)
         live = [t for t in history if runnable(t)]
@@ -40,20 +45,12 @@ def reconcile(
             for t in live:
                 tx.put(stop(t, TaskState.SHUTDOWN, "node no longer eligible for the service"))
             continue
-        for t in live[:-1]:
+        keep = 2 if node_id in replacing else 1  # an update starting the new one first
+        for t in live[:-keep]:
             tx.put(stop(t, TaskState.SHUTDOWN, "duplicate task on node"))
         current = live[-1] if live else None
-        if current is not None and (current.state.terminal or dirty(svc, current)):
-            tx.put(
-                stop(
-                    current,
-                    TaskState.SHUTDOWN,
-                    "replaced by an update" if dirty(svc, current) else current.message,
-                )
-            )
-            if dirty(svc, current) and not current.state.terminal:
-                tx.put(new_task(svc, 0, node_id))
-                continue
+        if current is not None and current.state.terminal:
+            tx.put(stop(current, TaskState.SHUTDOWN, current.message))
             current = None
         if current is None:
             if history:
@@ -65,4 +62,9 @@ def reconcile(
                     continue
                 restarts.record(svc.id, node_id, now)
             tx.put(new_task(svc, 0, node_id))
+            continue
+        slots.append(update.Slot(node_id, current, node_id))
+    later = update.step(tx, svc, slots, updates, now)
+    if later is not None:
+        wake = later if wake is None else min(wake, later)
     return wake
