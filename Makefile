@@ -42,6 +42,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# strict, over mesh/, orchestrator/, tests/ and bench/ ([tool.mypy] packages in pyproject.toml)
 typecheck: setup
 	$(BIN)/mypy
 

@@ -26,6 +26,14 @@ LAB = "bdns"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _field(pattern: str, text: str) -> str:
+    """The first group of `pattern` in dnsperf's output; an error naming it if it is not there."""
+    found = re.search(pattern, text)
+    if found is None:
+        raise ValueError(f"no {pattern!r} in:\n{text}")
+    return found.group(1)
+
+
 def dnsperf(netns: str, queries: Path, seconds: int) -> dict[str, float]:
     out = subprocess.run(
         [
@@ -52,9 +60,9 @@ def dnsperf(netns: str, queries: Path, seconds: int) -> dict[str, float]:
         text=True,
         check=True,
     ).stdout
-    qps = float(re.search(r"Queries per second:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    lost = int(re.search(r"Queries lost:\s+(\d+)", out).group(1))  # type: ignore[union-attr]
-    latency = float(re.search(r"Average Latency \(s\):\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    qps = float(_field(r"Queries per second:\s+([\d.]+)", out))
+    lost = int(_field(r"Queries lost:\s+(\d+)", out))
+    latency = float(_field(r"Average Latency \(s\):\s+([\d.]+)", out))
     return {"qps": round(qps), "lost": lost, "avg_latency_ms": round(latency * 1000, 3)}
 
 

@@ -49,8 +49,19 @@ class Run:
     errors: int
 
 
+def _field(pattern: str, text: str) -> str:
+    """The first group of `pattern` in a tool's output; an error naming it if it is not there."""
+    found = re.search(pattern, text)
+    if found is None:
+        raise ValueError(f"no {pattern!r} in:\n{text}")
+    return found.group(1)
+
+
 def _us(value: str) -> float:
-    number, unit = re.match(r"([\d.]+)(\w+)", value).groups()  # type: ignore[union-attr]
+    found = re.match(r"([\d.]+)(\w+)", value)
+    if found is None:
+        raise ValueError(f"not a wrk latency: {value!r}")
+    number, unit = found.groups()
     return float(number) * {"us": 1, "ms": 1e3, "s": 1e6}[unit]
 
 
@@ -85,10 +96,10 @@ def wrk(
 
 
 def _parse(out: str) -> tuple[float, float, float, int]:
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    rps = float(_field(r"Requests/sec:\s+([\d.]+)", out))
     dist = out.split("Latency Distribution", 1)[1]
-    p50 = _us(re.search(r"50%\s+(\S+)", dist).group(1))  # type: ignore[union-attr]
-    p99 = _us(re.search(r"99%\s+(\S+)", dist).group(1))  # type: ignore[union-attr]
+    p50 = _us(_field(r"50%\s+(\S+)", dist))
+    p99 = _us(_field(r"99%\s+(\S+)", dist))
     err = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = (sum(int(x) for x in err.groups()) if err else 0) + (

@@ -79,8 +79,9 @@ from grpc import aio
 
 from bench.raftnode import percentile
 from orchestrator.ca.certs import NodeCertificates
-from orchestrator.ca.pki import DEFAULT_NODE_CERT_EXPIRY, NodeCSR, Role, RootCA
+from orchestrator.ca.pki import DEFAULT_NODE_CERT_EXPIRY, NodeCSR, RootCA
 from orchestrator.ca.tls import NodeCredentials
+from orchestrator.store.objects import Role
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent

@@ -78,7 +78,7 @@ from orchestrator.raft.node import ID_LEN, RaftNode, RaftSettings
 from orchestrator.raft.storage import on_disk
 from orchestrator.rpc import jsonrpc
 from orchestrator.store.log import NotLeader
-from orchestrator.store.objects import Node
+from orchestrator.store.objects import Node, NodeState, Role
 from orchestrator.store.store import Conflict, Store, Tx
 
 log = logging.getLogger("bench.raftnode")
@@ -92,13 +92,13 @@ def put_node(node_id: str, seq: int) -> Callable[[Tx], None]:
         if node is None:
             node = Node(
                 id=node_id,
-                role="manager",
+                role=Role.MANAGER,
                 name=node_id,
                 hostname=node_id,
                 addr="127.0.0.1",
                 engine_version="shoal-bench",
             )
-        tx.put(dataclasses.replace(node, labels={"seq": str(seq)}, state="ready"))
+        tx.put(dataclasses.replace(node, labels={"seq": str(seq)}, state=NodeState.READY))
 
     return fn
 

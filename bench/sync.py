@@ -222,10 +222,10 @@ def sync(sizes: list[int], backends: int, reps: int) -> dict[str, Any]:
         "remove_service_ms",
     ]
     print(f"{'services':>8} {'level':6} " + " ".join(f"{c[:-3]:>16}" for c in cols))
-    for n, r in results.items():
+    for size, r in results.items():
         for level in ("table", "mesh"):
             print(
-                f"{n:>8} {level:6} "
+                f"{size:>8} {level:6} "
                 + " ".join(f"{r[level].get(c, float('nan')):>16}" for c in cols)
             )
     return results

@@ -28,7 +28,7 @@ from mesh.dns.zone import Zone, compile_zone
 from mesh.lb.base import BackendCount
 from mesh.metrics import MeshStatus, make_registry
 from mesh.reconcile import Mesh, SyncReport, task_namespaces
-from mesh.state import MeshState, StateError, load_state
+from mesh.state import Applied, MeshState, StateError, load_state, write_applied
 
 log = logging.getLogger(__name__)
 
@@ -55,23 +55,6 @@ def record_namespaces(run_dir: Path, namespaces: list[str]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(sorted(old | set(namespaces))))
     tmp.replace(path)
-
-
-def write_applied(run_dir: Path, generation: int, errors: dict[str, str]) -> None:
-    """`<run-dir>/applied`: the last generation synced and what failed, for whoever feeds us
-    (the agent waits on it before starting a task whose network it asked for)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "applied.tmp"
-    tmp.write_text(json.dumps({"generation": generation, "errors": errors}))
-    tmp.replace(run_dir / "applied")
-
-
-def read_applied(run_dir: Path) -> tuple[int, dict[str, str]]:
-    try:
-        doc = json.loads((run_dir / "applied").read_text())
-        return int(doc["generation"]), dict(doc["errors"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return -1, {}
 
 
 def recorded_namespaces(run_dir: Path) -> list[str]:
@@ -230,7 +213,9 @@ class MeshDaemon:
             if report.errors or dns_errors
             else "",
         )
-        write_applied(self.cfg.run_dir, desired.generation, {**report.errors, **dns_errors})
+        write_applied(
+            self.cfg.run_dir, Applied(desired.generation, {**report.errors, **dns_errors})
+        )
         return report.ok and not dns_errors
 
     def _apply(self, desired: MeshState, full: bool, verify: bool) -> SyncReport:

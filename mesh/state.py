@@ -1,7 +1,9 @@
-"""The mesh contract: a node's desired data-plane state, as plain data.
+"""The mesh contract: a node's desired data-plane state, as plain data, and what shoal-mesh
+reports back.
 
-The orchestrator produces it (and tests and users may write it by hand, in JSON or YAML);
-shoal-mesh makes the kernel match it. It knows nothing of orchestrator types. The format is
+The orchestrator produces the state (`MeshState`, written with `state_to_dict`; tests and users
+may write it by hand, in JSON or YAML); shoal-mesh makes the kernel match it and reports each
+sync in `<run-dir>/applied` (`Applied`). It knows nothing of orchestrator types. The formats are
 documented in docs/mesh-state.md; `version` changes when a field changes meaning.
 """
 
@@ -12,7 +14,7 @@ import ipaddress
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -169,7 +171,43 @@ class MeshState:
 
 def mac_for_ip(ip: ipaddress.IPv4Address) -> str:
     """Docker's convention: 02:42 followed by the four address bytes."""
-    return "02:42:" + ":".join(f"{b:02x}" for b in ip.packed)
+    return "02:42:" + ip.packed.hex(":")
+
+
+# ---- what shoal-mesh reports back ----------------------------------------------------------
+
+APPLIED_FILE = "applied"
+
+
+@dataclass(frozen=True)
+class Applied:
+    """`<run-dir>/applied`, rewritten after every sync: the generation synced and what of it
+    failed, for whoever feeds shoal-mesh (the agent waits on it before starting a task whose
+    network it asked for)."""
+
+    generation: int = -1  # -1: nothing synced (or no readable report)
+    errors: Mapping[str, str] = field(default_factory=dict)  # part (task, network, dns) -> why
+
+
+def applied_path(run_dir: Path) -> Path:
+    return run_dir / APPLIED_FILE
+
+
+def write_applied(run_dir: Path, applied: Applied) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f"{APPLIED_FILE}.tmp"
+    tmp.write_text(json.dumps({"generation": applied.generation, "errors": dict(applied.errors)}))
+    tmp.replace(applied_path(run_dir))  # atomically: the reader polls it
+
+
+def read_applied(run_dir: Path) -> Applied:
+    """The last report; `Applied()` when there is none yet or it cannot be read."""
+    try:
+        doc = json.loads(applied_path(run_dir).read_text())
+        errors = {str(k): str(v) for k, v in doc["errors"].items()}
+        return Applied(int(doc["generation"]), errors)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return Applied()
 
 
 # ---- parsing -------------------------------------------------------------------------------
@@ -545,64 +583,70 @@ def _check_services(services: list[Service], nets: Mapping[str, Network], source
 
 
 def state_to_dict(state: MeshState) -> dict[str, Any]:
-    """The inverse of state_from_dict (for writing state files)."""
-    return {
+    """The document `state_from_dict` reads back as an equal state. Optional fields at their
+    defaults are left out. Plain loops: the dispatcher writes one per node on every change."""
+    doc: dict[str, Any] = {
         "version": FORMAT_VERSION,
         "node": state.node,
         "generation": state.generation,
         "peers": {k: str(v) for k, v in state.peers.items()},
-        "networks": [
-            {
-                "name": n.name,
-                "vni": n.vni,
-                "subnet": str(n.subnet),
-                "gateways": {k: str(v) for k, v in n.gateways.items()},
-                "ingress": n.ingress,
-                "encrypted": n.encrypted,
-                **({"mtu": n.mtu} if n.mtu else {}),
-            }
-            for n in state.networks
-        ],
-        "endpoints": [
-            {
-                "task": e.task,
-                "network": e.network,
-                "node": e.node,
-                "ip": str(e.ip),
-                "mac": e.mac,
-                **({"netns": e.netns} if e.netns else {}),
-                **({"ifname": e.ifname} if e.ifname else {}),
-            }
-            for e in state.endpoints
-        ],
-        "services": [
-            {
-                "name": s.name,
-                "endpoint_mode": s.endpoint_mode,
-                "vips": {k: str(v) for k, v in s.vips.items()},
-                "ports": [
-                    {
-                        "protocol": p.protocol,
-                        "target": p.target,
-                        **({"published": p.published} if p.published else {}),
-                        **({"name": p.name} if p.name else {}),
-                    }
-                    for p in s.ports
-                ],
-                "tasks": list(s.tasks),
-                **({"aliases": list(s.aliases)} if s.aliases else {}),
-            }
-            for s in state.services
-        ],
-        **({"dns_upstreams": list(state.dns_upstreams)} if state.dns_upstreams is not None else {}),
-        **(
-            {
-                "encryption": {
-                    "keys": [{"tag": k.tag, "key": k.key.hex()} for k in state.encryption.keys],
-                    "primary": state.encryption.primary,
-                }
-            }
-            if state.encryption is not None
-            else {}
-        ),
+        "networks": [_network_to_dict(n) for n in state.networks],
+        "endpoints": [_endpoint_to_dict(e) for e in state.endpoints],
+        "services": [_service_to_dict(s) for s in state.services],
     }
+    if state.dns_upstreams is not None:
+        doc["dns_upstreams"] = list(state.dns_upstreams)
+    if state.encryption is not None:
+        doc["encryption"] = {
+            "keys": [{"tag": k.tag, "key": k.key.hex()} for k in state.encryption.keys],
+            "primary": state.encryption.primary,
+        }
+    return doc
+
+
+def _network_to_dict(n: Network) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "name": n.name,
+        "vni": n.vni,
+        "subnet": str(n.subnet),
+        "gateways": {k: str(v) for k, v in n.gateways.items()},
+        "ingress": n.ingress,
+        "encrypted": n.encrypted,
+    }
+    if n.mtu is not None:
+        d["mtu"] = n.mtu
+    return d
+
+
+def _endpoint_to_dict(e: Endpoint) -> dict[str, Any]:
+    d: dict[str, Any] = {"task": e.task, "network": e.network, "node": e.node, "ip": str(e.ip)}
+    # Most MACs are the default, which the reader derives again: a smaller document to send
+    # to every node.
+    if e.mac != mac_for_ip(e.ip):
+        d["mac"] = e.mac
+    if e.netns is not None:
+        d["netns"] = e.netns
+    if e.ifname is not None:
+        d["ifname"] = e.ifname
+    return d
+
+
+def _service_to_dict(s: Service) -> dict[str, Any]:
+    ports = []
+    for p in s.ports:
+        port: dict[str, Any] = {"protocol": p.protocol, "target": p.target}
+        if p.published is not None:
+            port["published"] = p.published
+        if p.name is not None:
+            port["name"] = p.name
+        ports.append(port)
+    d: dict[str, Any] = {
+        "name": s.name,
+        "endpoint_mode": s.endpoint_mode,
+        "vips": {k: str(v) for k, v in s.vips.items()},
+        "ports": ports,
+        "tasks": list(s.tasks),
+    }
+    if s.aliases:
+        d["aliases"] = list(s.aliases)
+    return d

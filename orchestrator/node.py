@@ -28,10 +28,8 @@ from orchestrator.agent.exec.base import Executor
 from orchestrator.agent.exec.select import DEFAULT_ENGINE, make_executor
 from orchestrator.agent.meshfeed import MeshFeed
 from orchestrator.agent.meshprocess import MeshProcess
-from orchestrator.api.convert import default_cluster_spec
-from orchestrator.api.docker import ENGINE_VERSION
 from orchestrator.ca.certs import NodeCertificates
-from orchestrator.ca.pki import NodeCSR, PKIError, Role, RootCA, verify_chain
+from orchestrator.ca.pki import NodeCSR, PKIError, RootCA, verify_chain
 from orchestrator.ca.server import SERVICE as CA_SERVICE
 from orchestrator.ca.server import cert_expiry
 from orchestrator.ca.tls import NodeCredentials, fetch_root_ca, join_address, join_channel
@@ -39,16 +37,18 @@ from orchestrator.ca.tokens import JoinToken, TokenError, UnlockKey
 from orchestrator.manager import allocator
 from orchestrator.manager.autolock import autolocked
 from orchestrator.manager.runtime import ManagerRuntime
+from orchestrator.manager.spec import default_cluster_spec
 from orchestrator.raft import sealing
 from orchestrator.rpc import jsonrpc
 from orchestrator.rpc.jsonrpc import Message
 from orchestrator.store.ids import new_id, new_raft_id
-from orchestrator.store.objects import Cluster, Node
+from orchestrator.store.objects import Cluster, Node, NodeState, Role
 from orchestrator.store.store import Tx
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 2377
+ENGINE_VERSION = "28.2.2-shoal"  # the Docker Engine release whose API shoald serves
 JOIN_CATCH_UP = 30.0  # seconds a joining manager may take to receive the store
 
 
@@ -430,12 +430,12 @@ class NodeRuntime:
                 tx.put(
                     Node(
                         id=node_id,
-                        role="manager",
+                        role=Role.MANAGER,
                         hostname=self.cfg.hostname,
                         addr=m.addr,
                         manager_addr=advertise,
                         raft_id=m.raft_id,
-                        state="unknown",
+                        state=NodeState.UNKNOWN,
                         engine_version=ENGINE_VERSION,
                         cert_root=m.cert_root,
                         cert_not_after=certs.identity.not_after.isoformat(),

@@ -11,6 +11,7 @@ UPSTREAM_NAME = "example.test."
 UPSTREAM_ADDR = "203.0.113.7"
 
 
+# dnslib has no type information: its classes are Any to mypy, hence the ignores on subclassing
 class _Resolver(BaseResolver):  # type: ignore[misc]
     def __init__(self) -> None:
         self.seen: list[str] = []

@@ -3,6 +3,7 @@ restarted manager runs nothing until `swarm unlock` gives it the key (`SWMKEY-1-
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from orchestrator.lab.lab import Lab
 from orchestrator.raft import sealing
 from tests.labutil import fresh, shoal, wait
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 LAB = "tlock"
 SUBNET = ipaddress.IPv4Network("192.168.75.0/24")
@@ -25,6 +26,10 @@ MARKER = "autolock-marker-7f3a"  # a service name to look for in the raw files
 
 def raft_dir(lab: Lab, node: str) -> Path:
     return daemons.node_dir(lab, node) / "data" / "manager" / "raft"
+
+
+def lists_marker(lab: Lab, node: str) -> bool:
+    return MARKER in shoal(lab, node, "service", "ls").stdout
 
 
 def unlock_key(text: str) -> str:
@@ -66,11 +71,8 @@ def test_raft_data_is_encrypted_and_sealed_on_every_manager(cluster: tuple[Lab, 
     assert shoal(lab, "sw2", "swarm", "unlock-key", "-q").stdout.strip() == key
     for node in ("sw1", "sw2"):
         # the joined manager seals its data key once it learns the cluster's unlock key
-        wait(lambda node=node: sealing.is_locked(raft_dir(lab, node)), f"{node} sealed")
-        wait(
-            lambda node=node: MARKER in shoal(lab, node, "service", "ls").stdout,
-            f"{node} has the service",
-        )
+        wait(functools.partial(sealing.is_locked, raft_dir(lab, node)), f"{node} sealed")
+        wait(functools.partial(lists_marker, lab, node), f"{node} has the service")
         files = [p for p in raft_dir(lab, node).rglob("*") if p.is_file()]
         assert files
         for p in files:

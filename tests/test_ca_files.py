@@ -15,8 +15,9 @@ from orchestrator.ca.files import (
     remove_node_credentials,
     save_node_credentials,
 )
-from orchestrator.ca.pki import NodeCSR, PKIError, Role, RootCA
+from orchestrator.ca.pki import NodeCSR, PKIError, RootCA
 from orchestrator.ca.tls import NodeCredentials
+from orchestrator.store.objects import Role
 
 
 def creds(root: RootCA, node_id: str = "n1") -> NodeCredentials:

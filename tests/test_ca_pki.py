@@ -19,7 +19,6 @@ from orchestrator.ca.pki import (
     Issuer,
     NodeCSR,
     PKIError,
-    Role,
     RootCA,
     RootRotation,
     certs_from_pem,
@@ -27,15 +26,19 @@ from orchestrator.ca.pki import (
     key_to_pem,
     verify_chain,
 )
+from orchestrator.store.objects import Role
 
 NOW = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
 
 
 def issue(
-    issuer: Issuer, role: Role = Role.WORKER, node_id: str = "node1", **kw: object
+    issuer: Issuer,
+    role: Role = Role.WORKER,
+    node_id: str = "node1",
+    now: datetime | None = None,
 ) -> tuple[NodeCSR, bytes]:
     csr = NodeCSR.generate()
-    chain = issuer.sign_csr(csr.pem, node_id=node_id, role=role, cluster_id="cluster1", **kw)  # type: ignore[arg-type]
+    chain = issuer.sign_csr(csr.pem, node_id=node_id, role=role, cluster_id="cluster1", now=now)
     return csr, chain
 
 

@@ -10,8 +10,9 @@ import grpc
 import pytest
 
 from orchestrator.ca.authz import Access, Authorizer, DenyList, Policy, Refusal
-from orchestrator.ca.pki import Identity, Role
+from orchestrator.ca.pki import Identity
 from orchestrator.ca.renewal import RenewalWindow, renewal_reason
+from orchestrator.store.objects import Role
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -26,7 +26,6 @@ from orchestrator.ca.pki import (
     Issuer,
     NodeCSR,
     PKIError,
-    Role,
     RootCA,
     RootRotation,
     certs_from_pem,
@@ -34,6 +33,7 @@ from orchestrator.ca.pki import (
     verify_chain,
 )
 from orchestrator.ca.tokens import JoinToken, TokenError, role_for_token
+from orchestrator.store.objects import Role
 
 T = TypeVar("T")
 Msg = dict[str, Any]
@@ -497,6 +497,8 @@ def test_dynamic_credentials_are_consulted_once_per_new_connection() -> None:
         )
         port = server.add_secure_port(
             "127.0.0.1:0",
+            # grpc-stubs type the fetcher as never returning None; grpc documents None as "keep
+            # the current configuration", which is what this test relies on
             grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=True),  # type: ignore[arg-type]
         )
         await server.start()

@@ -9,8 +9,9 @@ import re
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from orchestrator.ca.pki import Role, RootCA, certs_to_pem
+from orchestrator.ca.pki import RootCA, certs_to_pem
 from orchestrator.ca.tokens import JoinToken, TokenError, UnlockKey, role_for_token
+from orchestrator.store.objects import Role
 
 TOKEN_RE = re.compile(r"^SWMTKN-1-[0-9a-z]{50}-[0-9a-z]{25}$")
 

@@ -34,7 +34,7 @@ from orchestrator.lab.lab import Lab
 from tests.labutil import DOCKER, fresh, run, shoal, wait
 from tests.netutil import answers, balanced
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 LAB = "tctr"
 SUBNET = ipaddress.IPv4Network("192.168.95.0/24")

@@ -35,7 +35,7 @@ from orchestrator.raft.linearizability import Operation, check
 from tests.labutil import fresh, shoal, wait
 from tests.netutil import answers
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 LAB = "tha"
 SUBNET = ipaddress.IPv4Network("192.168.73.0/24")

@@ -12,10 +12,10 @@ import pytest
 
 from orchestrator.lab import lab as labmod
 from orchestrator.lab.meshlab import MeshLab
+from tests.labutil import leftovers
 from tests.netutil import answers
-from tests.test_lab_registry import leftovers
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 
 def snapshot() -> tuple[str, str, str]:

@@ -28,7 +28,7 @@ from orchestrator.lab.lab import Lab
 from tests.labutil import DOCKER, docker_cli, leftovers
 from tests.netutil import answers
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 LAB = "treg"
 SUBNET = ipaddress.IPv4Network("192.168.93.0/24")
@@ -78,12 +78,18 @@ def test_images_are_built_from_busybox_static_the_same_every_time() -> None:
 
 def test_save_archive_is_what_docker_save_writes() -> None:
     image = rootfs.micro()
+
+    def member(tar: tarfile.TarFile, name: str) -> bytes:
+        f = tar.extractfile(name)
+        assert f is not None, f"{name} is not a file in the archive"
+        return f.read()
+
     with tarfile.open(fileobj=io.BytesIO(rootfs.save_archive(image, "micro:latest"))) as tar:
-        manifest = json.loads(tar.extractfile("manifest.json").read())  # type: ignore[union-attr]
+        manifest = json.loads(member(tar, "manifest.json"))
         [entry] = manifest
         assert entry["RepoTags"] == ["micro:latest"]
-        config = json.loads(tar.extractfile(entry["Config"]).read())  # type: ignore[union-attr]
-        layer = tar.extractfile(entry["Layers"][0]).read()  # type: ignore[union-attr]
+        config = json.loads(member(tar, entry["Config"]))
+        layer = member(tar, entry["Layers"][0])
     assert layer == image.layer
     assert config["rootfs"]["diff_ids"] == [image.diff_id] and config["os"] == "linux"
     assert config["config"]["Cmd"][0] == "sh"

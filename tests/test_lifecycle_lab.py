@@ -11,10 +11,17 @@ from collections.abc import Iterator
 
 import pytest
 
-from orchestrator.lab import daemons
 from orchestrator.lab import lab as labmod
-from orchestrator.lab.lifecycle import WEB, Cluster, Outcome, Traffic, deploy, docker_cli, remove
-from tests.labutil import fresh, shoal, wait
+from orchestrator.lab.lifecycle import (
+    WEB,
+    Cluster,
+    Outcome,
+    Traffic,
+    deploy,
+    docker_cli,
+    remove,
+    swarm,
+)
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -31,15 +38,7 @@ def cluster() -> Iterator[Cluster]:
         labmod.down(LAB, purge=True)
     lab = labmod.up(LAB, 3, SUBNET)
     try:
-        daemons.start_all(lab)
-        sw1 = lab.node("sw1")
-        shoal(lab, "sw1", "swarm", "init", "--listen-addr", f"{sw1.address}:2377",
-              "--dispatcher-heartbeat", "1")  # fmt: skip
-        token = shoal(lab, "sw1", "swarm", "join-token", "-q", "worker").stdout.strip()
-        for n in ("sw2", "sw3"):
-            shoal(lab, n, "swarm", "join", "--token", token, f"{sw1.address}:2377")
-        wait(lambda: shoal(lab, "sw1", "node", "ls").stdout.count("Ready") == 3, "3 nodes")
-        c = Cluster(fresh(lab))
+        c = Cluster(swarm(lab))
         try:
             yield c
         finally:

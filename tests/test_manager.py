@@ -36,8 +36,11 @@ from orchestrator.raft.storage import on_disk
 from orchestrator.raft.transport import MemoryNetwork
 from orchestrator.store.ids import new_id
 from orchestrator.store.objects import (
+    Availability,
     Network,
     Node,
+    NodeState,
+    Role,
     Service,
     Task,
     TaskState,
@@ -58,8 +61,8 @@ async def cluster(tmp: Path, nodes: int = 3) -> tuple[Store, Manager]:
                 Node(
                     id=f"node{i}",
                     hostname=f"sw{i + 1}",
-                    state="ready",
-                    role="manager" if i == 0 else "worker",
+                    state=NodeState.READY,
+                    role=Role.MANAGER if i == 0 else Role.WORKER,
                     addr=f"192.168.56.{11 + i}",
                     labels={"zone": "a" if i < 2 else "b"},
                 )
@@ -179,7 +182,7 @@ def test_constraints_drain_and_node_loss(tmp_path: Path) -> None:
         def drain(tx: Tx) -> None:
             n = tx.get(Node, "node1")
             assert n is not None
-            tx.put(dataclasses.replace(n, availability="drain"))
+            tx.put(dataclasses.replace(n, availability=Availability.DRAIN))
 
         await store.update(drain)
         await mgr.reconcile()
@@ -190,7 +193,7 @@ def test_constraints_drain_and_node_loss(tmp_path: Path) -> None:
         def down(tx: Tx) -> None:
             n = tx.get(Node, "node0")
             assert n is not None
-            tx.put(dataclasses.replace(n, state="down"))
+            tx.put(dataclasses.replace(n, state=NodeState.DOWN))
 
         await store.update(down)
         await mgr.reconcile()
@@ -358,6 +361,7 @@ def test_container_spec_is_checked_stored_as_given_and_viewed() -> None:
     assert (cv.dir, cv.user, cv.groups) == ("/srv", "app", ("adm",))
     assert dict(cv.labels) == {"tier": "front"}
     with pytest.raises(TypeError):
+        # what the type already forbids, checked at run time (the spec's mappings are frozen)
         cv.labels["x"] = "y"  # type: ignore[index]
     assert (cv.read_only, cv.init, cv.tty) == (True, None, False)
     assert (cv.stop_signal, signal_number(cv.stop_signal), cv.stop_grace) == (
@@ -759,10 +763,11 @@ def test_reservations_spread_fill_nodes_and_wait_with_the_reason(tmp_path: Path)
 
         # reasons combine as Docker's do; a node of unknown capacity takes anything
         def shape(tx: Tx) -> None:
-            for node_id, fields in [
+            changes: list[tuple[str, dict[str, Any]]] = [
                 ("node0", {"labels": {"zone": "c"}}),
-                ("node1", {"state": "down"}),
-            ]:
+                ("node1", {"state": NodeState.DOWN}),
+            ]
+            for node_id, fields in changes:
                 n = tx.get(Node, node_id)
                 assert n is not None
                 tx.put(dataclasses.replace(n, **fields))
@@ -818,7 +823,7 @@ def test_native_nodes_run_only_their_images(tmp_path: Path) -> None:
         def down(tx: Tx) -> None:
             n = tx.get(Node, "node2")
             assert n is not None
-            tx.put(dataclasses.replace(n, state="down"))
+            tx.put(dataclasses.replace(n, state=NodeState.DOWN))
 
         await store.update(down)
         await mgr.reconcile()

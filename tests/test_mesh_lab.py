@@ -31,6 +31,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mesh.dns.server import MAX_UPSTREAMS, UPSTREAM_TIMEOUT
 from mesh.netns import run_in_netns
 from orchestrator.apps import micro
 from orchestrator.lab.meshlab import MeshLab, Task
@@ -39,7 +40,7 @@ from tests.dnsfake import UPSTREAM_ADDR, FakeUpstream
 from tests.netutil import answers, balanced, udp_ask
 from tests.vmutil import node_answers
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 NODES = ["sw1", "sw2", "sw3"]
 DNS = ("127.0.0.11", 53)
@@ -503,20 +504,43 @@ def test_dns_survives_malformed_udp_packets(
     _still_answers(udp)
 
 
+# The longest a whole message may go unanswered: every upstream tried in turn, then SERVFAIL.
+TCP_ANSWER_WITHIN = UPSTREAM_TIMEOUT * MAX_UPSTREAMS + 1
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(payload=st.binary(max_size=300), declared=st.integers(0, 65535))
+@given(
+    payload=st.binary(max_size=300),
+    declared=st.one_of(st.none(), st.integers(0, 65535)),  # None: the payload's own length
+)
 def test_dns_survives_malformed_tcp_streams(
-    dns_sockets: tuple[socket.socket, str], payload: bytes, declared: int
+    dns_sockets: tuple[socket.socket, str], payload: bytes, declared: int | None
 ) -> None:
     _, ns = dns_sockets
+    size = len(payload) if declared is None else declared
     s = run_in_netns(ns, lambda: socket.create_connection(DNS, 2))
     with s:
-        s.settimeout(0.05)
-        # it may answer, wait for the rest of what was declared, or hang up: any will do
-        with contextlib.suppress(OSError):
-            s.sendall(declared.to_bytes(2, "big") + payload)
-            s.recv(65535)
-        # but meanwhile a well-formed query on another connection is answered (a timeout
+        with contextlib.suppress(ConnectionError):  # hung up on before all of it was sent
+            s.sendall(size.to_bytes(2, "big") + payload)
+        if len(payload) >= size:
+            # a whole message: answered (FORMERR, say) under its ID, or hung up on; never
+            # left without either
+            s.settimeout(TCP_ANSWER_WITHIN)
+            try:
+                got = s.recv(65535)
+            except ConnectionResetError:
+                got = b""  # hung up with some of the payload unread
+            except TimeoutError:
+                pytest.fail(f"a whole {size}-byte message: no answer in {TCP_ANSWER_WITHIN}s")
+            if got:
+                assert len(got) >= 4 and int.from_bytes(got[:2], "big") >= 12, got
+                assert got[2:4] == payload[:2], got
+        else:
+            # it waits for the rest of what was declared (or hangs up): no answer to a part
+            s.settimeout(0.05)
+            with contextlib.suppress(TimeoutError, ConnectionResetError):
+                assert s.recv(65535) == b""
+        # and meanwhile a well-formed query on another connection is answered (a timeout
         # here fails)
         assert _dns(ns, "tasks.web", tcp=True).answer
 

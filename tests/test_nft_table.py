@@ -62,8 +62,10 @@ def kernel_view(netns: str) -> dict[str, Any]:
         if '"reject"' in rule:
             chains[chain] = "reject"
             continue
-        mod = int(re.search(r'"mod": (\d+)', rule).group(1))  # type: ignore[union-attr]
-        backend_map = re.search(r'"@(be-[^"]+)"', rule).group(1)  # type: ignore[union-attr]
+        mod_found = re.search(r'"mod": (\d+)', rule)
+        map_found = re.search(r'"@(be-[^"]+)"', rule)
+        assert mod_found is not None and map_found is not None, rule
+        mod, backend_map = int(mod_found.group(1)), map_found.group(1)
         backends = {
             k: f"{v['concat'][0]}:{v['concat'][1]}" if isinstance(v, dict) else v
             for k, v in maps[backend_map]

@@ -33,9 +33,15 @@ APP, APP_RESP = MessageType.APP, MessageType.APP_RESP
 ET = 10
 
 
-def cluster(n: int = 3, **cfg: int | bool) -> Network:
+def cluster(n: int = 3, *, pre_vote: bool = False, check_quorum: bool = False) -> Network:
+    """`n` nodes, 1 the leader; pre-vote and check-quorum off unless asked for (new_raft's)."""
     net = Network.of(
-        *(new_raft(i, range(1, n + 1), election_tick=ET, **cfg) for i in range(1, n + 1))
+        *(
+            new_raft(
+                i, range(1, n + 1), election_tick=ET, pre_vote=pre_vote, check_quorum=check_quorum
+            )
+            for i in range(1, n + 1)
+        )
     )
     net.campaign(1)
     assert net.nodes[1].is_leader
@@ -57,7 +63,7 @@ def test_prevote_keeps_a_partitioned_node_from_inflating_its_term() -> None:
     net.heal()
     net.tick(1, ET)  # heartbeats reach 3 again
     assert net.nodes[1].is_leader and net.nodes[1].term == 1
-    assert net.nodes[3].role is StateRole.FOLLOWER and net.nodes[3].lead == 1
+    assert (net.nodes[3].role, net.nodes[3].lead) == (StateRole.FOLLOWER, 1)
 
 
 def test_without_prevote_a_rejoining_node_disrupts_the_leader() -> None:
@@ -268,8 +274,10 @@ def test_lost_snapshot_is_sent_again() -> None:
     assert leader.prs[3].state is ProgressState.SNAPSHOT
     net.drop_types.clear()
     net.tick(1, 3 * ET + 2)
-    assert leader.prs[3].state is ProgressState.REPLICATE
-    assert net.nodes[3].log.last_index() == leader.log.last_index()
+    assert (leader.prs[3].state, net.nodes[3].log.last_index()) == (
+        ProgressState.REPLICATE,
+        leader.log.last_index(),
+    )
 
 
 def test_report_snapshot_failure_goes_back_to_probing() -> None:
@@ -300,9 +308,9 @@ def test_report_snapshot_success_probes_past_the_snapshot() -> None:
     net.tick(1, 1)
     leader = net.nodes[1]
     pr = leader.prs[3]
-    assert pr.state is ProgressState.SNAPSHOT and pr.pending_snapshot == idx
+    assert (pr.state, pr.pending_snapshot) == (ProgressState.SNAPSHOT, idx)
     leader.report_snapshot(3, ok=True)
-    assert pr.state is ProgressState.PROBE and pr.next == idx + 1 and pr.paused
+    assert (pr.state, pr.next, pr.paused) == (ProgressState.PROBE, idx + 1, True)
     assert read_messages(leader) == []  # nothing until the follower answers
     # here it never got it: the probe after it is refused, and the snapshot sent again
     net.drop_types.clear()
@@ -336,7 +344,7 @@ def test_report_unreachable_stops_pipelining_to_a_replicating_follower() -> None
     net.propose(1, b"y")  # in flight to 2, lost
     assert pr.next == leader.log.last_index() + 1 and pr.match < leader.log.last_index()
     leader.report_unreachable(2)
-    assert pr.state is ProgressState.PROBE and pr.next == pr.match + 1
+    assert (pr.state, pr.next) == (ProgressState.PROBE, pr.match + 1)
     net.heal()
     net.tick(1, 2)  # a heartbeat round: the probe finds where 2 is, then it is pipelined again
     assert pr.state is ProgressState.REPLICATE

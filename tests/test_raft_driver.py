@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -140,7 +141,7 @@ class Group:
             await first.node.add_learner(rid, f"m{rid}")
             # what went to it before the leader had applied its address was lost: the next
             # heartbeat's answer gets it the log
-            await self.tick_until(lambda rid=rid: first.node.caught_up(rid), f"{rid} caught up")  # type: ignore[misc]
+            await self.tick_until(functools.partial(first.node.caught_up, rid), f"{rid} caught up")
             await first.node.promote(rid)
         assert first.node.voters() == {1, 2, 3}
 
@@ -376,7 +377,9 @@ def test_the_transport_reports_unreachable_followers() -> None:
     run(body)
 
 
-def test_a_lagging_follower_gets_a_snapshot_and_the_leader_hears_it_went_out() -> None:
+def test_a_lagging_follower_gets_a_snapshot_and_the_leader_hears_it_went_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     settings = dataclasses.replace(SETTINGS, snapshot_every=5, keep_entries=0)
 
     async def body(g: Group) -> None:
@@ -391,7 +394,7 @@ def test_a_lagging_follower_gets_a_snapshot_and_the_leader_hears_it_went_out() -
             reports.append((peer, ok))
             report(peer, ok)
 
-        leader.node.report_snapshot = spy  # type: ignore[method-assign]
+        monkeypatch.setattr(leader.node, "report_snapshot", spy)
         g.net.isolate(away.id)
         for i in range(12):
             await leader.node.propose(f"s{i}={i}".encode())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import random
 import socket
@@ -17,14 +18,14 @@ import pytest
 from grpc import aio
 
 from orchestrator.ca.certs import NodeCertificates
-from orchestrator.ca.pki import NodeCSR, Role, RootCA
+from orchestrator.ca.pki import NodeCSR, RootCA
 from orchestrator.ca.tls import NodeCredentials
 from orchestrator.manager.runtime import ManagerRuntime
 from orchestrator.raft.grpc_transport import GrpcTransport
 from orchestrator.raft.node import NoQuorum, RaftNode, RaftSettings
 from orchestrator.raft.storage import RaftStorage, StorageError, on_disk
 from orchestrator.store.log import NotLeader
-from orchestrator.store.objects import Cluster
+from orchestrator.store.objects import Cluster, Role
 from orchestrator.store.store import Store
 
 FAST = RaftSettings(tick=0.05, election_tick=10, propose_timeout=3.0)
@@ -83,7 +84,7 @@ class Cluster3:
         for rid in (2, 3):
             m = await self.start_member(rid, known={1: first.addr})
             await first.log.add_learner(rid, m.addr)
-            await until(lambda rid=rid: first.log.caught_up(rid), 5)  # type: ignore[misc]
+            await until(functools.partial(first.log.caught_up, rid), 5)
             await first.log.promote(rid)
         assert first.log.voters() == {1, 2, 3}
 

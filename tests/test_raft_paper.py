@@ -160,7 +160,7 @@ def test_candidate_falls_back(term: int) -> None:
     r.campaign()
     assert r.role is StateRole.CANDIDATE and r.term == 1
     r.step(Message(APP, 1, 2, term=term))
-    assert r.role is StateRole.FOLLOWER and r.term == term and r.lead == 2
+    assert (r.role, r.term, r.lead) == (StateRole.FOLLOWER, term, 2)
 
 
 # §5.2: "Raft uses randomized election timeouts ... chosen randomly from a fixed interval."
@@ -191,7 +191,7 @@ def test_election_timeouts_rarely_conflict() -> None:
             Raft(
                 Config(i, election_tick=et, pre_vote=False, check_quorum=False),
                 random.Random(rng.getrandbits(32)),
-                initial_state(range(1, size + 1)),
+                initial_state(set(range(1, size + 1))),
             )
             for i in range(1, size + 1)
         ]

@@ -46,6 +46,7 @@ def _failures(jobs: list[tuple[int, int, bool]]) -> Iterator[str]:
         yield from (r for r in pool.imap_unordered(_run, jobs, chunksize=16) if r)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("nodes", "membership", "share"), CONFIGS)
 def test_simulated_schedules_are_safe(nodes: int, membership: bool, share: float) -> None:
     base = 1_000_000 * nodes + (500_000 if membership else 0)

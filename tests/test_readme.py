@@ -22,6 +22,7 @@ def readme_commands() -> list[str]:
     return [line for line in lines if line and not line.startswith("make ")]
 
 
+@pytest.mark.slow  # a lab of its own, the README end to end
 def test_readme_commands_run_as_written() -> None:
     commands = readme_commands()
     assert commands[0] == "shoal lab up --nodes 3" and commands[-1] == "shoal lab down"

@@ -25,16 +25,17 @@ import pytest
 from grpc import aio
 
 from orchestrator.ca.files import load_node_credentials
-from orchestrator.ca.pki import NodeCSR, Role, RootCA
+from orchestrator.ca.pki import NodeCSR, RootCA
 from orchestrator.ca.tls import NodeCredentials, join_channel, member_channel
 from orchestrator.lab import daemons, faults
 from orchestrator.lab import lab as labmod
 from orchestrator.lab.lab import Lab
 from orchestrator.rpc import jsonrpc
+from orchestrator.store.objects import Role
 from tests.labutil import fresh, shoal, wait
 from tests.netutil import answers, balanced, round_robin
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 LAB = "tsec"
 SUBNET = ipaddress.IPv4Network("192.168.74.0/24")

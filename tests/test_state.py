@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 import json
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mesh.state import StateError, parse_state, state_from_dict, state_to_dict
+from mesh.state import (
+    Applied,
+    Encryption,
+    EncryptionKey,
+    Endpoint,
+    MeshState,
+    Network,
+    PortConfig,
+    Service,
+    StateError,
+    applied_path,
+    mac_for_ip,
+    parse_state,
+    read_applied,
+    state_from_dict,
+    state_to_dict,
+    write_applied,
+)
 
 
 def base() -> dict[str, Any]:
@@ -127,3 +146,99 @@ def test_unparseable_text() -> None:
         parse_state("{not json", source="x.json")
     with pytest.raises(StateError, match="expected an object"):
         parse_state("[1, 2]")
+
+
+def every_field() -> MeshState:
+    """A state with every optional field set, away from its default where it has one."""
+    a, b = IPv4Address("192.168.56.11"), IPv4Address("192.168.56.12")
+    ingress = Network(
+        "ingress",
+        4096,
+        IPv4Network("10.255.0.0/16"),
+        {"sw1": IPv4Address("10.255.0.2"), "sw2": IPv4Address("10.255.0.3")},
+        ingress=True,
+    )
+    secret = Network(
+        "secret",
+        4097,
+        IPv4Network("10.0.9.0/24"),
+        {"sw1": IPv4Address("10.0.9.2")},
+        encrypted=True,
+        mtu=1400,
+    )
+    web1, web2 = IPv4Address("10.255.0.10"), IPv4Address("10.255.0.11")
+    return MeshState(
+        node="sw1",
+        peers={"sw1": a, "sw2": b},
+        networks=(ingress, secret),
+        endpoints=(
+            Endpoint("web.1", "ingress", "sw1", web1, mac_for_ip(web1), netns="t1", ifname="eth0"),
+            Endpoint("web.1", "secret", "sw1", IPv4Address("10.0.9.5"), "02:00:00:00:00:01", "t1"),
+            Endpoint("web.2", "ingress", "sw2", web2, mac_for_ip(web2)),
+        ),
+        services=(
+            Service(
+                "web",
+                "vip",
+                {"ingress": IPv4Address("10.255.0.5"), "secret": IPv4Address("10.0.9.4")},
+                (PortConfig("tcp", 8000, 30000, "http"), PortConfig("udp", 53)),
+                ("web.1", "web.2"),
+                aliases=("www", "site"),
+            ),
+            Service("db", "dnsrr", {}, (PortConfig("tcp", 5432, name="pg"),), ()),
+            Service("idle", "vip", {"ingress": IPv4Address("10.255.0.6")}, (), ()),
+        ),
+        generation=2**63 - 1,
+        dns_upstreams=("192.168.56.1", "9.9.9.9"),
+        encryption=Encryption(
+            (EncryptionKey(7, bytes(range(16))), EncryptionKey(8, bytes(range(32, 64)))), 8
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        every_field(),
+        MeshState(node="n", peers={"n": IPv4Address("192.0.2.1")}),  # every default
+        MeshState(node="n", peers={"n": IPv4Address("192.0.2.1")}, dns_upstreams=()),
+        state_from_dict(base()),
+        state_from_dict({**base(), "encryption": {"keys": [{"tag": 1, "key": "ab" * 16}]}}),
+    ],
+    ids=["every-field", "defaults", "no-upstreams", "base", "one-key"],
+)
+def test_state_to_dict_is_the_inverse_of_state_from_dict(state: MeshState) -> None:
+    doc = state_to_dict(state)
+    assert state_from_dict(doc) == state
+    # as written to the file and read back
+    assert parse_state(json.dumps(doc)) == state
+    assert state_to_dict(state_from_dict(doc)) == doc
+
+
+def test_state_to_dict_leaves_defaults_out() -> None:
+    doc = state_to_dict(state_from_dict(base()))
+    endpoint = doc["endpoints"][1]
+    assert endpoint == {"task": "web.2", "network": "ingress", "node": "sw2", "ip": "10.255.0.11"}
+    assert "aliases" not in doc["services"][0] and "dns_upstreams" not in doc
+    assert "encryption" not in doc and "mtu" not in doc["networks"][0]
+    full = state_to_dict(every_field())
+    assert full["endpoints"][1]["mac"] == "02:00:00:00:00:01"
+    assert full["encryption"]["primary"] == 8 and full["dns_upstreams"] == [
+        "192.168.56.1",
+        "9.9.9.9",
+    ]
+
+
+def test_the_applied_report_round_trips_and_is_absent_until_written(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert read_applied(run_dir) == Applied() and Applied().generation == -1
+    report = Applied(42, {"task web.1.x": "no namespace", "network secret": "no ESP"})
+    write_applied(run_dir, report)
+    assert read_applied(run_dir) == report
+    assert json.loads(applied_path(run_dir).read_text()) == {
+        "generation": 42,
+        "errors": {"task web.1.x": "no namespace", "network secret": "no ESP"},
+    }
+    for garbage in ("{not json", "[]", '{"generation": "x", "errors": {}}', '{"errors": {}}'):
+        applied_path(run_dir).write_text(garbage)
+        assert read_applied(run_dir) == Applied()

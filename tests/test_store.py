@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ async def opened(path: Path, snapshot_every: int = 10_000) -> Store:
     return store
 
 
-def create(name: str) -> object:
+def create(name: str) -> Callable[[Tx], str]:
     def fn(tx: Tx) -> str:
         tx.put(Service(id=name, spec={"Name": name}))
         return name
@@ -36,8 +37,8 @@ def create(name: str) -> object:
 def test_writes_survive_a_restart_and_versions_are_log_indexes(tmp_path: Path) -> None:
     async def run() -> None:
         store = await opened(tmp_path)
-        await store.update(create("a"))  # type: ignore[arg-type]
-        await store.update(create("b"))  # type: ignore[arg-type]
+        await store.update(create("a"))
+        await store.update(create("b"))
         a = store.get(Service, "a")
         # index 1 is the membership, 2 the leader's first (empty) entry
         assert a is not None and a.meta.version == 3 and a.meta.created_at
@@ -79,7 +80,7 @@ def test_watchers_see_changes(tmp_path: Path) -> None:
     async def run() -> None:
         store = await opened(tmp_path)
         q = store.watch()
-        await store.update(create("a"))  # type: ignore[arg-type]
+        await store.update(create("a"))
         await store.update(lambda tx: tx.delete(Service, "a"))
         events = [q.get_nowait(), q.get_nowait()]
         assert [(e.kind, e.action, e.obj.id) for e in events] == [
@@ -95,7 +96,7 @@ def test_a_torn_tail_is_cut_and_a_corrupt_middle_refused(tmp_path: Path) -> None
     async def fill() -> None:
         store = await opened(tmp_path)
         for name in "abcd":
-            await store.update(create(name))  # type: ignore[arg-type]
+            await store.update(create(name))
         await store.log.close()
 
     asyncio.run(fill())
@@ -112,9 +113,9 @@ def test_a_torn_tail_is_cut_and_a_corrupt_middle_refused(tmp_path: Path) -> None
     # the torn record is cut off; "d" survives if its entry was whole (a lone member commits
     # what it has durably logged)
     assert {"a", "b", "c"} <= asyncio.run(reopen()) <= {"a", "b", "c", "d"}
-    raw = bytearray(wal.read_bytes())
-    raw[40] ^= 0xFF  # inside the first record
-    wal.write_bytes(bytes(raw))
+    flipped = bytearray(wal.read_bytes())
+    flipped[40] ^= 0xFF  # inside the first record
+    wal.write_bytes(bytes(flipped))
     with pytest.raises(WalCorrupt, match=r"raft.wal: corrupt record at offset \d+"):
         asyncio.run(reopen())
 
@@ -123,7 +124,7 @@ def test_snapshots_compact_the_log(tmp_path: Path) -> None:
     async def run() -> None:
         store = await opened(tmp_path, snapshot_every=5)
         for i in range(12):
-            await store.update(create(f"s{i}"))  # type: ignore[arg-type]
+            await store.update(create(f"s{i}"))
         await store.log.close()
         assert (tmp_path / "snapshot").exists()
         assert (tmp_path / "raft.wal").stat().st_size < 4000

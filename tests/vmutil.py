@@ -25,6 +25,7 @@ from orchestrator.lab.record import Lab
 vm_suite = [
     pytest.mark.vm,
     pytest.mark.lab,
+    pytest.mark.slow,  # QEMU boots
     pytest.mark.skipif(
         os.environ.get("SHOAL_SKIP_VM") == "1", reason="SHOAL_SKIP_VM=1: VM lab tests skipped"
     ),

@@ -3,6 +3,8 @@
 The dispatcher sends the node's mesh state (docs/mesh-state.md) without local namespaces; the
 agent adds the namespace of each local task whose namespace exists, writes the file atomically,
 and can wait until shoal-mesh reports that generation applied (`<run-dir>/applied`).
+It edits the document as the dispatcher wrote it (`mesh.state.state_to_dict`) rather than
+parsing it into a `MeshState`: it only adds namespaces, and shoal-mesh validates what it reads.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mesh.daemon import read_applied
+from mesh.state import FORMAT_VERSION, read_applied
 
 POLL = 0.05
 KEEP_INDEXES = 64
@@ -26,7 +28,7 @@ class MeshFeed:
         self.state_path = state_path
         self.run_dir = run_dir
         self._view: dict[str, Any] = {
-            "version": 1,
+            "version": FORMAT_VERSION,
             "node": node_id,
             "generation": 0,
             "peers": {node_id: addr},
@@ -77,7 +79,7 @@ class MeshFeed:
     def applied_index(self) -> int:
         """The store index of the newest view shoal-mesh has applied (-1: none known): every
         task that left the load balancers at or before it has left them on this node."""
-        applied, _ = read_applied(self.run_dir)
+        applied = read_applied(self.run_dir).generation
         done = [index for gen, index in self._indexes.items() if gen <= applied]
         return max(done) if done else -1
 
@@ -85,8 +87,8 @@ class MeshFeed:
         """None once shoal-mesh applied the generation without an error about the task."""
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
-            applied, errors = read_applied(self.run_dir)
-            if applied >= generation:
+            applied = read_applied(self.run_dir)
+            if applied.generation >= generation:
                 # errors naming the task, or one of its networks (an encrypted network the
                 # node refuses to attach leaves the task without it)
                 nets = {
@@ -96,7 +98,7 @@ class MeshFeed:
                 }
                 mine = [
                     f"{k}: {v}"
-                    for k, v in errors.items()
+                    for k, v in applied.errors.items()
                     if task_id in k or task_id[:12] in k or k in nets
                 ]
                 return "; ".join(mine) or None

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from mesh.state import applied_path
+
 log = logging.getLogger(__name__)
 
 
@@ -48,7 +50,7 @@ class MeshProcess:
         if proc is None or proc.returncode is not None:
             return
         try:
-            if (self.run_dir / "applied").stat().st_mtime < self._started_at:
+            if applied_path(self.run_dir).stat().st_mtime < self._started_at:
                 return
         except OSError:
             return

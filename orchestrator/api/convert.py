@@ -6,7 +6,7 @@ import copy
 from typing import Any
 
 from orchestrator.manager.spec import task_template_with_defaults, view
-from orchestrator.store.objects import Cluster, Network, Node, Service, Task, TaskState
+from orchestrator.store.objects import Cluster, Network, Node, NodeState, Service, Task, TaskState
 
 SECOND = 1_000_000_000
 EXECUTOR_LABEL = "com.shoal.executor"  # in a node's Description.Engine.Labels
@@ -103,7 +103,7 @@ def service_json(
             if t.state == TaskState.RUNNING
             and t.desired_state == TaskState.RUNNING
             and nodes.get(t.node_id) is not None
-            and nodes[t.node_id].state != "down"
+            and nodes[t.node_id].state != NodeState.DOWN
         )
         desired = (
             v.replicas
@@ -201,29 +201,3 @@ def swarm_json(cluster: Cluster, with_tokens: bool) -> dict[str, Any]:
     if with_tokens:
         out["JoinTokens"] = {"Worker": cluster.worker_token, "Manager": cluster.manager_token}
     return out
-
-
-def default_cluster_spec(requested: dict[str, Any]) -> dict[str, Any]:
-    """Docker's defaults for zero values in a swarm spec."""
-    spec = copy.deepcopy(requested or {})
-    spec["Name"] = spec.get("Name") or "default"
-    spec["Labels"] = spec.get("Labels") or {}
-    orch = spec.setdefault("Orchestration", {}) or {}
-    orch["TaskHistoryRetentionLimit"] = orch.get("TaskHistoryRetentionLimit") or 5
-    spec["Orchestration"] = orch
-    raft = spec.setdefault("Raft", {}) or {}
-    raft["SnapshotInterval"] = raft.get("SnapshotInterval") or 10000
-    raft["KeepOldSnapshots"] = raft.get("KeepOldSnapshots") or 0
-    raft["LogEntriesForSlowFollowers"] = raft.get("LogEntriesForSlowFollowers") or 500
-    raft["ElectionTick"] = raft.get("ElectionTick") or 10
-    raft["HeartbeatTick"] = raft.get("HeartbeatTick") or 1
-    spec["Raft"] = raft
-    disp = spec.setdefault("Dispatcher", {}) or {}
-    disp["HeartbeatPeriod"] = disp.get("HeartbeatPeriod") or 5 * SECOND
-    spec["Dispatcher"] = disp
-    ca = spec.setdefault("CAConfig", {}) or {}
-    ca["NodeCertExpiry"] = ca.get("NodeCertExpiry") or 90 * 24 * 3600 * SECOND
-    spec["CAConfig"] = ca
-    spec.setdefault("TaskDefaults", {})
-    spec["EncryptionConfig"] = spec.get("EncryptionConfig") or {"AutoLockManagers": False}
-    return spec

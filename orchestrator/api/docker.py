@@ -13,7 +13,6 @@ from aiohttp import web
 
 API_VERSION = "1.44"
 MIN_API_VERSION = "1.24"
-ENGINE_VERSION = "28.2.2-shoal"
 
 
 class ApiError(Exception):

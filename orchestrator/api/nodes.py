@@ -9,7 +9,6 @@ from aiohttp import web
 from orchestrator.api.context import manager_or_503
 from orchestrator.api.convert import node_json
 from orchestrator.api.docker import (
-    ENGINE_VERSION,
     ApiError,
     body,
     bool_value,
@@ -17,9 +16,9 @@ from orchestrator.api.docker import (
     json_response,
 )
 from orchestrator.api.resolve import resolve
-from orchestrator.node import DEFAULT_PORT
+from orchestrator.node import DEFAULT_PORT, ENGINE_VERSION
 from orchestrator.store.ids import new_raft_id
-from orchestrator.store.objects import Cluster, Node
+from orchestrator.store.objects import Availability, Cluster, Node, NodeState, Role
 from orchestrator.store.store import Tx
 
 FILTERS = {"id", "label", "membership", "name", "node.label", "role"}
@@ -76,13 +75,19 @@ async def update(request: web.Request) -> web.Response:
     node = await find(request, request.match_info["id"])
     spec = await body(request)
     version = request.query.get("version", "")
-    role = spec.get("Role", node.role)
-    availability = spec.get("Availability", node.availability)
-    if availability not in ("active", "pause", "drain"):
-        raise ApiError(400, f"invalid availability {availability!r}: use active, pause or drain")
-    if role not in ("manager", "worker"):
-        raise ApiError(400, f"invalid role {role!r}: use manager or worker")
-    if role == "worker" and node.role == "manager":
+    given_availability = spec.get("Availability", node.availability)
+    try:
+        availability = Availability(given_availability)
+    except ValueError:
+        raise ApiError(
+            400, f"invalid availability {given_availability!r}: use active, pause or drain"
+        ) from None
+    given_role = spec.get("Role", node.role)
+    try:
+        role = Role(given_role)
+    except ValueError:
+        raise ApiError(400, f"invalid role {given_role!r}: use manager or worker") from None
+    if role == Role.WORKER and node.role == Role.MANAGER:
         await _check_demotion(request, node)
     labels = spec.get("Labels") or {}
     if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
@@ -100,16 +105,16 @@ async def update(request: web.Request) -> web.Response:
             labels=dict(labels),
             name=str(spec.get("Name") or ""),
         )
-        if role == "manager" and current.role != "manager":
+        if role == Role.MANAGER and current.role != Role.MANAGER:
             # a fresh Raft ID every time: a removed member's ID is never reused
             changed = dataclasses.replace(
                 changed,
-                role="manager",
+                role=Role.MANAGER,
                 raft_id=new_raft_id(),
                 manager_addr=current.manager_addr or f"{current.addr}:{DEFAULT_PORT}",
             )
-        elif role == "worker":
-            changed = dataclasses.replace(changed, role="worker")
+        elif role == Role.WORKER:
+            changed = dataclasses.replace(changed, role=Role.WORKER)
         tx.put(changed)
 
     await store.update(fn)
@@ -143,14 +148,14 @@ async def remove(request: web.Request) -> web.Response:
     store = (await manager_or_503(request)).store
     node = await find(request, request.match_info["id"])
     force = bool_value(request.query.get("force"))
-    if node.role == "manager":
+    if node.role == Role.MANAGER:
         raise ApiError(
             400,
             f"rpc error: code = FailedPrecondition desc = node {node.id} is a "
             "cluster manager and is a member of the raft cluster. It must be "
             "demoted to worker before removal",
         )
-    if node.state != "down" and not force:
+    if node.state != NodeState.DOWN and not force:
         raise ApiError(
             400,
             f"rpc error: code = FailedPrecondition desc = node {node.id} is not "

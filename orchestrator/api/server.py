@@ -19,10 +19,9 @@ from aiohttp import web
 
 from orchestrator.api import networks, nodes, services, tasks
 from orchestrator.api.context import API, NO_LEADER, manager_or_503
-from orchestrator.api.convert import default_cluster_spec, swarm_json
+from orchestrator.api.convert import swarm_json
 from orchestrator.api.docker import (
     API_VERSION,
-    ENGINE_VERSION,
     MIN_API_VERSION,
     ApiError,
     body,
@@ -37,9 +36,10 @@ from orchestrator.ca.server import cert_expiry, root_of
 from orchestrator.ca.tokens import JoinToken, UnlockKey
 from orchestrator.manager import netkeys
 from orchestrator.manager.autolock import autolocked
-from orchestrator.node import DEFAULT_PORT, NodeRuntime, SwarmError
+from orchestrator.manager.spec import default_cluster_spec
+from orchestrator.node import DEFAULT_PORT, ENGINE_VERSION, NodeRuntime, SwarmError
 from orchestrator.store.log import NotLeader
-from orchestrator.store.objects import Cluster, Node
+from orchestrator.store.objects import Cluster, Node, Role
 from orchestrator.store.store import Tx
 
 log = logging.getLogger(__name__)
@@ -143,9 +143,11 @@ async def info(request: web.Request) -> web.Response:
             all_nodes = store.list(Node)
             cluster = next(iter(store.list(Cluster)), None)
             swarm["Nodes"] = len(all_nodes)
-            swarm["Managers"] = sum(1 for n in all_nodes if n.role == "manager")
+            swarm["Managers"] = sum(1 for n in all_nodes if n.role == Role.MANAGER)
             swarm["RemoteManagers"] = [
-                {"NodeID": n.id, "Addr": n.manager_addr} for n in all_nodes if n.role == "manager"
+                {"NodeID": n.id, "Addr": n.manager_addr}
+                for n in all_nodes
+                if n.role == Role.MANAGER
             ]
             if cluster is not None:
                 swarm["Cluster"] = swarm_json(cluster, with_tokens=False)

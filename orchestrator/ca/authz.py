@@ -28,8 +28,9 @@ from typing import Any, TypeVar, cast
 import grpc
 from grpc import aio
 
-from orchestrator.ca.pki import Identity, Role
+from orchestrator.ca.pki import Identity
 from orchestrator.ca.tls import peer_identity
+from orchestrator.store.objects import Role
 
 log = logging.getLogger(__name__)
 

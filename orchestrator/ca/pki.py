@@ -16,7 +16,6 @@ them:
 
 from __future__ import annotations
 
-import enum
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from orchestrator.store.objects import Role
 
 ROOT_CN = "swarm-ca"
 # swarmkit RootCAExpiration = "630720000s": 20 years of 365 days.
@@ -50,22 +51,16 @@ class PKIError(Exception):
     """A certificate, key or CSR is unusable; the message says which and why."""
 
 
-class Role(enum.StrEnum):
-    """A node's role as the store spells it; `ou` is how its certificate spells it."""
+def role_ou(role: Role) -> str:
+    """How a certificate spells a node's role (its OU)."""
+    return f"swarm-{role.value}"
 
-    MANAGER = "manager"
-    WORKER = "worker"
 
-    @property
-    def ou(self) -> str:
-        return f"swarm-{self.value}"
-
-    @classmethod
-    def from_ou(cls, ou: str) -> Role:
-        for role in cls:
-            if role.ou == ou:
-                return role
-        raise PKIError(f"unknown role {ou!r} in certificate (want swarm-manager or swarm-worker)")
+def role_from_ou(ou: str) -> Role:
+    for role in Role:
+        if role_ou(role) == ou:
+            return role
+    raise PKIError(f"unknown role {ou!r} in certificate (want swarm-manager or swarm-worker)")
 
 
 # ---- PEM helpers ---------------------------------------------------------------------------
@@ -179,7 +174,7 @@ class Identity:
 
         return cls(
             node_id=one(NameOID.COMMON_NAME, "CN (node ID)"),
-            role=Role.from_ou(one(NameOID.ORGANIZATIONAL_UNIT_NAME, "OU (role)")),
+            role=role_from_ou(one(NameOID.ORGANIZATIONAL_UNIT_NAME, "OU (role)")),
             cluster_id=one(NameOID.ORGANIZATION_NAME, "O (cluster ID)"),
             serial=cert.serial_number,
             not_before=cert.not_valid_before_utc,
@@ -263,14 +258,14 @@ class Issuer:
         assert isinstance(public_key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey)
         lifetime = self.expiry if expiry is None else expiry
         start = _now(now)
-        sans = [role.ou, node_id] + ([CA_SAN] if role is Role.MANAGER else [])
+        sans = [role_ou(role), node_id] + ([CA_SAN] if role is Role.MANAGER else [])
         leaf = (
             x509.CertificateBuilder()
             .subject_name(
                 x509.Name(
                     [
                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, cluster_id),
-                        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role.ou),
+                        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role_ou(role)),
                         x509.NameAttribute(NameOID.COMMON_NAME, node_id),
                     ]
                 )

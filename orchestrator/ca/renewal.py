@@ -17,7 +17,8 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from orchestrator.ca.pki import Identity, Role
+from orchestrator.ca.pki import Identity
+from orchestrator.store.objects import Role
 
 LOWER = 0.5
 UPPER = 0.8

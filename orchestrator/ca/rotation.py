@@ -21,7 +21,7 @@ from orchestrator.ca.pki import RootCA, RootRotation
 from orchestrator.ca.server import issuing_root_digest, root_of
 from orchestrator.ca.tokens import JoinToken
 from orchestrator.store.log import NotLeader
-from orchestrator.store.objects import Cluster, Node
+from orchestrator.store.objects import Cluster, Node, NodeState
 from orchestrator.store.store import Store, Tx
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def finish_if_done(tx: Tx) -> bool:
     if cluster is None or not cluster.ca_rotation:
         return False
     new = issuing_root_digest(cluster)
-    waiting = [n.id for n in tx.list(Node) if n.state != "down" and n.cert_root != new]
+    waiting = [n.id for n in tx.list(Node) if n.state != NodeState.DOWN and n.cert_root != new]
     if waiting:
         return False
     root = RootCA.from_pem(

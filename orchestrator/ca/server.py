@@ -29,7 +29,6 @@ from orchestrator.ca.pki import (
     Identity,
     Issuer,
     PKIError,
-    Role,
     RootCA,
     RootRotation,
     check_expiry,
@@ -39,7 +38,7 @@ from orchestrator.ca.tokens import TokenError, role_for_token
 from orchestrator.images import reference
 from orchestrator.rpc.jsonrpc import Context, Message, service
 from orchestrator.store.ids import new_id, new_raft_id
-from orchestrator.store.objects import Cluster, Node
+from orchestrator.store.objects import Cluster, Node, NodeState, Role
 from orchestrator.store.store import Store, Tx
 
 log = logging.getLogger(__name__)
@@ -153,7 +152,7 @@ class CAService:
         else:
             node = await self._renewing(caller, ctx)
             reply = {"node_id": node.id, "cluster_id": cluster.id, "role": node.role}
-        role = Role.MANAGER if node.role == "manager" else Role.WORKER
+        role = Role(node.role)
         try:
             chain = issuer_of(cluster).sign_csr(
                 csr, node_id=node.id, role=role, cluster_id=cluster.id
@@ -206,10 +205,10 @@ class CAService:
         manager = role is Role.MANAGER
         node = Node(
             id=new_id(),
-            role="manager" if manager else "worker",
+            role=role,
             hostname=str(desc.get("hostname", "")),
             addr=str(req.get("addr", "")),
-            state="unknown",
+            state=NodeState.UNKNOWN,
             engine_version=str(desc.get("engine_version", "")),
             manager_addr=listen if manager else "",
             raft_id=new_raft_id() if manager else 0,
@@ -233,7 +232,9 @@ class CAService:
 
     def _manager_addrs(self) -> list[str]:
         return sorted(
-            n.manager_addr for n in self.store.list(Node) if n.role == "manager" and n.manager_addr
+            n.manager_addr
+            for n in self.store.list(Node)
+            if n.role == Role.MANAGER and n.manager_addr
         )
 
 

@@ -39,18 +39,19 @@ from orchestrator.ca.pki import (
     CA_SAN,
     Identity,
     PKIError,
-    Role,
     RootCA,
     certs_from_pem,
     key_from_pem,
+    role_ou,
     verify_chain,
 )
 from orchestrator.ca.tokens import JoinToken
+from orchestrator.store.objects import Role
 
 # Clients check the server's certificate against a name, not its address (managers are dialled
 # by IP, which no certificate names): "swarm-manager" is in every manager's certificate and in
 # no worker's, so a worker cannot pose as a manager (swarmkit dials ServerName ManagerRole).
-MANAGER_NAME = Role.MANAGER.ou
+MANAGER_NAME = role_ou(Role.MANAGER)
 CA_NAME = CA_SAN
 JOIN_PORT_OFFSET = 1
 ChannelOptions = Sequence[tuple[str, Any]]

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 
-from orchestrator.ca.pki import PKIError, Role, RootCA, certs_from_pem, root_digest
+from orchestrator.ca.pki import PKIError, RootCA, certs_from_pem, root_digest
+from orchestrator.store.objects import Role
 
 JOIN_TOKEN_PREFIX = "SWMTKN-1-"
 DIGEST_LEN = 50  # ceil(log36(2**256))

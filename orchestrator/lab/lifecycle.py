@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any
 import docker
 
 from orchestrator.lab import daemons, engines
-from orchestrator.lab.lab import exec_argv
+from orchestrator.lab.lab import exec_argv, load
 from orchestrator.lab.loadgen import Loop, Result
 from orchestrator.lab.record import Lab
 
@@ -55,19 +56,47 @@ class LifecycleError(AssertionError):
     """A command or a wait of the scenario failed; the message says which and what it printed."""
 
 
-def docker_cli(lab: Lab, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """The docker CLI inside sw1 (a manager), talking to its shoald."""
-    env = dict(os.environ, DOCKER_HOST=daemons.docker_host(lab, "sw1"))
+def in_node(
+    lab: Lab, node: str, argv: list[str], check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """A command inside a node, talking to its shoald (DOCKER_HOST)."""
+    env = dict(os.environ, DOCKER_HOST=daemons.docker_host(lab, node))
     out = subprocess.run(
-        exec_argv(lab, "sw1", [DOCKER, *args]),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
+        exec_argv(lab, node, argv), capture_output=True, text=True, env=env, timeout=600
     )
     if check and out.returncode != 0:
-        raise LifecycleError(f"docker {' '.join(args)}: {out.stdout}{out.stderr}")
+        raise LifecycleError(f"{' '.join(argv)} in {node}: {out.stdout}{out.stderr}")
     return out
+
+
+def docker_cli(lab: Lab, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """The docker CLI inside sw1 (a manager), talking to its shoald."""
+    return in_node(lab, "sw1", [DOCKER, *args], check=check)
+
+
+def swarm(lab: Lab) -> Lab:
+    """shoald on every node, sw1 the manager, the others workers; the lab's fresh record."""
+    daemons.start_all(lab)
+    shoal = [sys.executable, "-m", "orchestrator.cli.main"]
+    listen = f"{lab.node('sw1').address}:2377"
+    in_node(lab, "sw1", [*shoal, "swarm", "init", "--listen-addr", listen,
+                         "--dispatcher-heartbeat", "1"])  # fmt: skip
+    token = in_node(lab, "sw1", [*shoal, "swarm", "join-token", "-q", "worker"]).stdout.strip()
+    for node in lab.nodes[1:]:
+        in_node(lab, node.name, [*shoal, "swarm", "join", "--token", token, listen])
+    record = load(lab.name)
+    if record is None:
+        raise LifecycleError(f"lab {lab.name} is gone")
+    cluster = Cluster(record)
+    try:
+        wait_for(lambda: len(cluster.sdk.nodes.list()) == len(lab.nodes), "every node to join")
+        wait_for(
+            lambda: all(n.attrs["Status"]["State"] == "ready" for n in cluster.sdk.nodes.list()),
+            "every node to be ready",
+        )
+    finally:
+        cluster.close()
+    return record
 
 
 def wait_for(cond: Callable[[], bool], what: str, within: float = 120.0) -> float:
@@ -204,7 +233,7 @@ class Traffic:
             "VIP, keep-alive": Loop(client_ns, vip, WEB_PORT, rate, True),
         }
 
-    def run(self, operation: Callable[[], None], settle: Callable[[], bool]) -> Outcome:
+    def run(self, operation: Callable[[], object], settle: Callable[[], bool]) -> Outcome:
         """Traffic for a second before, during the operation until `settle` holds, and for a
         second after: every request of it is counted."""
         for loop in self.loops.values():

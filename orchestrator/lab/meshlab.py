@@ -24,8 +24,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mesh.daemon import read_applied
 from mesh.netns import run_in_netns
+from mesh.state import applied_path, read_applied
 from orchestrator.lab.lab import backend
 from orchestrator.lab.record import Lab, LabError, add_process
 
@@ -229,7 +229,7 @@ class MeshLab:
             *extra,
         ]
         # what a previous daemon applied is not what this one has
-        (self.run_dir / f"run-{node}" / "applied").unlink(missing_ok=True)
+        applied_path(self.run_dir / f"run-{node}").unlink(missing_ok=True)
         with open(self.run_dir / f"mesh-{node}.log", "ab") as log:
             self.daemons[node] = subprocess.Popen(
                 self.backend.exec_argv(self.lab, node, argv),
@@ -292,7 +292,7 @@ class MeshLab:
                         f"shoal-mesh on {node} exited with {proc.returncode}; see "
                         f"{self.run_dir / f'mesh-{node}.log'}"
                     )
-                if read_applied(self.run_dir / f"run-{node}")[0] >= want:
+                if read_applied(self.run_dir / f"run-{node}").generation >= want:
                     pending.discard(node)
             if pending and time.monotonic() > deadline:
                 raise LabError(

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from mesh.state import state_to_dict
 from orchestrator.ca.server import described, issuing_root_digest
 from orchestrator.ca.tls import peer_identity
 from orchestrator.manager import netkeys
@@ -34,7 +35,16 @@ from orchestrator.manager.meshview import mesh_state
 from orchestrator.manager.orchestrator.tasks import task_name
 from orchestrator.rpc.jsonrpc import Context, Message, service
 from orchestrator.store.ids import new_id, now_rfc3339
-from orchestrator.store.objects import Cluster, Network, Node, Service, Task, TaskState
+from orchestrator.store.objects import (
+    Cluster,
+    Network,
+    Node,
+    NodeState,
+    Role,
+    Service,
+    Task,
+    TaskState,
+)
 from orchestrator.store.store import Store, Tx
 
 log = logging.getLogger(__name__)
@@ -137,7 +147,9 @@ class Dispatcher:
 
     def manager_addrs(self) -> list[str]:
         return sorted(
-            n.manager_addr for n in self.store.list(Node) if n.role == "manager" and n.manager_addr
+            n.manager_addr
+            for n in self.store.list(Node)
+            if n.role == Role.MANAGER and n.manager_addr
         )
 
     async def list_managers(self, req: Message, ctx: Context) -> Message:
@@ -165,7 +177,7 @@ class Dispatcher:
                 tx.put(
                     dataclasses.replace(
                         current,
-                        state="ready",
+                        state=NodeState.READY,
                         message="",
                         addr=str(req.get("addr") or current.addr),
                         hostname=str(desc.get("hostname") or current.hostname),
@@ -212,7 +224,7 @@ class Dispatcher:
         auths = {s.id: s.registry_auth for s in services if s.registry_auth}
         mine = []
         retained = []  # its tasks with nothing left to do, whose remains (logs) it keeps
-        meshes = [n.id for n in nodes if n.state == "ready" and n.id in self._sessions]
+        meshes = [n.id for n in nodes if n.state == NodeState.READY and n.id in self._sessions]
         for t in tasks:
             if t.node_id != node_id or t.state < TaskState.ASSIGNED:
                 continue
@@ -241,15 +253,17 @@ class Dispatcher:
         out: Message = {
             "tasks": sorted(mine, key=lambda m: m["id"]),
             "retained": sorted(retained),
-            "mesh": mesh_state(
-                node_id, nodes, services, tasks, networks, generation, netkeys.for_mesh(cluster)
+            "mesh": state_to_dict(
+                mesh_state(
+                    node_id, nodes, services, tasks, networks, generation, netkeys.for_mesh(cluster)
+                )
             ),
-            "role": me.role if me is not None else "worker",
+            "role": me.role if me is not None else Role.WORKER,
         }
         if cluster is not None and cluster.root_ca_cert:
             out["trust"] = cluster.root_ca_cert
             out["cert_root"] = issuing_root_digest(cluster)
-        if me is not None and me.role == "manager":
+        if me is not None and me.role == Role.MANAGER:
             out["raft_id"] = me.raft_id
             out["raft_members"] = {str(k): v for k, v in self.managers.raft_members().items()}
         return out
@@ -302,7 +316,7 @@ class Dispatcher:
         # A node whose executor cannot run tasks (its container engine is gone) is down until
         # it can: the managers place its tasks elsewhere.
         trouble = str(req.get("executor_error") or "")[:1024]
-        state, message = ("down", trouble) if trouble else ("ready", "")
+        state, message = (NodeState.DOWN, trouble) if trouble else (NodeState.READY, "")
         if (
             node is not None
             and node_id in self._sessions
@@ -318,7 +332,7 @@ class Dispatcher:
         return {"period": heartbeat_period(self.store)}
 
     @staticmethod
-    def _mark(tx: Tx, node_id: str, state: str, message: str) -> None:
+    def _mark(tx: Tx, node_id: str, state: NodeState, message: str) -> None:
         node = tx.get(Node, node_id)
         if node is not None and (node.state, node.message) != (state, message):
             tx.put(dataclasses.replace(node, state=state, message=message))
@@ -331,14 +345,14 @@ class Dispatcher:
             late = []
             for node in self.store.list(Node):
                 last = self._beats.get(node.id, self._started)
-                if node.state != "down" and now - last > period * MISSED_BEATS:
+                if node.state != NodeState.DOWN and now - last > period * MISSED_BEATS:
                     late.append(node.id)
             if late:
                 log.warning("nodes %s missed %d heartbeats: down", late, MISSED_BEATS)
 
                 def down(tx: Tx, late: list[str] = late) -> None:
                     for nid in late:
-                        self._mark(tx, nid, "down", "heartbeat failure")
+                        self._mark(tx, nid, NodeState.DOWN, "heartbeat failure")
 
                 await self.store.update(down, self.term)
 

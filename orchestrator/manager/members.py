@@ -17,7 +17,7 @@ import logging
 from orchestrator.background import BackgroundLoop
 from orchestrator.raft.node import RaftNode
 from orchestrator.store.log import NotLeader
-from orchestrator.store.objects import Node
+from orchestrator.store.objects import Node, Role
 from orchestrator.store.store import Store
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class RaftMembers(BackgroundLoop):
         return {
             n.raft_id: n.manager_addr
             for n in self.store.list(Node)
-            if n.role == "manager" and n.raft_id and n.manager_addr
+            if n.role == Role.MANAGER and n.raft_id and n.manager_addr
         }
 
     async def reconcile(self) -> str | None:

@@ -74,11 +74,9 @@ def rotated(cluster: Cluster, now: datetime) -> Cluster:
     )
 
 
-def for_mesh(cluster: Cluster | None) -> dict[str, Any] | None:
+def for_mesh(cluster: Cluster | None) -> Encryption | None:
     """The keyring as a node's mesh state holds it (docs/mesh-state.md, `encryption`)."""
-    if cluster is None or keyring(cluster) is None:
-        return None
-    return {"keys": cluster.network_keys["keys"], "primary": cluster.network_keys["primary"]}
+    return keyring(cluster) if cluster is not None else None
 
 
 def rotate_if_due(tx: Tx) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from orchestrator.store.objects import Node, Service, Task, TaskState
+from orchestrator.store.objects import Node, NodeState, Service, Task, TaskState
 from orchestrator.store.store import Tx
 
 DEFAULT_HISTORY = 5
@@ -21,7 +21,9 @@ def reap(tx: Tx, history_limit: int = DEFAULT_HISTORY) -> int:
     deleted = 0
     groups: dict[tuple[str, int | str], list[Task]] = defaultdict(list)
     for t in tx.list(Task):
-        gone_node = not t.node_id or t.node_id not in nodes or nodes[t.node_id].state == "down"
+        gone_node = (
+            not t.node_id or t.node_id not in nodes or nodes[t.node_id].state == NodeState.DOWN
+        )
         stopped = t.state.terminal or gone_node or t.state < TaskState.ASSIGNED
         if (t.service_id not in services or t.desired_state == TaskState.REMOVE) and stopped:
             tx.delete(Task, t.id)

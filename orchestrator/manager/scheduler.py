@@ -15,14 +15,14 @@ from collections import Counter
 from orchestrator.images import reference
 from orchestrator.manager.spec import Constraint, Resources, reservations_of, view
 from orchestrator.store.ids import now_rfc3339
-from orchestrator.store.objects import Node, Service, Task, TaskState
+from orchestrator.store.objects import Availability, Node, NodeState, Service, Task, TaskState
 from orchestrator.store.store import Tx
 
 LISTED_IMAGES = 8  # of a native node's images, in a pending task's error
 
 
 def eligible(node: Node) -> bool:
-    return node.state == "ready" and node.availability == "active"
+    return node.state == NodeState.READY and node.availability == Availability.ACTIVE
 
 
 def satisfies(node: Node, constraints: tuple[Constraint, ...]) -> bool:

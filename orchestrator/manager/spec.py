@@ -841,3 +841,29 @@ def normalize_network_spec(spec: Any) -> tuple[dict[str, Any], ipaddress.IPv4Net
             "Configs": [{"Subnet": str(subnet)}],
         }
     return stored, subnet
+
+
+def default_cluster_spec(requested: dict[str, Any]) -> dict[str, Any]:
+    """Docker's defaults for zero values in a swarm spec."""
+    spec = copy.deepcopy(requested or {})
+    spec["Name"] = spec.get("Name") or "default"
+    spec["Labels"] = spec.get("Labels") or {}
+    orch = spec.setdefault("Orchestration", {}) or {}
+    orch["TaskHistoryRetentionLimit"] = orch.get("TaskHistoryRetentionLimit") or 5
+    spec["Orchestration"] = orch
+    raft = spec.setdefault("Raft", {}) or {}
+    raft["SnapshotInterval"] = raft.get("SnapshotInterval") or 10000
+    raft["KeepOldSnapshots"] = raft.get("KeepOldSnapshots") or 0
+    raft["LogEntriesForSlowFollowers"] = raft.get("LogEntriesForSlowFollowers") or 500
+    raft["ElectionTick"] = raft.get("ElectionTick") or 10
+    raft["HeartbeatTick"] = raft.get("HeartbeatTick") or 1
+    spec["Raft"] = raft
+    disp = spec.setdefault("Dispatcher", {}) or {}
+    disp["HeartbeatPeriod"] = disp.get("HeartbeatPeriod") or 5 * SECOND
+    spec["Dispatcher"] = disp
+    ca = spec.setdefault("CAConfig", {}) or {}
+    ca["NodeCertExpiry"] = ca.get("NodeCertExpiry") or 90 * 24 * 3600 * SECOND
+    spec["CAConfig"] = ca
+    spec.setdefault("TaskDefaults", {})
+    spec["EncryptionConfig"] = spec.get("EncryptionConfig") or {"AutoLockManagers": False}
+    return spec

@@ -50,6 +50,30 @@ class TaskState(enum.IntEnum):
         return cls[text.upper()]
 
 
+class Role(enum.StrEnum):
+    """A node's role. StrEnums here keep the strings the store and the API have always held."""
+
+    MANAGER = "manager"
+    WORKER = "worker"
+
+
+class Availability(enum.StrEnum):
+    """Whether a node takes tasks (Docker's NodeSpec.Availability)."""
+
+    ACTIVE = "active"
+    PAUSE = "pause"  # keeps its tasks, gets no new ones
+    DRAIN = "drain"  # its tasks move elsewhere
+
+
+class NodeState(enum.StrEnum):
+    """A node's status, as its session and heartbeats tell the dispatcher."""
+
+    UNKNOWN = "unknown"
+    DOWN = "down"
+    READY = "ready"
+    DISCONNECTED = "disconnected"
+
+
 @dataclass
 class Meta:
     version: int = 0  # the log index of the last write (Version.Index)
@@ -62,8 +86,8 @@ class Node:
     KIND: ClassVar[str] = "node"
     id: str
     meta: Meta = field(default_factory=Meta)
-    role: str = "worker"  # desired role: manager | worker
-    availability: str = "active"  # active | pause | drain
+    role: Role = Role.WORKER  # desired role
+    availability: Availability = Availability.ACTIVE
     labels: dict[str, str] = field(default_factory=dict)
     name: str = ""  # Spec.Name
     hostname: str = ""
@@ -75,7 +99,7 @@ class Node:
     memory_bytes: int = 0
     executor: str = ""  # container | native | "" (unknown: a node from before executors)
     images: list[str] = field(default_factory=list)  # repositories it runs; empty: any
-    state: str = "unknown"  # unknown | down | ready | disconnected
+    state: NodeState = NodeState.UNKNOWN
     message: str = ""
     manager_addr: str = ""  # ip:port of its manager listener, for managers
     cert_root: str = ""  # hex digest of the root its certificate chains to (root rotation)

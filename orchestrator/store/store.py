@@ -18,7 +18,7 @@ import logging
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from orchestrator.store.ids import now_rfc3339
 from orchestrator.store.log import ReplicatedLog
@@ -26,8 +26,19 @@ from orchestrator.store.objects import KINDS, Meta, Object, decode, encode
 
 log = logging.getLogger("shoal.store")
 
-T = TypeVar("T")
 MAX_RETRIES = 20
+
+
+class Stored(Protocol):
+    """What the store keeps: objects of a kind, by ID, with the version of their last write."""
+
+    KIND: ClassVar[str]
+    id: str
+    meta: Meta
+
+
+T = TypeVar("T", bound=Stored)  # a kind of object
+R = TypeVar("R")  # what a transaction returns
 
 
 class Conflict(RuntimeError):
@@ -52,17 +63,19 @@ class Tx:
         self._writes: dict[tuple[str, str], Object | None] = {}
 
     def get(self, cls: type[T], obj_id: str) -> T | None:
-        key = (cls.KIND, obj_id)  # type: ignore[attr-defined]
+        key = (cls.KIND, obj_id)
         if key in self._writes:
             staged = self._writes[key]
-            return staged  # type: ignore[return-value]
+            # always true (the key holds the kind); it tells the type checker so
+            if staged is None or isinstance(staged, cls):
+                return staged
         obj = self._store.get(cls, obj_id)
-        self._reads[key] = obj.meta.version if obj is not None else 0  # type: ignore[attr-defined]
+        self._reads[key] = obj.meta.version if obj is not None else 0
         return obj
 
     def list(self, cls: type[T]) -> list[T]:
         """Every object of a kind (staged writes included). Not tracked as a read."""
-        kind = cls.KIND  # type: ignore[attr-defined]
+        kind = cls.KIND
         out: dict[str, Any] = dict(self._store._objects[kind])
         for (k, obj_id), obj in self._writes.items():
             if k == kind:
@@ -80,7 +93,7 @@ class Tx:
             self._reads[key] = obj.meta.version if current is not None else 0
         self._writes[key] = obj
 
-    def delete(self, cls: type[Any], obj_id: str) -> None:
+    def delete(self, cls: type[Stored], obj_id: str) -> None:
         key = (cls.KIND, obj_id)
         if key not in self._reads and key not in self._writes:
             current = self._store.get(cls, obj_id)
@@ -116,18 +129,18 @@ class Store:
     # ---- reads --------------------------------------------------------------------------
 
     def get(self, cls: type[T], obj_id: str) -> T | None:
-        obj: T | None = self._objects[cls.KIND].get(obj_id)  # type: ignore[attr-defined]
+        obj: T | None = self._objects[cls.KIND].get(obj_id)
         return obj
 
     def list(self, cls: type[T]) -> list[T]:
-        return list(self._objects[cls.KIND].values())  # type: ignore[attr-defined]
+        return list(self._objects[cls.KIND].values())
 
     def find(self, cls: type[T], pred: Callable[[T], bool]) -> Iterator[T]:
-        return (o for o in self._objects[cls.KIND].values() if pred(o))  # type: ignore[attr-defined]
+        return (o for o in self._objects[cls.KIND].values() if pred(o))
 
     # ---- writes -------------------------------------------------------------------------
 
-    async def update(self, fn: Callable[[Tx], T], term: int | None = None) -> T:
+    async def update(self, fn: Callable[[Tx], R], term: int | None = None) -> R:
         """Run fn in a transaction and commit it; fn is re-run on conflicts.
 
         fn must only read through the Tx and stage writes; whatever it returns is returned

@@ -7,7 +7,7 @@ import dataclasses
 
 from orchestrator.manager.spec import same_task_template
 from orchestrator.store.ids import new_id, now_rfc3339
-from orchestrator.store.objects import Node, Service, Task, TaskState
+from orchestrator.store.objects import Availability, Node, NodeState, Service, Task, TaskState
 
 
 def new_task(svc: Service, slot: int, node_id: str = "") -> Task:
@@ -41,7 +41,11 @@ def dirty(svc: Service, task: Task) -> bool:
 
 def node_usable(node: Node | None) -> bool:
     """A node that may keep running tasks: known, not down, not drained."""
-    return node is not None and node.state != "down" and node.availability != "drain"
+    return (
+        node is not None
+        and node.state != NodeState.DOWN
+        and node.availability != Availability.DRAIN
+    )
 
 
 def stop(task: Task, desired: TaskState = TaskState.SHUTDOWN, message: str = "") -> Task:
