@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any
 
+from orchestrator.manager.allocator import AddressBook, allocate_service
 from orchestrator.manager.orchestrator import replicated
 from orchestrator.manager.orchestrator.restart import RestartTracker
 from orchestrator.manager.orchestrator.update import UpdateTracker, roll_back
@@ -60,7 +61,7 @@ class Harness:
     def live(self) -> list[Task]:
         return [t for t in self.tasks() if t.desired_state <= TaskState.RUNNING]
 
-    async def settle(self, fail: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    async def settle(self, fail: Collection[str] = frozenset()) -> None:
         """Every task wanted running runs (those in `fail` fail instead); every task wanted
         stopped stops: what the agents would report."""
 
@@ -282,3 +283,85 @@ def test_a_config_without_parallelism_updates_every_slot_at_once(tmp_path: Path)
         assert len([t for t in h.live() if h.image(t) == "micro:2"]) == 4
 
     run(body, tmp_path, UpdateConfig={"Delay": SECOND})
+
+
+def _update_with_ports(h: Harness, image: str, published: int) -> Callable[[Tx], None]:
+    """A `service update` of the image and the published port, allocated as the API does."""
+
+    def fn(tx: Tx) -> None:
+        svc = tx.get(Service, h.id)
+        assert svc is not None
+        new = normalize_service_spec(
+            {
+                **svc.spec,
+                "TaskTemplate": {**svc.spec["TaskTemplate"], "ContainerSpec": {"Image": image}},
+                "EndpointSpec": {"Ports": [{"TargetPort": 8000, "PublishedPort": published}]},
+            }
+        )
+        updated = dataclasses.replace(
+            svc,
+            spec=new,
+            previous_spec=svc.spec,
+            spec_version=svc.spec_version + 1,
+            update_status=None,
+        )
+        tx.put(allocate_service(tx, updated, AddressBook(tx)))
+
+    return fn
+
+
+def published(svc: Service) -> list[int]:
+    return [int(p["PublishedPort"]) for p in svc.ports]
+
+
+ROLLBACK_ON_FAILURE: dict[str, Any] = {
+    "UpdateConfig": {"Parallelism": 1, "FailureAction": "rollback"},
+    "EndpointSpec": {"Ports": [{"TargetPort": 8000, "PublishedPort": 30800}]},
+}
+
+
+def test_an_automatic_rollback_publishes_the_previous_ports_again(tmp_path: Path) -> None:
+    """The rollback gives back the previous spec's allocation too (Endpoint.Ports: what the
+    routing mesh publishes), not only its EndpointSpec."""
+
+    async def body(h: Harness) -> None:
+        assert published(h.svc) == [30800]
+        await h.store.update(_update_with_ports(h, "broken", 30801))
+        assert published(h.svc) == [30801]
+        await h.step()
+        [bad] = [t for t in h.live() if h.image(t) == "broken"]
+        await h.settle(fail={bad.id})
+        await h.step()
+        assert h.status()["State"] == "rollback_started"
+        assert h.svc.spec["EndpointSpec"]["Ports"][0]["PublishedPort"] == 30800
+        assert published(h.svc) == [30800]
+
+    run(body, tmp_path, **ROLLBACK_ON_FAILURE)
+
+
+def test_a_rollback_whose_ports_were_taken_meanwhile_pauses_saying_why(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        await h.store.update(_update_with_ports(h, "broken", 30801))
+        other = await create(
+            h.store,
+            {
+                **spec("other", 1),
+                "EndpointSpec": {"Ports": [{"TargetPort": 80, "PublishedPort": 30800}]},
+            },
+        )
+        await h.step()
+        [bad] = [t for t in h.live() if h.image(t) == "broken"]
+        await h.settle(fail={bad.id})
+        await h.step()
+        status = h.status()
+        assert status["State"] == "paused"
+        assert status["Message"] == (
+            f"update paused due to failure or early termination of task {bad.id}; it cannot be "
+            f"rolled back: port '30800' is already in use by service 'other' ({other.id}) as an "
+            "ingress port"
+        )
+        # the spec and its ports stay as they were
+        assert h.svc.spec["EndpointSpec"]["Ports"][0]["PublishedPort"] == 30801
+        assert published(h.svc) == [30801]
+
+    run(body, tmp_path, **ROLLBACK_ON_FAILURE)

@@ -181,7 +181,13 @@ async def update(request: web.Request) -> web.Response:
                     "rpc error: code = FailedPrecondition desc = service "
                     f"{current.id} does not have a previous spec",
                 )
-            tx.put(updater.roll_back(current, "manually requested rollback", manual=True))
+            rolled = updater.roll_back(current, "manually requested rollback", manual=True)
+            try:
+                # the previous spec's published ports and networks come back with it
+                rolled = allocate_service(tx, rolled, AddressBook(tx))
+            except AllocationError as e:
+                raise ApiError(400, f"rpc error: code = InvalidArgument desc = {e}") from None
+            tx.put(rolled)
             return
         _name_taken(tx, spec["Name"], current.id)
         changed = not same_task_template(

@@ -49,8 +49,17 @@ class _Closed(Exception):
 
 
 class Loop:
-    def __init__(self, netns: str | None, host: str, port: int, rate: float, keepalive: bool):
+    def __init__(
+        self,
+        netns: str | None,
+        host: str,
+        port: int,
+        rate: float,
+        keepalive: bool,
+        timeout: float = TIMEOUT,
+    ):
         self.netns, self.host, self.port = netns, host, port
+        self.timeout = timeout  # for connecting, and for each answer
         self.interval = 1.0 / rate
         self.keepalive = keepalive
         self.result = Result()
@@ -64,7 +73,7 @@ class Loop:
 
     def stop(self) -> Result:
         self._stop.set()
-        self._thread.join(TIMEOUT * 3)
+        self._thread.join(self.timeout * 3)
         return self.result
 
     def _run(self) -> None:
@@ -106,7 +115,7 @@ class Loop:
 
     def _connect(self) -> socket.socket:
         try:
-            return socket.create_connection((self.host, self.port), timeout=TIMEOUT)
+            return socket.create_connection((self.host, self.port), timeout=self.timeout)
         except OSError as e:
             raise (
                 type(e)(e.errno, f"connecting: {e.strerror or e}")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from orchestrator.manager.allocator import AddressBook, AllocationError, allocate_service
 from orchestrator.manager.orchestrator.tasks import dirty, new_task, stop
 from orchestrator.manager.spec import UpdatePolicy, rollback_policy, update_policy
 from orchestrator.store.ids import now_rfc3339
@@ -226,7 +227,14 @@ def _start_slot(tx: Tx, svc: Service, slot: Slot, upd: _Update, policy: UpdatePo
 def _fail(tx: Tx, svc: Service, task_id: str, policy: UpdatePolicy, rolling_back: bool) -> None:
     if policy.failure_action == "rollback" and not rolling_back and svc.previous_spec:
         message = f"update rolled back due to failure or early termination of task {task_id}"
-        tx.put(roll_back(svc, message, manual=False))
+        try:
+            # the previous spec's published ports and networks come back with it
+            rolled = allocate_service(tx, roll_back(svc, message, manual=False), AddressBook(tx))
+        except AllocationError as e:
+            message = f"update paused due to failure or early termination of task {task_id}"
+            tx.put(with_status(svc, PAUSED, f"{message}; it cannot be rolled back: {e}"))
+            return
+        tx.put(rolled)
         return
     if rolling_back:
         message = f"rollback paused due to failure or early termination of task {task_id}"
