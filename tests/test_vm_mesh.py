@@ -98,6 +98,7 @@ class TestRoutingMeshOnVms(RoutingMesh):
     settle = 1.0
     watch = 3.0
     min_after = 30
+    udp_flows_stay_while_ending = False  # mesh/lb/ipvs.py: a UDP destination goes at once
 
 
 # ---- IPVS ----------------------------------------------------------------------------------------

@@ -15,12 +15,10 @@ import json
 import re
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from scapy.layers.inet import IP
@@ -29,7 +27,6 @@ from scapy.utils import rdpcap
 
 from orchestrator.lab import daemons, vm
 from orchestrator.lab import lab as labmod
-from orchestrator.lab.loadgen import Loop
 from orchestrator.lab.record import FIRST_HOST, Lab
 from tests.labutil import wait
 from tests.netutil import answers, balanced
@@ -253,185 +250,3 @@ def test_the_published_port_round_robins_over_every_task_through_ipvs(
     table = labmod.backend(swarm.lab).check(swarm.lab, "sw2", ["ipvsadm", "-Ln"])
     assert len(re.findall(r"^FWM\s+\d+ rr", table, re.M)) == 1, table  # the published port
     assert _backends(swarm.lab, "sw2") == web.ips("ingress"), table
-
-
-# The client loops a task of `lifeclient` runs in its node (orchestrator/lab/loadgen.py), until
-# a line arrives on stdin (or a time limit); what they saw, as JSON.
-_LOOPS = """
-import json, select, sys
-from orchestrator.lab.loadgen import Loop
-host, port, rate = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-limit, timeout = float(sys.argv[4]), float(sys.argv[5])
-loops = {f"VIP, {m}": Loop(None, host, port, rate, m == "keep-alive", timeout).start()
-         for m in ("new connections", "keep-alive")}
-print("started", flush=True)
-select.select([sys.stdin], [], [], limit)
-print(json.dumps({name: [loop.stop().sent, loop.result.failed, str(loop.result)]
-                  for name, loop in loops.items()}))
-"""
-# What sw1 reads through the docker SDK for the lifecycle test.
-_LIFE = """
-import json, sys, docker
-c = docker.from_env()
-tasks = c.api.tasks(filters={"service": sys.argv[1]})
-hosts = {n["ID"]: n["Description"]["Hostname"] for n in c.api.nodes()}
-client = [t for t in c.api.tasks(filters={"service": "lifeclient", "desired-state": "running"})
-          if t["Status"]["State"] == "running"]
-net = c.api.inspect_network("lifenet")["Id"]
-print(json.dumps({
-    "tasks": [[t["DesiredState"], t["Status"]["State"], hosts.get(t.get("NodeID"), "")]
-              for t in tasks],
-    "client": [hosts[t["NodeID"]], t["ID"]]
-              if (t := next(iter(client), None)) else None,
-    "vip": [v["Addr"].split("/")[0] for v in c.api.inspect_service(sys.argv[1])["Endpoint"]
-            ["VirtualIPs"] if v["NetworkID"] == net],
-}))
-"""
-LIFE_PORT = 30900
-# Requests/s per loop. Lower than the namespace lab's 100 (tests/test_lifecycle_lab.py): the
-# VMs' CPUs are emulated (TCG, ~20x slower), and at 4 x 100 requests/s serving them takes the
-# VMs' whole CPU, so a new task's Python needs minutes to start (measured: a 6-task update took
-# 213 s). The loops inside a VM are Python on emulated CPUs too.
-LIFE_RATE = 50.0  # from the lab's outside
-LIFE_RATE_INSIDE = 10.0  # from the client task, inside its VM
-LIFE_REPLICAS = 3
-LIFE_SECONDS = 480.0  # at most this long for all the operations
-# A request's timeout: an answer 3 s late on a native machine is a fault, on emulated CPUs busy
-# starting Python it is ~150 ms of native time; a request to a task that is gone never gets one.
-LIFE_TIMEOUT = 15.0
-
-
-def _life(lab: Lab) -> dict[str, Any]:
-    out = labmod.backend(lab).check(lab, "sw1", [sys.executable, "-c", _LIFE, "life"], timeout=180)
-    found: dict[str, Any] = json.loads(out)
-    return found
-
-
-def _settled(lab: Lab, replicas: int, off: str | None) -> bool:
-    """`replicas` tasks run (none on node `off`) and every other task has ended."""
-    tasks = _life(lab)["tasks"]
-    up = [(state, node) for desired, state, node in tasks if desired == "running"]
-    ending = [state for desired, state, _ in tasks if desired != "running"]
-    return (
-        len(up) == replicas
-        and {state for state, _ in up} == {"running"}
-        and off not in {node for _, node in up}
-        and not set(ending) - {"complete", "shutdown", "failed"}
-    )
-
-
-# What the test does to `life` under traffic, one after the other: (what, command, how many
-# tasks then run, a node none of them may be on).
-LIFE_OPERATIONS = [
-    (
-        "a rolling update",
-        ("service", "update", "--env-add", "GENERATION=2", "life"),
-        LIFE_REPLICAS,
-        None,
-    ),
-    ("a rollback", ("service", "rollback", "life"), LIFE_REPLICAS, None),
-    ("a drain of sw3", ("node", "update", "--availability", "drain", "sw3"), LIFE_REPLICAS, "sw3"),
-    ("a scale-down", ("service", "scale", "life=1"), 1, "sw3"),
-]
-
-
-@pytest.mark.timeout(LIFE_SECONDS + 600)  # the operations, and the swarm's boot if first
-def test_updates_rollbacks_drains_and_scale_downs_on_ipvs_drop_nothing(swarm: Swarm) -> None:
-    """docs/updates.md on Debian's kernel, with IPVS: four client loops (the published port
-    from the lab's outside, the VIP from another service's task; new connection and
-    keep-alive) through a rolling update of `life`, its rollback, a drain of the node holding a
-    third of its tasks and a scale-down; every request must succeed."""
-    # micro (Python) takes seconds to start on emulated CPUs: failed probes before it listens
-    # do not count during the start period
-    health = ["--health-cmd", "ss -Hltn 'sport = :8000' | grep -q .", "--health-interval", "1s",
-              "--health-start-period", "60s"]  # fmt: skip
-    shoal("sw1", "network", "create", "-d", "overlay", "lifenet")
-    shoal("sw1", "service", "create", "--name", "lifeclient", "--network", "lifenet",
-          "busybox", "sleep", "100000")  # fmt: skip
-    shoal("sw1", "service", "create", "--name", "life", "--replicas", str(LIFE_REPLICAS),
-          "--network", "lifenet", "--publish", f"{LIFE_PORT}:8000", *health,
-          "--update-monitor", "1s", "micro")  # fmt: skip
-    try:
-        for node in NODES:
-            wait(
-                lambda: (
-                    len(answers(OUTSIDE, ADDR[node], LIFE_PORT, 2 * LIFE_REPLICAS))  # noqa: B023
-                    == LIFE_REPLICAS
-                ),
-                f"every task answering through {node}",
-                120,
-            )
-        life = _life(swarm.lab)
-        client_node, client_id = life["client"]
-        inside = subprocess.Popen(
-            labmod.backend(swarm.lab).exec_argv(
-                swarm.lab,
-                client_node,
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    f"shoal-{client_id[:12]}",
-                    sys.executable,
-                    "-c",
-                    _LOOPS,
-                    life["vip"][0],
-                    "8000",
-                    str(LIFE_RATE_INSIDE),
-                    str(LIFE_SECONDS + 60),
-                    str(LIFE_TIMEOUT),
-                ],
-            ),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert inside.stdout is not None
-        if inside.stdout.readline() != "started\n":
-            inside.kill()
-            raise AssertionError(f"no loops in {client_node}: {inside.communicate()}")
-        outside = {
-            f"published, {m}": Loop(
-                OUTSIDE, ADDR["sw2"], LIFE_PORT, LIFE_RATE, m == "keep-alive", LIFE_TIMEOUT
-            )
-            for m in ("new connections", "keep-alive")
-        }
-        for loop in outside.values():
-            loop.start()
-        started = time.monotonic()
-        try:
-            time.sleep(3)
-            for what, command, replicas, off in LIFE_OPERATIONS:
-                begun = time.monotonic()
-                done = subprocess.run(
-                    shoal_argv("sw1", *command), capture_output=True, text=True, timeout=300
-                )
-                ps = "" if done.returncode == 0 else shoal("sw1", "service", "ps", "life")
-                assert done.returncode == 0, f"{what}: {done.stdout}{done.stderr}{ps}"
-                wait(
-                    lambda: _settled(swarm.lab, replicas, off),  # noqa: B023
-                    f"{what} to settle",
-                    LIFE_SECONDS,
-                )
-                print(f"{what}: {time.monotonic() - begun:.0f} s")
-            took = time.monotonic() - started
-        finally:
-            results = {name: loop.stop() for name, loop in outside.items()}
-            for name, r in results.items():
-                print(name, r)
-        assert took < LIFE_SECONDS, f"the operations took {took:.0f} s: lengthen LIFE_SECONDS"
-        out, err = inside.communicate("stop\n", timeout=LIFE_TIMEOUT * 3 + 60)
-        assert inside.returncode == 0, err
-        for name, r in results.items():
-            # a loop sends one request at a time: a new connection to a VM on emulated CPUs
-            # takes ~25 ms, so the new-connection loop keeps ~40 of its 50 requests/s
-            assert r.failed == 0 and r.sent >= LIFE_RATE * took * 0.6, (name, str(r))
-        for name, (sent, failed, text) in json.loads(out).items():
-            print(name, text)
-            # Python on emulated CPUs: half its rate is what the loop is asked to keep
-            assert failed == 0 and sent >= LIFE_RATE_INSIDE * took * 0.5, (name, text)
-    finally:
-        shoal("sw1", "node", "update", "--availability", "active", "sw3")
-        shoal("sw1", "service", "rm", "life", "lifeclient")
-        shoal("sw1", "network", "rm", "lifenet")
