@@ -22,10 +22,10 @@ import pytest
 
 from orchestrator.apps import micro
 from orchestrator.images import rootfs
-from orchestrator.lab import daemons, registry
+from orchestrator.lab import daemons, lifecycle, registry
 from orchestrator.lab import lab as labmod
 from orchestrator.lab.lab import Lab
-from tests.labutil import DOCKER, docker_cli, fresh, run, shoal, wait
+from tests.labutil import DOCKER, docker_cli, run, wait
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -50,14 +50,7 @@ def swarm() -> Iterator[Lab]:
         labmod.down(LAB, purge=True)
     lab = labmod.up(LAB, 2, SUBNET)
     try:
-        daemons.start_all(lab)
-        sw1 = lab.node("sw1")
-        shoal(lab, "sw1", "swarm", "init", "--listen-addr", f"{sw1.address}:2377",
-              "--dispatcher-heartbeat", "1")  # fmt: skip
-        token = shoal(lab, "sw1", "swarm", "join-token", "-q", "worker").stdout.strip()
-        shoal(lab, "sw2", "swarm", "join", "--token", token, f"{sw1.address}:2377")
-        wait(lambda: shoal(lab, "sw1", "node", "ls").stdout.count("Ready") == 2, "2 nodes")
-        yield fresh(lab)
+        yield lifecycle.swarm(lab)
     finally:
         labmod.down(LAB, purge=True)
 
