@@ -5,7 +5,7 @@ backend leaves, entries that still point at it keep sending traffic there: UDP "
 indefinitely (each datagram refreshes the entry), TCP ones that never completed their handshake
 until they time out. We delete those, so the next packet is balanced afresh. Established TCP
 connections are left to finish (a graceful drain); if their backend is gone they fail as any
-connection to a dead host does.
+connection to a dead host does. Closing and closed ones are left to expire.
 """
 
 from __future__ import annotations
@@ -37,7 +37,11 @@ CTA_PROTO_SRC_PORT = 2
 CTA_PROTO_DST_PORT = 3
 CTA_PROTOINFO_TCP = 1
 CTA_PROTOINFO_TCP_STATE = 1
-TCP_CONNTRACK_ESTABLISHED = 3
+# A TCP entry in one of these states has not completed its handshake. The others carry a
+# connection that is open (left to finish) or closing or closed (nothing left to send
+# anywhere): deleting those would cost a request each (hundreds per second of load on a busy
+# node, mostly TIME_WAIT) and save nothing.
+_TCP_HANDSHAKE = {0, 1, 2, 9}  # NONE, SYN_SENT, SYN_RECV, SYN_SENT2
 AF_INET = 2
 _PROTO = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 
@@ -125,7 +129,7 @@ def delete_stale(netns: str | None, targets: Iterable[Target]) -> int:
                     continue
                 if (
                     reply.proto == socket.IPPROTO_TCP
-                    and _tcp_state(a.get(CTA_PROTOINFO, b"")) == TCP_CONNTRACK_ESTABLISHED
+                    and _tcp_state(a.get(CTA_PROTOINFO, b"")) not in _TCP_HANDSHAKE
                 ):
                     continue
                 try:

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.2
 MAX_BACKOFF = 30.0
+CLEAN_WITHIN = 2.0  # at most this long does a stream of new states put off a clean-up
 
 
 @dataclass
@@ -74,6 +76,7 @@ class MeshDaemon:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._force_full = True
+        self._balanced = -1  # the newest generation every load balancer took
         self._verify = False  # check that nothing of ours was changed behind our back
         self._file_sig: tuple[int, int, int] | None = None
         self._zones: dict[frozenset[str], Zone] = {}
@@ -142,6 +145,7 @@ class MeshDaemon:
     async def _loop(self) -> None:
         backoff = 1.0
         desired: MeshState | None = None
+        unclean_since: float | None = None  # since when gone backends await their clean-up
         while not self._stop.is_set():
             self._wake.clear()
             desired = self._read_state(desired)
@@ -152,6 +156,16 @@ class MeshDaemon:
                     self._force_full = True
                     await self._sleep(backoff)
                     continue
+                # a newer state first: cleaning up after gone backends can wait for it, a little
+                if not self.mesh.has_ending(desired):
+                    unclean_since = None
+                elif unclean_since is None:
+                    unclean_since = time.monotonic()
+                if unclean_since is not None and (
+                    not self._wake.is_set() or time.monotonic() - unclean_since > CLEAN_WITHIN
+                ):
+                    await asyncio.to_thread(self._clean, desired)
+                    unclean_since = None
             waiter = asyncio.create_task(self._wake.wait())
             stopper = asyncio.create_task(self._stop.wait())
             await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -201,20 +215,21 @@ class MeshDaemon:
         self._zones = {v: compile_zone(desired, v) for v in set(views.values())}
         dns_errors = await self.dns.set_views(views, self._zones)
         log.info(
-            "synced generation %d (%s) in %.1f ms: %d nft requests, %d link changes, "
-            "%d conntrack entries deleted%s",
+            "synced generation %d (%s) in %.1f ms: %d nft requests, %d link changes%s",
             desired.generation,
             "full" if report.full else "incremental",
             report.seconds * 1000,
             report.nft_requests,
             report.link_changes,
-            report.conntrack_deleted,
             f", {len(report.errors) + len(dns_errors)} error(s)"
             if report.errors or dns_errors
             else "",
         )
+        if not report.balancing_failed:
+            self._balanced = desired.generation
         write_applied(
-            self.cfg.run_dir, Applied(desired.generation, {**report.errors, **dns_errors})
+            self.cfg.run_dir,
+            Applied(desired.generation, {**report.errors, **dns_errors}, self._balanced),
         )
         return report.ok and not dns_errors
 
@@ -223,9 +238,20 @@ class MeshDaemon:
             if verify and not full and any(not t.exists() for t in self.mesh.tables()):
                 log.warning("a shoal table disappeared; doing a full sync")
                 full = True
-            report = self.mesh.apply(desired, full=full, verify=verify)
+            report = self.mesh.apply(desired, full=full, verify=verify, clean=False)
         record_namespaces(self.cfg.run_dir, list(task_namespaces(desired)))
         return report
+
+    def _clean(self, desired: MeshState) -> None:
+        with self._lock:
+            report = self.mesh.clean_ending(desired)
+        for what, why in report.errors.items():
+            log.error("conntrack clean-up: %s: %s", what, why)
+        log.info(
+            "deleted %d conntrack entries of gone backends in %.1f ms",
+            report.conntrack_deleted,
+            report.seconds * 1000,
+        )
 
     # ---- metrics ----------------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ class SyncReport:
     nft_requests: int = 0
     link_changes: int = 0
     conntrack_deleted: int = 0
+    balancing_failed: bool = False  # a table (or IPVS) refused its part
     errors: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -80,8 +81,11 @@ class Mesh:
         run_in_netns(self.netns, tune)
         self._prepared = True
 
-    def apply(self, state: MeshState, full: bool = False, verify: bool = False) -> SyncReport:
-        """Reconcile; `full` rewrites the tables, `verify` re-checks every endpoint's links."""
+    def apply(
+        self, state: MeshState, full: bool = False, verify: bool = False, clean: bool = True
+    ) -> SyncReport:
+        """Reconcile; `full` rewrites the tables, `verify` re-checks every endpoint's links.
+        `clean` False leaves the conntrack clean-up of gone backends to `clean_ending`."""
         started = time.perf_counter()
         report = SyncReport(full=full)
         if not self._prepared:
@@ -128,7 +132,8 @@ class Mesh:
             removed_here = self._sync_table(table, task_lb(state, networks), ns_full, ns, report)
             self._ending.setdefault(ns, set()).update(removed_here)
         self._ending.setdefault(self.netns, set()).update(removed)
-        report.conntrack_deleted += self._clean_gone(state, report)
+        if clean:
+            report.conntrack_deleted += self._clean_gone(state, report)
         report.full = full
         report.seconds = time.perf_counter() - started
         return report
@@ -143,6 +148,7 @@ class Mesh:
         except (NftError, NetlinkError, OSError) as e:
             # NetlinkError: IPVS refused its part, which the balancer retries in full
             report.errors[f"table in {where}"] = str(e)
+            report.balancing_failed = True
             return []
         report.nft_requests += result.requests
         if before is None:
@@ -157,6 +163,21 @@ class Mesh:
                 Target(b.ip, b.port, fe.protocol) for b in fe.backends if (b.ip, b.port) not in kept
             ]
         return gone
+
+    def has_ending(self, state: MeshState) -> bool:
+        """Whether `clean_ending` has work: an ending backend whose task is gone from `state`."""
+        live = {e.ip for e in state.endpoints}
+        return any(t.ip not in live for targets in self._ending.values() for t in targets)
+
+    def clean_ending(self, state: MeshState) -> SyncReport:
+        """The conntrack clean-up `apply(clean=False)` left: a daemon applies a state, says so,
+        and cleans afterwards, so a slow clean-up (a conntrack dump, an entry per delete) never
+        delays the next change of the load balancers."""
+        started = time.perf_counter()
+        report = SyncReport(full=False)
+        report.conntrack_deleted = self._clean_gone(state, report)
+        report.seconds = time.perf_counter() - started
+        return report
 
     def _clean_gone(self, state: MeshState, report: SyncReport) -> int:
         """Clean the conntrack entries of ending backends whose tasks are gone."""

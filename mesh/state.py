@@ -187,6 +187,9 @@ class Applied:
 
     generation: int = -1  # -1: nothing synced (or no readable report)
     errors: Mapping[str, str] = field(default_factory=dict)  # part (task, network, dns) -> why
+    # the newest generation whose load balancers all took it: a backend left out of it no
+    # longer gets new connections here (a generation whose tables failed is retried first)
+    balanced: int = -1
 
 
 def applied_path(run_dir: Path) -> Path:
@@ -196,7 +199,12 @@ def applied_path(run_dir: Path) -> Path:
 def write_applied(run_dir: Path, applied: Applied) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / f"{APPLIED_FILE}.tmp"
-    tmp.write_text(json.dumps({"generation": applied.generation, "errors": dict(applied.errors)}))
+    doc = {
+        "generation": applied.generation,
+        "errors": dict(applied.errors),
+        "balanced": applied.balanced,
+    }
+    tmp.write_text(json.dumps(doc))
     tmp.replace(applied_path(run_dir))  # atomically: the reader polls it
 
 
@@ -205,7 +213,7 @@ def read_applied(run_dir: Path) -> Applied:
     try:
         doc = json.loads(applied_path(run_dir).read_text())
         errors = {str(k): str(v) for k, v in doc["errors"].items()}
-        return Applied(int(doc["generation"]), errors)
+        return Applied(int(doc["generation"]), errors, int(doc["balanced"]))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return Applied()
 

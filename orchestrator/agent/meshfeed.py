@@ -79,15 +79,21 @@ class MeshFeed:
     def applied_index(self) -> int:
         """The store index of the newest view shoal-mesh has applied (-1: none known): every
         task that left the load balancers at or before it has left them on this node."""
-        applied = read_applied(self.run_dir).generation
+        applied = read_applied(self.run_dir).balanced
         done = [index for gen, index in self._indexes.items() if gen <= applied]
         return max(done) if done else -1
 
     async def wait(self, generation: int, task_id: str, within: float = 30.0) -> str | None:
-        """None once shoal-mesh applied the generation without an error about the task."""
+        """None once shoal-mesh applied the generation without an error about the task. The
+        deadline is about progress: it moves on whenever shoal-mesh finishes a sync (a busy node
+        applies older generations first), and only `within` s without one fail the task."""
         deadline = time.monotonic() + within
+        last = read_applied(self.run_dir).generation
         while time.monotonic() < deadline:
             applied = read_applied(self.run_dir)
+            if applied.generation != last:
+                last = applied.generation
+                deadline = time.monotonic() + within
             if applied.generation >= generation:
                 # errors naming the task, or one of its networks (an encrypted network the
                 # node refuses to attach leaves the task without it)
@@ -103,4 +109,7 @@ class MeshFeed:
                 ]
                 return "; ".join(mine) or None
             await asyncio.sleep(POLL)
-        return f"the node's mesh did not apply the task's network within {within:.0f} s"
+        return (
+            f"the node's mesh applied nothing for {within:.0f} s while the task waited for "
+            "its network"
+        )

@@ -224,7 +224,9 @@ class Dispatcher:
         auths = {s.id: s.registry_auth for s in services if s.registry_auth}
         mine = []
         retained = []  # its tasks with nothing left to do, whose remains (logs) it keeps
-        meshes = [n.id for n in nodes if n.state == NodeState.READY and n.id in self._sessions]
+        # Every ready node, with a session or between two: a node whose session dropped still
+        # balances over its last view until it reconnects and applies a newer one.
+        meshes = [n.id for n in nodes if n.state == NodeState.READY]
         for t in tasks:
             if t.node_id != node_id or t.state < TaskState.ASSIGNED:
                 continue

@@ -32,7 +32,7 @@ from orchestrator.store.objects import TaskState
 
 log = logging.getLogger(__name__)
 
-DRAIN_MAX = 10.0  # at most this long (and the grace period) for the load balancers to let go
+DRAIN_MAX = 30.0  # at most this long (and the grace period) for the load balancers to let go
 KILL_WAIT = 5.0  # after SIGKILL, how long to wait for the exit to be seen
 
 

@@ -9,6 +9,9 @@ from orchestrator.manager.spec import ServiceView
 from orchestrator.store.ids import parse_rfc3339
 from orchestrator.store.objects import Task, TaskState
 
+REJECT_BACKOFF_MAX = 60.0  # seconds: the longest wait before retrying a rejected slot
+REJECT_MEMORY = 300.0  # seconds of a slot's restarts that count towards its backoff
+
 
 @dataclass
 class RestartTracker:
@@ -32,7 +35,14 @@ class RestartTracker:
         if v.restart_max_attempts and len(attempts) >= v.restart_max_attempts:
             return None
         ended = parse_rfc3339(last.timestamp) if last.timestamp else now
-        return ended + v.restart_delay / 1e9
+        delay = v.restart_delay / 1e9
+        if last.state == TaskState.REJECTED:
+            # The node could not run it (no network in time, no image, no room): the next
+            # try on a busy node would likely fail the same way and add to its load. Each
+            # rejection in a row doubles the wait.
+            recent = [t for t in self.history.get(key, []) if t > now - REJECT_MEMORY]
+            delay = min(max(delay, 1.0) * 2 ** len(recent), max(delay, REJECT_BACKOFF_MAX))
+        return ended + delay
 
     def record(self, service_id: str, slot: int | str, when: float) -> None:
         self.history.setdefault((service_id, slot), []).append(when)
