@@ -37,7 +37,7 @@ from orchestrator.ca.tokens import JoinToken, TokenError, UnlockKey
 from orchestrator.manager import allocator
 from orchestrator.manager.autolock import autolocked
 from orchestrator.manager.runtime import ManagerRuntime
-from orchestrator.manager.spec import default_cluster_spec
+from orchestrator.manager.spec import NetworkDefaults, default_cluster_spec
 from orchestrator.raft import sealing
 from orchestrator.rpc import jsonrpc
 from orchestrator.rpc.jsonrpc import Message
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 2377
 ENGINE_VERSION = "28.2.2-shoal"  # the Docker Engine release whose API shoald serves
 JOIN_CATCH_UP = 30.0  # seconds a joining manager may take to receive the store
+INIT_SETTLE = 10.0  # seconds init waits for its node's first session
 
 
 @dataclass
@@ -366,7 +367,13 @@ class NodeRuntime:
                 m.role, m.raft_id = "worker", 0
                 self._save(m)
 
-    async def init(self, listen: str, advertise: str, spec: dict[str, Any]) -> str:
+    async def init(
+        self,
+        listen: str,
+        advertise: str,
+        spec: dict[str, Any],
+        networking: NetworkDefaults,
+    ) -> str:
         async with self._lock:
             if self.membership is not None:
                 raise SwarmError(
@@ -385,7 +392,13 @@ class NodeRuntime:
                 raft_id=new_raft_id(),
                 advertise=advertise,
             )
-            cluster = Cluster(id=cluster_id, spec=default_cluster_spec(spec))
+            cluster = Cluster(
+                id=cluster_id,
+                spec=default_cluster_spec(spec),
+                default_addr_pool=list(networking.addr_pool),
+                subnet_size=networking.subnet_size,
+                data_path_port=networking.data_path_port,
+            )
             try:
                 expiry = cert_expiry(cluster)
             except PKIError as e:
@@ -441,11 +454,34 @@ class NodeRuntime:
                         cert_not_after=certs.identity.not_after.isoformat(),
                     )
                 )
+                # its address on ingress now rather than in the first reconcile pass: one
+                # write less to the node after init
+                allocator.allocate_gateways(tx)
 
             await self.manager.store.update(bootstrap)
             self._save(m)
             await self._run(m)
+            await self._settled(node_id)
             return node_id
+
+    async def _settled(self, node_id: str) -> None:
+        """Init answers once its node is as the managers keep it: its first session has marked
+        it ready with what its agent describes. A client reading the node right after init
+        can then update it with the version it read (Docker's init answers once the node
+        runs). Past INIT_SETTLE it answers anyway: the swarm is made."""
+        assert self.manager is not None
+        store = self.manager.store
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + INIT_SETTLE
+        while (node := store.get(Node, node_id)) is None or node.state != NodeState.READY:
+            if loop.time() > deadline:
+                log.warning(
+                    "swarm init: this node's agent did not open its session within %.0f s; "
+                    "answering anyway (its node object changes once it does)",
+                    INIT_SETTLE,
+                )
+                return
+            await asyncio.sleep(0.05)
 
     async def join(self, remote: str, token: str, addr: str, listen: str) -> None:
         async with self._lock:

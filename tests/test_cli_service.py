@@ -157,7 +157,8 @@ def test_the_api_takes_what_create_and_update_send() -> None:
         "--restart-window", "1m",
     )  # fmt: skip
     stored_spec = normalize_service_spec(canonical(json.loads(json.dumps(spec))))
-    assert stored_spec["TaskTemplate"] == spec["TaskTemplate"]
+    # stored as sent, and with the force counter Docker always has (0 until --force)
+    assert stored_spec["TaskTemplate"] == {**spec["TaskTemplate"], "ForceUpdate": 0}
     again = _updated_spec(args_of("update", "--mount-rm", "/srv", "--init=false", "web"), spec)
     normalize_service_spec(again)
 
@@ -1460,3 +1461,19 @@ class Clock:
 
     def sleep(self, seconds: float) -> None:
         self.now = round(self.now + seconds, 9)
+
+
+def test_ls_shows_modes_and_replicas_as_docker_does() -> None:
+    status = {"RunningTasks": 1, "DesiredTasks": 2, "CompletedTasks": 3}
+    for mode, shown in (
+        ({"Replicated": {"Replicas": 2}}, ("replicated", "1/2")),
+        ({"Global": {}}, ("global", "1/2")),
+        (
+            {"ReplicatedJob": {"MaxConcurrent": 2, "TotalCompletions": 5}},
+            ("replicated job", "1/2 (3/5 completed)"),
+        ),
+        ({"GlobalJob": {}}, ("global job", "1/2 (3/5 completed)")),
+    ):
+        assert service._mode_and_replicas({"Spec": {"Mode": mode}, "ServiceStatus": status}) == (
+            shown
+        )

@@ -247,6 +247,123 @@ def test_scale_down_then_failures_restart_per_policy(tmp_path: Path) -> None:
     asyncio.run(run())
 
 
+def job(name: str, mode: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"Name": name, "TaskTemplate": {"ContainerSpec": {"Image": "micro"}, **extra},
+            "Mode": mode}  # fmt: skip
+
+
+def end(store: Store, svc: Service, state: TaskState, count: int) -> Any:
+    """Ends `count` of the service's tasks of its job's current run that are under way."""
+
+    def fn(tx: Tx) -> None:
+        going = [
+            t
+            for t in tx.list(Task)
+            if t.service_id == svc.id
+            and t.job_iteration == svc.job_iteration
+            and not t.state.terminal
+            and t.desired_state <= TaskState.RUNNING
+        ]
+        for t in sorted(going, key=lambda t: t.slot)[:count]:
+            tx.put(dataclasses.replace(t, state=state))
+
+    return store.update(fn)
+
+
+def test_a_replicated_job_runs_max_concurrent_at_a_time_until_its_completions(
+    tmp_path: Path,
+) -> None:
+    async def run() -> None:
+        store, mgr = await cluster(tmp_path)
+        svc = await create(
+            store,
+            job("batch", {"ReplicatedJob": {"MaxConcurrent": 2, "TotalCompletions": 5}},
+                RestartPolicy={"Condition": "on-failure", "Delay": 0, "MaxAttempts": 1}),
+        )  # fmt: skip
+        assert view(svc.spec).job and (svc.job_iteration, svc.job_started_at) == (0, "")
+
+        def tasks() -> list[Task]:
+            return sorted(
+                (t for t in store.list(Task) if t.service_id == svc.id), key=lambda t: t.slot
+            )
+
+        await mgr.reconcile()
+        assert [(t.slot, t.job_iteration) for t in tasks()] == [(0, 0), (1, 0)]
+        await end(store, svc, TaskState.COMPLETE, 1)
+        await mgr.reconcile()
+        assert [t.slot for t in tasks()] == [0, 1, 2]
+        # a failure is restarted in its slot, as the policy says (once), and no more
+        await end(store, svc, TaskState.FAILED, 1)
+        await mgr.reconcile()
+        assert [t.slot for t in tasks()] == [0, 1, 1, 2]
+        await end(store, svc, TaskState.FAILED, 1)
+        await mgr.reconcile()
+        failed = [t for t in tasks() if t.slot == 1]
+        assert [t.state for t in failed] == [TaskState.FAILED] * 2
+        assert [t.slot for t in tasks()] == [0, 1, 1, 2, 3]
+        for _ in range(3):
+            await end(store, svc, TaskState.COMPLETE, 2)
+            await mgr.reconcile()
+        done = [t for t in tasks() if t.state == TaskState.COMPLETE]
+        assert sorted(t.slot for t in done) == [0, 2, 3, 4]
+        # complete tasks stay as they are: desired RUNNING, never run again
+        assert {t.desired_state for t in done} == {TaskState.RUNNING}
+        await mgr.reconcile()
+        assert len(tasks()) == 6
+        await store.log.close()
+
+    asyncio.run(run())
+
+
+def test_an_update_runs_a_job_again_and_a_global_job_runs_once_per_node(tmp_path: Path) -> None:
+    async def run() -> None:
+        store, mgr = await cluster(tmp_path)
+        svc = await create(store, job("everywhere", {"GlobalJob": {}}))
+        await mgr.reconcile()
+        first = [t for t in store.list(Task) if t.service_id == svc.id]
+        assert sorted(t.node_id for t in first) == ["node0", "node1", "node2"]
+        await end(store, svc, TaskState.COMPLETE, 2)
+
+        def next_run(tx: Tx) -> Service:
+            s = tx.get(Service, svc.id)
+            assert s is not None
+            tx.put(dataclasses.replace(s, job_iteration=1))
+            return dataclasses.replace(s, job_iteration=1)
+
+        again = await store.update(next_run)
+        await mgr.reconcile()
+        tasks = [t for t in store.list(Task) if t.service_id == svc.id]
+        old = [t for t in tasks if t.job_iteration == 0]
+        # the first run's: the complete ones history, the one still going removed
+        assert sorted(t.desired_state for t in old) == [TaskState.SHUTDOWN] * 2 + [TaskState.REMOVE]
+        assert sorted(t.node_id for t in tasks if t.job_iteration == 1) == [
+            "node0", "node1", "node2"
+        ]  # fmt: skip
+        await end(store, again, TaskState.COMPLETE, 3)
+        await mgr.reconcile()
+        assert len([t for t in store.list(Task) if t.job_iteration == 1]) == 3
+        await store.log.close()
+
+    asyncio.run(run())
+
+
+def test_job_modes_are_checked_with_docker_defaults() -> None:
+    assert normalize_service_spec(job("j", {"ReplicatedJob": {}}))["Mode"] == {
+        "ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}
+    }
+    assert normalize_service_spec(job("j", {"ReplicatedJob": {"MaxConcurrent": 3}}))["Mode"] == {
+        "ReplicatedJob": {"MaxConcurrent": 3, "TotalCompletions": 3}
+    }
+    assert view(normalize_service_spec(job("j", {"GlobalJob": {}}))).mode == "global-job"
+    for bad, message in (
+        (job("j", {"ReplicatedJob": {"TotalCompletions": -1}}), "TotalCompletions: -1"),
+        (job("j", {"GlobalJob": {}, "Global": {}}), "Global and GlobalJob given"),
+        ({**job("j", {"GlobalJob": {}}), "UpdateConfig": {}}, "Jobs may not have an update"),
+    ):
+        with pytest.raises(SpecError, match=message):
+            normalize_service_spec(bad)
+
+
 def test_bad_specs_are_refused() -> None:
     for bad, message in [
         ({"Name": "x"}, "an image is required"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from orchestrator.manager.orchestrator.tasks import shown_desired_state
 from orchestrator.manager.spec import task_template_with_defaults, view
 from orchestrator.store.objects import Cluster, Network, Node, NodeState, Service, Task, TaskState
 
@@ -64,6 +65,8 @@ def with_defaults(spec: dict[str, Any]) -> dict[str, Any]:
     """What `insertDefaults=true` shows: the values the managers use when a field is unset."""
     out = copy.deepcopy(spec)
     out["TaskTemplate"] = task_template_with_defaults(out.get("TaskTemplate", {}))
+    if view(spec).job:  # a job is not updated task by task: it runs again
+        return out
     for key in ("UpdateConfig", "RollbackConfig"):
         cfg = out.setdefault(key, {})
         for k, v in (
@@ -94,9 +97,16 @@ def service_json(
         out["PreviousSpec"] = svc.previous_spec
     if svc.update_status:
         out["UpdateStatus"] = svc.update_status
+    v = view(svc.spec)
+    if v.job:
+        out["JobStatus"] = {
+            "JobIteration": {"Index": svc.job_iteration},
+            "LastExecution": svc.job_started_at,
+        }
     if tasks is not None:
-        v = view(svc.spec)
         mine = [t for t in tasks if t.service_id == svc.id]
+        if v.job:  # the tasks of the job's current run (swarmkit's ServiceStatus)
+            mine = [t for t in mine if t.job_iteration == svc.job_iteration]
         running = sum(
             1
             for t in mine
@@ -105,11 +115,17 @@ def service_json(
             and nodes.get(t.node_id) is not None
             and nodes[t.node_id].state != NodeState.DOWN
         )
-        desired = (
-            v.replicas
-            if v.mode == "replicated"
-            else sum(1 for t in mine if t.desired_state == TaskState.RUNNING)
-        )
+        if v.mode == "replicated":
+            desired = v.replicas
+        elif v.mode == "replicated-job":
+            desired = v.max_concurrent
+        else:  # one per node: the tasks meant to run (a job's: those not complete yet)
+            desired = sum(
+                1
+                for t in mine
+                if t.desired_state == TaskState.RUNNING
+                and not (v.job and t.state == TaskState.COMPLETE)
+            )
         completed = sum(1 for t in mine if t.state == TaskState.COMPLETE)
         out["ServiceStatus"] = {
             "RunningTasks": running,
@@ -151,10 +167,12 @@ def task_json(task: Task, networks: dict[str, Network]) -> dict[str, Any]:
         "ServiceID": task.service_id,
         "Slot": task.slot,
         "Status": status,
-        "DesiredState": task.desired_state.api,
+        "DesiredState": shown_desired_state(task).api,
     }
     if task.node_id:
         out["NodeID"] = task.node_id
+    if task.job_iteration is not None:
+        out["JobIteration"] = {"Index": task.job_iteration}
     if attachments:
         out["NetworksAttachments"] = attachments
     return out
@@ -193,9 +211,9 @@ def swarm_json(cluster: Cluster, with_tokens: bool) -> dict[str, Any]:
         **_meta(cluster),
         "Spec": cluster.spec,
         "RootRotationInProgress": bool(cluster.ca_rotation),
-        "DefaultAddrPool": ["10.0.0.0/8"],
-        "SubnetSize": 24,
-        "DataPathPort": 4789,
+        "DefaultAddrPool": list(cluster.default_addr_pool),
+        "SubnetSize": cluster.subnet_size,
+        "DataPathPort": cluster.data_path_port,
         "TLSInfo": {"TrustRoot": cluster.root_ca_cert},
     }
     if with_tokens:

@@ -36,7 +36,7 @@ from orchestrator.ca.server import cert_expiry, root_of
 from orchestrator.ca.tokens import JoinToken, UnlockKey
 from orchestrator.manager import netkeys
 from orchestrator.manager.autolock import autolocked
-from orchestrator.manager.spec import default_cluster_spec
+from orchestrator.manager.spec import SpecError, default_cluster_spec, network_defaults
 from orchestrator.node import DEFAULT_PORT, ENGINE_VERSION, NodeRuntime, SwarmError
 from orchestrator.store.log import NotLeader
 from orchestrator.store.objects import Cluster, Node, Role
@@ -208,7 +208,13 @@ async def swarm_init(request: web.Request) -> web.Response:
     spec = req.get("Spec") or {}
     if req.get("AutoLockManagers"):  # the engine's field; docker-py sets the spec's instead
         spec = {**spec, "EncryptionConfig": {"AutoLockManagers": True}}
-    node_id = await api.node.init(listen, advertise, spec)
+    try:
+        networking = network_defaults(
+            req.get("DefaultAddrPool"), req.get("SubnetSize"), req.get("DataPathPort")
+        )
+    except SpecError as e:
+        raise ApiError(400, str(e)) from None
+    node_id = await api.node.init(listen, advertise, spec, networking)
     return json_response(node_id)
 
 
@@ -271,8 +277,8 @@ async def swarm_update(request: web.Request) -> web.Response:
         if autolocked(updated) and (rotate_key or not updated.unlock_key):
             updated = dataclasses.replace(updated, unlock_key=str(UnlockKey.generate()))
         elif not autolocked(updated):
-            if rotate_key:
-                raise ApiError(400, "autolock is off: there is no unlock key to rotate")
+            # swarmkit's rule: without autolock there is no unlock key, and asking to rotate it
+            # is no error (nothing to rotate: turning autolock on makes a new key anyway)
             updated = dataclasses.replace(updated, unlock_key="")
         force = (spec.get("CAConfig") or {}).get("ForceRotate", 0)
         if force != (cluster.spec.get("CAConfig") or {}).get("ForceRotate", 0):

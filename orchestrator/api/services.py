@@ -28,11 +28,22 @@ from orchestrator.api.docker import (
 )
 from orchestrator.api.resolve import resolve
 from orchestrator.images import reference
-from orchestrator.manager.allocator import AddressBook, AllocationError, allocate_service
+from orchestrator.manager.allocator import (
+    AddressBook,
+    AllocationError,
+    allocate_service,
+    with_network_ids,
+)
 from orchestrator.manager.orchestrator import update as updater
 from orchestrator.manager.orchestrator.tasks import stop
-from orchestrator.manager.spec import SpecError, normalize_service_spec, same_task_template, view
-from orchestrator.store.ids import new_id
+from orchestrator.manager.spec import (
+    SpecError,
+    mode_of,
+    normalize_service_spec,
+    same_task_template,
+    view,
+)
+from orchestrator.store.ids import new_id, now_rfc3339
 from orchestrator.store.objects import Node, Service, Task, TaskState
 from orchestrator.store.store import Store, Tx
 
@@ -50,6 +61,32 @@ def _spec(raw: Any) -> dict[str, Any]:
         return normalize_service_spec(raw)
     except SpecError as e:
         raise ApiError(400, str(e)) from None
+
+
+def _networks_by_id(tx: Tx, spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec as it is stored: its networks named by ID, whatever the client named them by
+    (so that a network given by name is no change of the tasks)."""
+    try:
+        return with_network_ids(tx, spec)
+    except AllocationError as e:
+        raise ApiError(400, f"rpc error: code = InvalidArgument desc = {e}") from None
+
+
+def _allocated(tx: Tx, svc: Service) -> Service:
+    """The service with its ports and VIPs allocated."""
+    try:
+        return allocate_service(tx, svc, AddressBook(tx))
+    except AllocationError as e:
+        raise ApiError(400, f"rpc error: code = InvalidArgument desc = {e}") from None
+
+
+def _next_run(svc: Service) -> Service:
+    """A job runs again, all of it, after every update (swarmkit's JobIteration)."""
+    if not view(svc.spec).job:
+        return svc
+    return dataclasses.replace(
+        svc, job_iteration=svc.job_iteration + 1, job_started_at=now_rfc3339()
+    )
 
 
 def _name_taken(tx: Tx, name: str, own_id: str = "") -> None:
@@ -99,11 +136,10 @@ async def create(request: web.Request) -> web.Response:
 
     def fn(tx: Tx) -> Service:
         _name_taken(tx, spec["Name"])
-        svc = Service(id=new_id(), spec=spec, registry_auth=auth)
-        try:
-            svc = allocate_service(tx, svc, AddressBook(tx))
-        except AllocationError as e:
-            raise ApiError(400, f"rpc error: code = InvalidArgument desc = {e}") from None
+        svc = Service(id=new_id(), spec=_networks_by_id(tx, spec), registry_auth=auth)
+        if view(spec).job:
+            svc = dataclasses.replace(svc, job_started_at=now_rfc3339())
+        svc = _allocated(tx, svc)
         tx.put(svc)
         return svc
 
@@ -172,6 +208,14 @@ async def update(request: web.Request) -> web.Response:
             raise ApiError(404, f"service {svc.id} not found")
         if current.meta.version != int(raw_version):
             raise ApiError(500, "rpc error: code = Unknown desc = update out of sequence")
+        if mode_of(spec) != mode_of(current.spec):
+            # swarmkit's rule: the orchestrators do not turn one kind of service into another
+            raise ApiError(
+                501,
+                "rpc error: code = Unimplemented desc = service mode change is not allowed "
+                f"({mode_of(current.spec)} to {mode_of(spec)}): remove the service and "
+                "create it again",
+            )
         if rollback == "previous":
             # swarmkit's rule: the previous spec comes back, the current one becomes the
             # previous (a second rollback undoes the first); the spec sent is not used
@@ -182,20 +226,17 @@ async def update(request: web.Request) -> web.Response:
                     f"{current.id} does not have a previous spec",
                 )
             rolled = updater.roll_back(current, "manually requested rollback", manual=True)
-            try:
-                # the previous spec's published ports and networks come back with it
-                rolled = allocate_service(tx, rolled, AddressBook(tx))
-            except AllocationError as e:
-                raise ApiError(400, f"rpc error: code = InvalidArgument desc = {e}") from None
-            tx.put(rolled)
+            # the previous spec's published ports and networks come back with it
+            tx.put(_allocated(tx, _next_run(rolled)))
             return
         _name_taken(tx, spec["Name"], current.id)
+        new_spec = _networks_by_id(tx, spec)
         changed = not same_task_template(
-            spec.get("TaskTemplate", {}), current.spec.get("TaskTemplate", {})
+            new_spec.get("TaskTemplate", {}), current.spec.get("TaskTemplate", {})
         )
         updated = dataclasses.replace(
-            current,
-            spec=spec,
+            _next_run(current),
+            spec=new_spec,
             previous_spec=copy.deepcopy(current.spec),
             spec_version=current.spec_version + (1 if changed else 0),
             registry_auth=auth or current.registry_auth,
@@ -203,11 +244,7 @@ async def update(request: web.Request) -> web.Response:
             # (swarmkit's rule: the service is updated to the spec sent)
             update_status=None,
         )
-        try:
-            updated = allocate_service(tx, updated, AddressBook(tx))
-        except AllocationError as e:
-            raise ApiError(400, f"rpc error: code = InvalidArgument desc = {e}") from None
-        tx.put(updated)
+        tx.put(_allocated(tx, updated))
 
     await store.update(fn)
     return json_response({"Warnings": warnings or None})

@@ -9,7 +9,7 @@ from orchestrator.api.convert import task_json
 from orchestrator.api.docker import ApiError, filters, json_response
 from orchestrator.api.resolve import resolve
 from orchestrator.api.services import stream_logs
-from orchestrator.manager.orchestrator.tasks import dirty, task_name
+from orchestrator.manager.orchestrator.tasks import dirty, shown_desired_state, task_name
 from orchestrator.store.objects import Network, Node, Service, Task, TaskState
 
 FILTERS = {"desired-state", "id", "label", "name", "node", "service", "_up-to-date"}
@@ -40,7 +40,9 @@ async def list_tasks(request: web.Request) -> web.Response:
             desired.add(TaskState.parse("shutdown" if d == "shutdown" else d))
         except KeyError:
             raise ApiError(
-                400, f"Invalid desired-state filter value {d!r}: use running, shutdown or accepted"
+                400,
+                f"Invalid desired-state filter value {d!r}: use running, shutdown, accepted "
+                "or complete",
             ) from None
     networks = {n.id: n for n in store.list(Network)}
     out = []
@@ -67,8 +69,11 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 
 def _desired_matches(t: Task, wanted: set[TaskState]) -> bool:
-    # "shutdown" covers every desired state past running (shutdown, remove), as Docker does.
-    state = TaskState.SHUTDOWN if t.desired_state > TaskState.RUNNING else t.desired_state
+    # "shutdown" covers every desired state past running (shutdown, remove), as Docker does;
+    # a job's tasks are meant to complete
+    state = shown_desired_state(t)
+    if state > TaskState.RUNNING and state != TaskState.COMPLETE:
+        state = TaskState.SHUTDOWN
     return state in wanted
 
 

@@ -1351,8 +1351,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     rows = []
     for s in sorted(services, key=lambda s: s["Spec"]["Name"]):
-        mode = "global" if "Global" in s["Spec"]["Mode"] else "replicated"
-        st = s.get("ServiceStatus", {})
+        mode, replicas = _mode_and_replicas(s)
         ports = ", ".join(
             f"*:{p['PublishedPort']}->{p['TargetPort']}/{p['Protocol']}"
             for p in s.get("Endpoint", {}).get("Ports", [])
@@ -1363,13 +1362,28 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 short(s["ID"]),
                 s["Spec"]["Name"],
                 mode,
-                f"{st.get('RunningTasks', 0)}/{st.get('DesiredTasks', 0)}",
+                replicas,
                 image_name(s["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]),
                 ports,
             ]
         )
     table(["ID", "NAME", "MODE", "REPLICAS", "IMAGE", "PORTS"], rows, args.format, services)
     return 0
+
+
+def _mode_and_replicas(svc: dict[str, Any]) -> tuple[str, str]:
+    """MODE and REPLICAS as `docker service ls` shows them; a job's completions too."""
+    mode = svc["Spec"]["Mode"]
+    st = svc.get("ServiceStatus", {})
+    running, desired = st.get("RunningTasks", 0), st.get("DesiredTasks", 0)
+    completed = st.get("CompletedTasks", 0)
+    if "ReplicatedJob" in mode:
+        total = mode["ReplicatedJob"].get("TotalCompletions", 0)
+        return "replicated job", f"{running}/{desired} ({completed}/{total} completed)"
+    if "GlobalJob" in mode:
+        # every node's task: those still to complete, and those that did
+        return "global job", f"{running}/{desired} ({completed}/{desired + completed} completed)"
+    return ("global" if "Global" in mode else "replicated"), f"{running}/{desired}"
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -16,15 +16,13 @@ from typing import Any
 
 from orchestrator.manager.spec import PUBLISHED_RANGE, SpecError, view
 from orchestrator.store.ids import new_id, now_rfc3339
-from orchestrator.store.objects import Network, Node, Service, Task, TaskState
+from orchestrator.store.objects import Cluster, Network, Node, Service, Task, TaskState
 from orchestrator.store.store import Tx
 
 INGRESS_NAME = "ingress"
 INGRESS_SUBNET = ipaddress.IPv4Network("10.255.0.0/16")
 FIRST_VNI = 4096
 MAX_VNI = (1 << 24) - 1
-DEFAULT_POOL = ipaddress.IPv4Network("10.0.0.0/8")
-DEFAULT_SUBNET_SIZE = 24
 
 
 class AllocationError(SpecError):
@@ -57,17 +55,7 @@ def new_network(tx: Tx, spec: dict[str, Any], subnet: ipaddress.IPv4Network | No
         raise NameTaken(f"network with name {spec['Name']} already exists")
     taken = [ipaddress.IPv4Network(n.subnet) for n in networks]
     if subnet is None:
-        subnet = next(
-            (
-                s
-                for s in DEFAULT_POOL.subnets(new_prefix=DEFAULT_SUBNET_SIZE)
-                if s.network_address.packed[2] != 0  # 10.0.0.0/24 left out, as Docker
-                and not any(s.overlaps(t) for t in taken)
-            ),
-            None,
-        )
-        if subnet is None:
-            raise AllocationError("no free /24 left in 10.0.0.0/8; give the network a subnet")
+        subnet = _free_subnet(tx, taken)
     elif any(subnet.overlaps(t) for t in taken):
         clash = next(n for n in networks if subnet.overlaps(ipaddress.IPv4Network(n.subnet)))
         raise AllocationError(f"subnet {subnet} overlaps network {clash.name} ({clash.subnet})")
@@ -84,6 +72,25 @@ def new_network(tx: Tx, spec: dict[str, Any], subnet: ipaddress.IPv4Network | No
         vni=vni,
         ingress=bool(spec.get("Ingress")),
         encrypted="encrypted" in options,
+    )
+
+
+def _free_subnet(tx: Tx, taken: list[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
+    """The first free subnet of the swarm's address pool (swarm init --default-addr-pool), at
+    its size. The pool's first subnet is left out: Docker's ingress network has it (ours has
+    its own, INGRESS_SUBNET), so networks are numbered as Docker numbers them."""
+    cluster = next(iter(tx.list(Cluster)), None) or Cluster(id="")
+    pools = [ipaddress.IPv4Network(p) for p in cluster.default_addr_pool]
+    candidates = itertools.chain.from_iterable(
+        p.subnets(new_prefix=cluster.subnet_size) for p in pools
+    )
+    next(candidates, None)
+    for candidate in candidates:
+        if not any(candidate.overlaps(t) for t in taken):
+            return candidate
+    raise AllocationError(
+        f"no free /{cluster.subnet_size} left in the address pool "
+        f"({', '.join(cluster.default_addr_pool)}); give the network a subnet (--subnet)"
     )
 
 
@@ -156,6 +163,16 @@ def resolve_network(tx: Tx, target: str) -> Network:
     if len(matches) == 1:
         return matches[0]
     raise AllocationError(f"network {target} not found")
+
+
+def with_network_ids(tx: Tx, spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec with its networks named by ID, as Docker stores them (a client may give a name,
+    an ID or an ID's prefix); raises AllocationError for a network that does not exist."""
+    attachments = spec.get("TaskTemplate", {}).get("Networks")
+    if not attachments:
+        return spec
+    resolved = [{**a, "Target": resolve_network(tx, a["Target"]).id} for a in attachments]
+    return {**spec, "TaskTemplate": {**spec["TaskTemplate"], "Networks": resolved}}
 
 
 def service_networks(tx: Tx, spec: dict[str, Any]) -> list[Network]:

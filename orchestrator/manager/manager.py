@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from orchestrator.background import BackgroundLoop
 from orchestrator.manager import allocator, reaper, scheduler
-from orchestrator.manager.orchestrator import global_, replicated
+from orchestrator.manager.orchestrator import global_, jobs, replicated
 from orchestrator.manager.orchestrator.restart import RestartTracker
 from orchestrator.manager.orchestrator.update import UpdateTracker
 from orchestrator.manager.spec import view
@@ -125,10 +125,12 @@ class Manager(BackgroundLoop):
             by_service[t.service_id].append(t)
         wakes = []
         for svc in tx.list(Service):
-            loop = global_ if view(svc.spec).mode == "global" else replicated
-            wake = loop.reconcile(
-                tx, svc, by_service.get(svc.id, []), nodes, self.restarts, self.updates
-            )
+            v, tasks = view(svc.spec), by_service.get(svc.id, [])
+            if v.job:
+                wake = jobs.reconcile(tx, svc, tasks, nodes, self.restarts)
+            else:
+                loop = global_ if v.mode == "global" else replicated
+                wake = loop.reconcile(tx, svc, tasks, nodes, self.restarts, self.updates)
             if wake is not None:
                 wakes.append(wake)
         return wakes

@@ -18,6 +18,11 @@ from types import MappingProxyType
 from typing import Any
 
 from orchestrator.images import reference
+from orchestrator.store.objects import (
+    DEFAULT_ADDR_POOL,
+    DEFAULT_DATA_PATH_PORT,
+    DEFAULT_SUBNET_SIZE,
+)
 
 NAME = re.compile(r"^[a-zA-Z0-9](?:[-_]*[A-Za-z0-9]+)*$")  # Docker's service/network name rule
 CONSTRAINT = re.compile(r"^\s*([\w.\-]+)\s*(==|!=)\s*(.+?)\s*$")
@@ -162,6 +167,18 @@ class ContainerView:
     healthcheck: HealthCheck | None = None  # None: the image's, if it has one
 
 
+# Mode's keys, and the names the API's `mode` filter and the docker CLI give them
+MODES: Mapping[str, str] = MappingProxyType(
+    {
+        "Replicated": "replicated",
+        "Global": "global",
+        "ReplicatedJob": "replicated-job",
+        "GlobalJob": "global-job",
+    }
+)
+JOB_MODES = ("replicated-job", "global-job")
+
+
 @dataclass(frozen=True)
 class ServiceView:
     name: str
@@ -169,8 +186,8 @@ class ServiceView:
     command: tuple[str, ...]
     args: tuple[str, ...]
     env: tuple[str, ...]
-    mode: str  # replicated | global
-    replicas: int
+    mode: str  # replicated | global | replicated-job | global-job (MODES)
+    replicas: int  # replicated services
     constraints: tuple[Constraint, ...]
     networks: tuple[str, ...]  # targets as given (names or ids), in order
     endpoint_mode: str  # vip | dnsrr
@@ -181,6 +198,13 @@ class ServiceView:
     restart_window: int  # ns
     stop_grace: int  # ns
     reservations: Resources = Resources()  # what each task needs of its node
+    max_concurrent: int = 0  # replicated jobs: tasks running at once
+    total_completions: int = 0  # replicated jobs: tasks to complete
+
+    @property
+    def job(self) -> bool:
+        """Its tasks run to completion, and are not restarted once complete."""
+        return self.mode in JOB_MODES
 
 
 def _obj(value: Any, where: str) -> dict[str, Any]:
@@ -305,6 +329,7 @@ def task_template_with_defaults(template: dict[str, Any]) -> dict[str, Any]:
     rp.setdefault("Delay", DEFAULT_RESTART_DELAY)
     rp.setdefault("MaxAttempts", 0)
     tt.setdefault("Runtime", "container")
+    tt.setdefault("ForceUpdate", 0)
     return tt
 
 
@@ -605,19 +630,14 @@ def normalize_service_spec(raw: Any) -> dict[str, Any]:
     cs = tt["ContainerSpec"] = _obj(tt.get("ContainerSpec"), CONTAINER)
     _check_container(cs)
     _check_resources(tt)
-    mode = _obj(spec.get("Mode"), "Mode")
-    if "Global" in mode and "Replicated" in mode:
-        raise SpecError("Mode: choose replicated or global, not both")
-    if "Global" in mode:
-        spec["Mode"] = {"Global": {}}
-    else:
-        rep = _obj(mode.get("Replicated"), "Mode.Replicated")
-        replicas = rep.get("Replicas", 1)
-        if isinstance(replicas, bool) or not isinstance(replicas, int):
-            raise SpecError(f"Mode.Replicated.Replicas: expected an integer, got {replicas!r}")
-        if replicas < 0:
-            raise SpecError(f"invalid replicas value {replicas}: must be 0 or more")
-        spec["Mode"] = {"Replicated": {"Replicas": replicas}}
+    # `service update --force`'s counter: an integer Docker always shows, 0 until forced
+    tt["ForceUpdate"] = _int(tt.get("ForceUpdate"), "TaskTemplate.ForceUpdate", 0, 2**64 - 1)
+    spec["Mode"] = _mode(_obj(spec.get("Mode"), "Mode"))
+    if spec.get("UpdateConfig") is not None and mode_of(spec) in JOB_MODES:
+        raise SpecError(
+            "Jobs may not have an update config: remove UpdateConfig (--update-*); a job "
+            "runs again, all of it, on every update"
+        )
     placement = _obj(tt.get("Placement"), "TaskTemplate.Placement")
     for c in _strings(placement.get("Constraints"), "TaskTemplate.Placement.Constraints"):
         parse_constraint(c)
@@ -682,6 +702,41 @@ def normalize_service_spec(raw: Any) -> dict[str, Any]:
     return spec
 
 
+def _mode(mode: dict[str, Any]) -> dict[str, Any]:
+    """Mode, one of four, with Docker's defaults."""
+    given = [k for k in MODES if k in mode]
+    if len(given) > 1:
+        raise SpecError(
+            f"Mode: {' and '.join(given)} given; a service has one mode: replicated, global, "
+            "replicated-job or global-job"
+        )
+    if "Global" in mode:
+        return {"Global": {}}
+    if "GlobalJob" in mode:
+        return {"GlobalJob": {}}
+    if "ReplicatedJob" in mode:
+        job = _obj(mode["ReplicatedJob"], "Mode.ReplicatedJob")
+        # moby's defaults: one at a time, as many completions as may run at once
+        concurrent = _int(job.get("MaxConcurrent"), "Mode.ReplicatedJob.MaxConcurrent", default=1)
+        total = _int(
+            job.get("TotalCompletions"), "Mode.ReplicatedJob.TotalCompletions", default=concurrent
+        )
+        return {"ReplicatedJob": {"MaxConcurrent": concurrent, "TotalCompletions": total}}
+    rep = _obj(mode.get("Replicated"), "Mode.Replicated")
+    replicas = rep.get("Replicas", 1)
+    if isinstance(replicas, bool) or not isinstance(replicas, int):
+        raise SpecError(f"Mode.Replicated.Replicas: expected an integer, got {replicas!r}")
+    if replicas < 0:
+        raise SpecError(f"invalid replicas value {replicas}: must be 0 or more")
+    return {"Replicated": {"Replicas": replicas}}
+
+
+def mode_of(spec: dict[str, Any]) -> str:
+    """A normalised spec's mode, as MODES names it."""
+    mode = spec.get("Mode") or {}
+    return next((name for key, name in MODES.items() if key in mode), "replicated")
+
+
 def view(spec: dict[str, Any]) -> ServiceView:
     """The typed view of a normalised spec."""
     tt = spec.get("TaskTemplate", {})
@@ -695,7 +750,7 @@ def view(spec: dict[str, Any]) -> ServiceView:
         command=tuple(cs.get("Command") or ()),
         args=tuple(cs.get("Args") or ()),
         env=tuple(cs.get("Env") or ()),
-        mode="global" if "Global" in mode else "replicated",
+        mode=mode_of(spec),
         replicas=mode.get("Replicated", {}).get("Replicas", 1),
         constraints=tuple(
             parse_constraint(c) for c in tt.get("Placement", {}).get("Constraints") or ()
@@ -718,6 +773,8 @@ def view(spec: dict[str, Any]) -> ServiceView:
         restart_window=restart.get("Window", 0),
         stop_grace=_stop_grace(cs),
         reservations=reservations_of(tt),
+        max_concurrent=mode.get("ReplicatedJob", {}).get("MaxConcurrent", 0),
+        total_completions=mode.get("ReplicatedJob", {}).get("TotalCompletions", 0),
     )
 
 
@@ -867,3 +924,65 @@ def default_cluster_spec(requested: dict[str, Any]) -> dict[str, Any]:
     spec.setdefault("TaskDefaults", {})
     spec["EncryptionConfig"] = spec.get("EncryptionConfig") or {"AutoLockManagers": False}
     return spec
+
+
+MAX_SUBNET_SIZE = 29  # Docker's: the smallest overlay subnet, 8 addresses
+DATA_PATH_PORTS = (1024, 49151)  # Docker's: the registered ports
+MAX_ADDR_POOLS = 64  # what one init may ask a manager to store
+
+
+@dataclass(frozen=True)
+class NetworkDefaults:
+    """Where a swarm's overlay networks get their subnets and which port their VXLAN uses:
+    `swarm init`'s DefaultAddrPool, SubnetSize and DataPathPort, checked."""
+
+    addr_pool: tuple[str, ...] = DEFAULT_ADDR_POOL
+    subnet_size: int = DEFAULT_SUBNET_SIZE
+    data_path_port: int = DEFAULT_DATA_PATH_PORT
+
+
+def network_defaults(pools: Any, size: Any, port: Any) -> NetworkDefaults:
+    """`swarm init`'s network settings, as Docker checks them (unset or 0: its defaults);
+    raises SpecError. A data path port other than 4789 is refused: the mesh's VXLAN port is
+    fixed (mesh/naming.py)."""
+    given = _list(pools, "DefaultAddrPool")
+    if len(given) > MAX_ADDR_POOLS:
+        raise SpecError(f"DefaultAddrPool: {len(given)} pools, at most {MAX_ADDR_POOLS}")
+    networks = []
+    for raw in given:
+        try:
+            if not isinstance(raw, str) or "/" not in raw:
+                raise ValueError("not in CIDR notation")
+            networks.append(ipaddress.IPv4Network(raw.strip(), strict=False))
+        except ValueError:
+            raise SpecError(
+                f"invalid DefaultAddrPool {_short(str(raw))!r}: expected IPv4 networks in CIDR "
+                "notation, like 10.0.0.0/8 (--default-addr-pool)"
+            ) from None
+        if networks[-1].prefixlen > MAX_SUBNET_SIZE:
+            raise SpecError(
+                f"DefaultAddrPool {networks[-1]} is too small to carve subnets from: use "
+                f"/{MAX_SUBNET_SIZE} or larger"
+            )
+    subnet_size = _int(size, "SubnetSize", 0, 32) or DEFAULT_SUBNET_SIZE
+    pool = [str(n) for n in networks] or list(DEFAULT_ADDR_POOL)
+    # every pool must hold a subnet of that size
+    smallest = max(ipaddress.IPv4Network(n).prefixlen for n in pool)
+    if not smallest <= subnet_size <= MAX_SUBNET_SIZE:
+        raise SpecError(
+            f"SubnetSize {subnet_size} is out of range for the pool {', '.join(pool)}: use "
+            f"{smallest} to {MAX_SUBNET_SIZE} (--default-addr-pool-mask-length)"
+        )
+    data_path_port = _int(port, "DataPathPort", 0, 65535) or DEFAULT_DATA_PATH_PORT
+    if not DATA_PATH_PORTS[0] <= data_path_port <= DATA_PATH_PORTS[1]:
+        raise SpecError(
+            f"DataPathPort {data_path_port} is not in the valid range "
+            f"({DATA_PATH_PORTS[0]}-{DATA_PATH_PORTS[1]}) (--data-path-port)"
+        )
+    if data_path_port != DEFAULT_DATA_PATH_PORT:
+        raise SpecError(
+            f"DataPathPort {data_path_port}: a data path port other than "
+            f"{DEFAULT_DATA_PATH_PORT} is not supported yet (the overlays' VXLAN port is "
+            "fixed); leave --data-path-port (data_path_port) unset"
+        )
+    return NetworkDefaults(tuple(pool), subnet_size, data_path_port)

@@ -119,6 +119,10 @@ class Service:
     ports: list[dict[str, Any]] = field(default_factory=list)  # Endpoint.Ports, allocated
     vips: dict[str, str] = field(default_factory=dict)  # network id -> "a.b.c.d/len"
     update_status: dict[str, Any] | None = None
+    # jobs (Mode ReplicatedJob or GlobalJob): the run under way, bumped by every update of the
+    # service (JobStatus.JobIteration.Index), and when it began (JobStatus.LastExecution)
+    job_iteration: int = 0
+    job_started_at: str = ""
     # X-Registry-Auth of the client that created or last updated it with
     # --with-registry-auth: handed to nodes to pull its image, never shown by the API
     registry_auth: str = ""
@@ -147,6 +151,7 @@ class Task:
     container: dict[str, Any] = field(default_factory=dict)  # ContainerID, PID, ExitCode
     addresses: dict[str, str] = field(default_factory=dict)  # network id -> "a.b.c.d/len"
     networks: list[str] = field(default_factory=list)  # network ids, in attachment order
+    job_iteration: int | None = None  # a job's task: the run of the job it belongs to
 
 
 @dataclass
@@ -165,6 +170,11 @@ class Network:
     def name(self) -> str:
         name: str = self.spec.get("Name", "")
         return name
+
+
+DEFAULT_ADDR_POOL = ("10.0.0.0/8",)  # Docker's defaults for a swarm's networks
+DEFAULT_SUBNET_SIZE = 24
+DEFAULT_DATA_PATH_PORT = 4789
 
 
 @dataclass
@@ -186,6 +196,12 @@ class Cluster:
     # encrypted overlays' keyring (manager/netkeys.py): {"keys": [{tag, key}], "primary",
     # "rotated_at"}
     network_keys: dict[str, Any] = field(default_factory=dict)
+    # where overlay networks' subnets come from (swarm init --default-addr-pool,
+    # --default-addr-pool-mask-length), and the VXLAN port (--data-path-port); a cluster stored
+    # before they were kept has Docker's defaults, which it used
+    default_addr_pool: list[str] = field(default_factory=lambda: list(DEFAULT_ADDR_POOL))
+    subnet_size: int = DEFAULT_SUBNET_SIZE
+    data_path_port: int = DEFAULT_DATA_PATH_PORT
 
 
 Object = Node | Service | Task | Network | Cluster
@@ -249,8 +265,25 @@ def encode(obj: Object) -> dict[str, Any]:
     return {"kind": obj.KIND, **to_dict(obj)}
 
 
+def _moby_spelling(template: Any) -> Any:
+    """A TaskTemplate whose ContainerSpec spells its health check as moby does (Healthcheck):
+    specs stored before the API did so hold it as HealthCheck."""
+    cs = template.get("ContainerSpec") if isinstance(template, dict) else None
+    if not isinstance(cs, dict) or "HealthCheck" not in cs:
+        return template
+    renamed = {("Healthcheck" if k == "HealthCheck" else k): v for k, v in cs.items()}
+    return {**template, "ContainerSpec": renamed}
+
+
 def decode(data: dict[str, Any]) -> Object:
     data = dict(data)
     cls = KINDS[data.pop("kind")]
+    if cls is Service:
+        for key in ("spec", "previous_spec"):
+            spec = data.get(key)
+            if isinstance(spec, dict) and "TaskTemplate" in spec:
+                data[key] = {**spec, "TaskTemplate": _moby_spelling(spec["TaskTemplate"])}
+    elif cls is Task and "spec" in data:
+        data["spec"] = _moby_spelling(data["spec"])
     obj: Object = from_dict(cls, data)
     return obj

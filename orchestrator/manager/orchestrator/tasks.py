@@ -10,7 +10,8 @@ from orchestrator.store.ids import new_id, now_rfc3339
 from orchestrator.store.objects import Availability, Node, NodeState, Service, Task, TaskState
 
 
-def new_task(svc: Service, slot: int, node_id: str = "") -> Task:
+def new_task(svc: Service, slot: int, node_id: str = "", job: bool = False) -> Task:
+    """A task of the service for the slot (or node); `job`: a task of the job's current run."""
     return Task(
         id=new_id(),
         service_id=svc.id,
@@ -22,12 +23,21 @@ def new_task(svc: Service, slot: int, node_id: str = "") -> Task:
         state=TaskState.NEW,
         timestamp=now_rfc3339(),
         message="created",
+        job_iteration=svc.job_iteration if job else None,
     )
 
 
 def task_name(service_name: str, task: Task) -> str:
     """The container name Docker gives a task: <service>.<slot or node>.<task id>."""
     return f"{service_name}.{task.slot or task.node_id}.{task.id}"
+
+
+def shown_desired_state(task: Task) -> TaskState:
+    """The desired state as Docker shows it: a job's task is meant to complete (it is kept
+    RUNNING in the store, which is what agents run and the dispatcher sends)."""
+    if task.job_iteration is not None and task.desired_state == TaskState.RUNNING:
+        return TaskState.COMPLETE
+    return task.desired_state
 
 
 def runnable(task: Task) -> bool:
