@@ -6,8 +6,8 @@ import asyncio
 import dataclasses
 from pathlib import Path
 
-from orchestrator.manager.dispatcher import Dispatcher
-from orchestrator.store.objects import Node, NodeState, Task, TaskState
+from orchestrator.manager.dispatcher import MISSED_BEATS, Dispatcher
+from orchestrator.store.objects import Cluster, Node, NodeState, Task, TaskState
 from orchestrator.store.store import Tx
 from tests.test_manager import cluster, create, spec
 
@@ -53,5 +53,38 @@ def test_a_stopping_task_is_drained_once_every_ready_node_applied_its_stop(
         assert not drained()
         dispatcher._applied["node1"] = task.meta.version
         assert drained(), "node2 is down: nobody else balances over t1"
+
+    asyncio.run(run())
+
+
+def test_a_node_that_just_joined_gets_a_grace_period_and_a_silent_one_goes_down(
+    tmp_path: Path,
+) -> None:
+    async def run() -> None:
+        store, _ = await cluster(tmp_path, nodes=0)
+        period = 0.5  # s: three missed heartbeats take 1.5 s, far more than a late wake-up
+
+        def setup(tx: Tx) -> None:
+            spec = {"Dispatcher": {"HeartbeatPeriod": int(period * 1e9)}}
+            tx.put(Cluster(id="c", spec=spec))
+
+        await store.update(setup)
+        dispatcher = Dispatcher(store)
+        dispatcher.start()
+        try:
+            await asyncio.sleep(period * MISSED_BEATS * 1.1)  # the leader has led a while
+
+            def join(tx: Tx) -> None:
+                tx.put(Node(id="new", hostname="sw9", state=NodeState.READY))
+
+            await store.update(join)
+            await asyncio.sleep(period * MISSED_BEATS * 0.6)
+            node = store.get(Node, "new")
+            assert node is not None and node.state == NodeState.READY, "no grace"
+            await asyncio.sleep(period * MISSED_BEATS * 1.2)
+            node = store.get(Node, "new")
+            assert node is not None and node.state == NodeState.DOWN, "still up, unheard"
+        finally:
+            await dispatcher.stop()
 
     asyncio.run(run())

@@ -84,7 +84,6 @@ class Dispatcher:
         self._updates: list[tuple[str, Message]] = []
         self._log_streams: dict[str, asyncio.Queue[Message | None]] = {}
         self._dirty = asyncio.Event()
-        self._started = time.monotonic()
         self._tasks: list[asyncio.Task[None]] = []
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -104,7 +103,6 @@ class Dispatcher:
         """Serve sessions as the leader of `term`."""
         self.term = term
         self.active = True
-        self._started = time.monotonic()
         self._beats.clear()
         self._applied.clear()
         self._tasks = [
@@ -346,7 +344,11 @@ class Dispatcher:
             now = time.monotonic()
             late = []
             for node in self.store.list(Node):
-                last = self._beats.get(node.id, self._started)
+                last = self._beats.get(node.id)
+                if last is None:
+                    # not heard from since this leader started: its grace starts now (a node
+                    # that just joined has not opened its session yet)
+                    last = self._beats[node.id] = now
                 if node.state != NodeState.DOWN and now - last > period * MISSED_BEATS:
                     late.append(node.id)
             if late:
