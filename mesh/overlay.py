@@ -14,6 +14,7 @@ Reconcile reads what exists and changes only the difference; it touches only lin
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
@@ -134,6 +135,9 @@ class Overlay:
         # Remote ARP/FDB entries applied per VNI, and the VXLAN device they are on.
         self._entries: dict[int, set[Neigh]] = {}
         self._vxlan_index: dict[int, int] = {}
+        # networks whose subnet was checked against the node's routes, and those that clash
+        self._checked: dict[str, ipaddress.IPv4Network] = {}
+        self._clashing: dict[str, str] = {}
 
     def reconcile(self, state: MeshState, full: bool = True) -> OverlayReport:
         report = OverlayReport()
@@ -201,6 +205,46 @@ class Overlay:
                     except NetlinkError as e:
                         report.error(f"link {name}", f"cannot delete: {e}")
         return report
+
+    def clashes(self, state: MeshState) -> dict[str, str]:
+        """Networks to attach here whose subnet overlaps one of the node's own routes (one
+        not through a device of ours), and why: attaching one would route that traffic into
+        the overlay. A VM's NAT network (VirtualBox's and QEMU's 10.0.2.0/24) lies in the
+        swarm's default address pool. Networks already checked keep their verdict."""
+        wanted = {n.name: n.subnet for n in self._networks_here(state)}
+        new = {name: net for name, net in wanted.items() if self._checked.get(name) != net}
+        self._checked = {name: net for name, net in self._checked.items() if wanted.get(name)}
+        if not new:
+            return {name: why for name, why in self._clashing.items() if name in wanted}
+        found: dict[str, str] = {}
+        with iproute(self.netns) as ipr:
+            names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+            routes = [
+                (
+                    ipaddress.IPv4Network(f"{r.get_attr('RTA_DST')}/{r['dst_len']}"),
+                    names.get(r.get_attr("RTA_OIF"), "?"),
+                )
+                for r in ipr.get_routes(family=AF_INET, table=254)
+                if r["dst_len"] > 0
+            ]
+        for name, subnet in new.items():
+            theirs = [
+                f"{dst} on {dev}"
+                for dst, dev in routes
+                if dst.overlaps(subnet) and not is_owned_link(dev)
+            ]
+            self._checked[name] = subnet
+            if theirs:
+                found[name] = (
+                    f"its subnet {subnet} overlaps this node's route to {', '.join(theirs)}: "
+                    "attaching it would take that traffic; remove the network and create it "
+                    "with --subnet elsewhere (or init the swarm with another "
+                    "--default-addr-pool)"
+                )
+            else:
+                self._clashing.pop(name, None)
+        self._clashing.update(found)
+        return {name: why for name, why in self._clashing.items() if name in wanted}
 
     @staticmethod
     def _networks_here(state: MeshState) -> list[Network]:

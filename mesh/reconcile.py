@@ -94,6 +94,14 @@ class Mesh:
         report.errors.update(esp.errors)
         report.link_changes += esp.changes
         state = state.without_networks(esp.refused)
+        try:
+            clashing = self.overlay.clashes(state)
+        except (NetlinkError, NetnsError, OSError) as e:
+            report.errors["routes"] = f"cannot read this node's routes: {e}"
+            clashing = {}
+        for name, why in clashing.items():
+            report.errors[f"network {name}"] = why
+        state = state.without_networks(set(clashing))
         self.overlay.protected = esp.protected
         overlay = self.overlay.reconcile(state, full=full or verify or self._node_table is None)
         report.link_changes += overlay.changes

@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 
 from mesh.dns.server import MAX_UPSTREAMS, UPSTREAM_TIMEOUT
 from mesh.netns import run_in_netns
+from mesh.state import read_applied
 from orchestrator.apps import micro
 from orchestrator.lab.meshlab import MeshLab, Task
 from orchestrator.lab.record import Lab
@@ -374,6 +375,42 @@ def test_dns_forwards_other_names(mesh: MeshLab, upstream: FakeUpstream) -> None
     assert upstream.seen == []
     assert _addresses(_dns(ns, "example.test")) == {UPSTREAM_ADDR}
     assert _addresses(_dns(ns, "example.test", tcp=True)) == {UPSTREAM_ADDR}
+
+
+def test_a_network_over_a_route_of_the_node_is_refused_and_the_route_kept(
+    mesh: MeshLab, lab3: Lab
+) -> None:
+    """A VM's NAT network (VirtualBox's and QEMU's 10.0.2.0/24) lies in the swarm's default
+    address pool: an overlay attached over it would take the node's own traffic there."""
+    ip = ["ip", "-n", lab3.node("sw1").netns]
+    subprocess.run([*ip, "link", "add", "tclash0", "type", "veth", "peer", "tclash1"], check=True)
+    try:
+        for end in ("tclash0", "tclash1"):
+            subprocess.run([*ip, "link", "set", end, "up"], check=True)
+        subprocess.run([*ip, "route", "add", "10.0.2.0/24", "dev", "tclash0"], check=True)
+        mesh.add_network("natlike", 4190, "10.0.2.0/24")
+        mesh.add_service("natsvc", [], ["natlike"], endpoint_mode="dnsrr")
+        mesh.add_task("natsvc", "sw1")
+        mesh.wait_synced(mesh.publish())
+        errors = read_applied(mesh.run_dir / "run-sw1").errors
+        why = errors.get("network natlike", "")
+        assert "overlaps this node's route to 10.0.2.0/24 on tclash0" in why, errors
+        assert "--subnet" in why
+        links = subprocess.run([*ip, "-o", "link"], capture_output=True, text=True).stdout
+        assert "sh-br4190" not in links and "sh-vx4190" not in links
+        route = ["route", "show", "10.0.2.0/24"]
+        shown = subprocess.run([*ip, *route], capture_output=True, text=True).stdout
+        assert shown.split() == ["10.0.2.0/24", "dev", "tclash0", "scope", "link"], shown
+        # a node without such a route attaches it
+        sw2 = subprocess.run(
+            ["ip", "-n", lab3.node("sw2").netns, "-o", "link"], capture_output=True, text=True
+        ).stdout
+        assert "sh-br4190" in sw2
+    finally:
+        mesh.remove_task("natsvc.1")
+        del mesh.services["natsvc"], mesh.nets["natlike"]
+        mesh.wait_synced(mesh.publish())
+        subprocess.run([*ip, "link", "del", "tclash0"], check=True)
 
 
 def test_converges_after_its_kernel_objects_are_damaged(mesh: MeshLab) -> None:

@@ -171,6 +171,7 @@ def _qemu_argv(lab: Lab, node: Node, image: vmimage.Image, accel: Accel) -> list
         f"shoal.gw={lab.gateway}",
         f"shoal.mac={_mac('52:54:00', node.address)}",
         f"shoal.mgmt_mac={_mac('52:55:00', node.address)}",
+        f"shoal.mgmt_ip={vmagent.MGMT_IP}/{ipaddress.IPv4Network(vmagent.MGMT_NET).prefixlen}",
         f"shoal.python={sys.executable}",
         f"shoal.project={PROJECT}",
         *(f"shoal.share={tag}:{path}:{mode}:{cache}" for tag, path, mode, cache in shares),
@@ -210,8 +211,8 @@ def _qemu_argv(lab: Lab, node: Node, image: vmimage.Image, accel: Accel) -> list
         "-device",
         f"virtio-net-pci,netdev=ul,mac={_mac('52:54:00', node.address)}",
         "-netdev",
-        f"user,id=mg,restrict=on,hostfwd=tcp:127.0.0.1:{agent_port(node.name)}-"
-        f"10.0.2.15:{vmagent.PORT}",
+        f"user,id=mg,net={vmagent.MGMT_NET},restrict=on,"
+        f"hostfwd=tcp:127.0.0.1:{agent_port(node.name)}-{vmagent.MGMT_IP}:{vmagent.PORT}",
         "-device",
         f"virtio-net-pci,netdev=mg,mac={_mac('52:55:00', node.address)}",
         "-device",

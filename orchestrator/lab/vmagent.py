@@ -25,6 +25,12 @@ import sys
 from dataclasses import dataclass
 
 PORT = 7799
+# The agent's link: QEMU user networking on a subnet of its own. Not QEMU's default
+# 10.0.2.0/24, which lies in the swarm's default address pool (10.0.0.0/8): the third overlay
+# network gets 10.0.2.0/24, and a node holds its overlays' gateways, so that route would take
+# the agent's replies away from it.
+MGMT_NET = "172.29.255.0/24"
+MGMT_IP = "172.29.255.15"
 # The VM's shoald (orchestrator/lab/daemons.py) listens here, on the VM's own tmpfs /run.
 SHOALD_SOCKET = "/run/shoal/shoal.sock"
 FRAME = struct.Struct(">BI")
@@ -149,7 +155,7 @@ class Agent:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--listen", default="10.0.2.15")
+    p.add_argument("--listen", default=MGMT_IP)
     p.add_argument("--port", type=int, default=PORT)
     args = p.parse_args(argv)
     # Commands find the project's tools (shoal-mesh, shoal) as on the host, and the CLI the

@@ -126,7 +126,7 @@ ip addr add "$(arg ip)" dev eth0 && ip link set eth0 up || fail "no underlay NIC
 ip route add default via "$(arg gw)"
 # The agent's own link (QEMU user networking, restricted: it reaches nothing but the host's
 # forwarded port), kept apart from the underlay so a cut underlay does not cut the agent.
-ip addr add 10.0.2.15/24 dev mgmt0 && ip link set mgmt0 up || fail "no management NIC"
+ip addr add "$(arg mgmt_ip)" dev mgmt0 && ip link set mgmt0 up || fail "no management NIC"
 for share in $(arg share); do
   # cache: "loose" for what does not change under a running VM (the virtualenv, Python),
   # "none" for the project's sources and the state files the host rewrites
@@ -136,7 +136,8 @@ for share in $(arg share); do
     || fail "cannot mount $path"
 done
 cd "$(arg project)" || fail "the project is not shared"
-"$(arg python)" -m orchestrator.lab.vmagent --listen 10.0.2.15 > /dev/console 2>&1 &
+mgmt_ip="$(arg mgmt_ip)"
+"$(arg python)" -m orchestrator.lab.vmagent --listen "${mgmt_ip%/*}" > /dev/console 2>&1 &
 # PID 1 reaps the orphans of everything the agent starts.
 while :; do wait; sleep 1; done
 """
