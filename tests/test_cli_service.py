@@ -17,13 +17,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import docker.errors
 import pytest
 
 from orchestrator.api.convert import node_json
 from orchestrator.api.docker import canonical
 from orchestrator.cli import service
-from orchestrator.cli.client import CliError
+from orchestrator.cli.client import APIError, CliError
 from orchestrator.cli.main import build_parser, main
 from orchestrator.cli.service import (
     SECOND,
@@ -1245,7 +1244,7 @@ def test_bad_since(text: str) -> None:
 
 
 def test_logs_sends_since(monkeypatch: pytest.MonkeyPatch) -> None:
-    client = RecordingClient({})
+    client = RecordingClient({}, current=stored())
     monkeypatch.setattr(service, "connect", lambda host: client)
     args = args_of("logs", "--since", "2013-01-02T13:23:37Z", "-t", "web")
     assert args.func(args) == 0
@@ -1257,6 +1256,7 @@ def test_logs_sends_since(monkeypatch: pytest.MonkeyPatch) -> None:
         "since": "1357133017.000000000",
         "timestamps": True,
         "tail": "all",
+        "is_tty": True,  # stored()'s TTY: its logs come unframed
     }
     args = args_of("logs", "web")
     args.func(args)
@@ -1362,20 +1362,12 @@ def test_node_json_names_the_executor() -> None:
     assert "Labels" not in node_json(Node(id="n3"), 0, {}, "x")["Description"]["Engine"]
 
 
-# ---- a stand-in for the docker SDK's APIClient ----------------------------------------------
-
-
-class Response:
-    def __init__(self, body: dict[str, Any]):
-        self.content = json.dumps(body).encode() if body else b""
-        self.body = body
-
-    def json(self) -> dict[str, Any]:
-        return self.body
+# ---- a stand-in for orchestrator.cli.client.Client ------------------------------------------
 
 
 class RecordingClient:
-    """What the commands call of docker.APIClient; records the posts."""
+    """What the commands call of the client; records the posts of specs as (path, spec, query
+    parameters, headers)."""
 
     def __init__(
         self,
@@ -1389,19 +1381,32 @@ class RecordingClient:
         self.posts: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, str]]] = []
         self.logs: dict[str, Any] = {}
 
-    def _url(self, path: str, *args: str) -> str:
-        return path.format(*args)
+    def create_service(
+        self, spec: dict[str, Any], registry_auth: str | None = None
+    ) -> dict[str, Any]:
+        return self._post("/services/create", spec, {}, registry_auth)
 
-    def _post_json(
-        self, url: str, data: dict[str, Any], params: dict[str, Any], headers: dict[str, str]
-    ) -> Response:
-        self.posts.append((url, copy.deepcopy(data), dict(params), dict(headers)))
-        return Response(self.answer)
+    def update_service(
+        self,
+        service: str,
+        version: int,
+        spec: dict[str, Any],
+        registry_auth: str | None = None,
+        registry_auth_from: str | None = None,
+        rollback: str | None = None,
+    ) -> dict[str, Any]:
+        params = {"version": version, "registryAuthFrom": registry_auth_from, "rollback": rollback}
+        sent = {k: v for k, v in params.items() if v is not None}
+        return self._post(f"/services/{service}/update", spec, sent, registry_auth)
 
-    def _raise_for_status(self, response: Response) -> None:
+    def _post(
+        self, path: str, spec: dict[str, Any], params: dict[str, Any], auth: str | None
+    ) -> dict[str, Any]:
+        headers = {"X-Registry-Auth": auth} if auth else {}
+        self.posts.append((path, copy.deepcopy(spec), params, headers))
         if self.refuse is not None:
-            status, message = self.refuse
-            raise docker.errors.APIError(f"{status} Client Error", explanation=message)
+            raise APIError(*self.refuse)
+        return copy.deepcopy(self.answer)
 
     def inspect_service(self, ref: str) -> dict[str, Any]:
         return {"ID": "svc1", "Version": {"Index": 9}, "Spec": copy.deepcopy(self.current)}

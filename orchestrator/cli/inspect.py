@@ -6,9 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-import docker.errors
-
-from orchestrator.cli.client import CliError, connect
+from orchestrator.cli.client import CliError, NotFound, connect
 from orchestrator.cli.output import pretty_json
 
 
@@ -32,7 +30,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             try:
                 found.append(lookup(ref))
                 break
-            except docker.errors.NotFound:
+            except NotFound:
                 continue
         else:
             raise CliError(f"no such object: {ref}")

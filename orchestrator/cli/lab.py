@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+from collections.abc import Callable
 
+from orchestrator.cli.client import CliError
 from orchestrator.lab import daemons, demo, engines, faults, registry, vmdemo
 from orchestrator.lab import lab as labmod
 from orchestrator.lab.record import NETNS, VM, LabError
@@ -132,6 +134,23 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="CMD")
     ex.set_defaults(func=cmd_exec)
+    for command in lab_sub.choices.values():
+        command.set_defaults(func=_cli_errors(command.get_default("func")))
+
+
+def _cli_errors(
+    func: Callable[[argparse.Namespace], int],
+) -> Callable[[argparse.Namespace], int]:
+    """func, its LabError a CliError: printed as the CLI's errors are, by main.py, which so
+    imports no lab code for the other commands."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except LabError as e:
+            raise CliError(str(e)) from e
+
+    return run
 
 
 def _require(name: str) -> labmod.Lab:

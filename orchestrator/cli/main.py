@@ -3,17 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-import docker.errors
-import requests
+from orchestrator.cli.client import APIError, CliError
 
-from orchestrator.cli import inspect, lab, network, node, service, swarm
-from orchestrator.cli.client import CliError, api_message, host
-from orchestrator.lab.lab import LabError
+# A command's module is imported only when that command runs (or for help): the lab's pulls
+# in netlink and the node daemon, the service's the manager's spec checks; `shoal node ls`
+# needs neither.
+COMMANDS = {
+    name: f"orchestrator.cli.{name}"
+    for name in ("swarm", "node", "service", "network", "inspect", "lab")
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command(argv: list[str]) -> str | None:
+    """The command argv names, if it names one (options before it skipped)."""
+    rest = iter(argv)
+    for arg in rest:
+        if arg in ("-H", "--host"):
+            next(rest, None)
+        elif not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shoal", description="Swarm-mode orchestration with a kernel routing mesh."
     )
@@ -24,32 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="shoald's socket (default: $DOCKER_HOST, else unix:///run/shoal/shoal.sock)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    swarm.add_parser(sub)
-    node.add_parser(sub)
-    service.add_parser(sub)
-    network.add_parser(sub)
-    inspect.add_parser(sub)
-    lab.add_parser(sub)
+    for name, module in COMMANDS.items():
+        if only is None or name == only:
+            importlib.import_module(module).add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_command(argv)).parse_args(argv)
     try:
         code: int = args.func(args)
         return code
-    except docker.errors.APIError as e:
-        print(f"Error response from daemon: {api_message(e)}", file=sys.stderr)
+    except APIError as e:
+        print(f"Error response from daemon: {e.message}", file=sys.stderr)
         return 1
-    except (requests.exceptions.ConnectionError, docker.errors.DockerException) as e:
-        print(
-            f"shoal: cannot reach shoald at {host(args.host)} ({type(e).__name__}). Is "
-            "shoald running? (set DOCKER_HOST or --host; in the lab: eval $(shoal lab env "
-            "sw1))",
-            file=sys.stderr,
-        )
-        return 1
-    except (CliError, LabError) as e:
+    except CliError as e:
         print(f"shoal: {e}", file=sys.stderr)
         return 1
     except PermissionError as e:

@@ -27,10 +27,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from fractions import Fraction
 from typing import Any
 
-import docker.auth
-import docker.errors
-
-from orchestrator.cli.client import CliError, api_message, connect
+from orchestrator.cli.client import APIError, CliError, connect
 from orchestrator.cli.output import image_name, pretty_json, short, table
 from orchestrator.cli.tasks import print_tasks
 from orchestrator.manager.spec import (
@@ -561,6 +558,11 @@ def registry_auth(image: str, config_path: str | None = None) -> str:
     """X-Registry-Auth for the image's registry, as `--with-registry-auth` sends it: the
     credentials `docker login` stored (~/.docker/config.json or $DOCKER_CONFIG, credential
     helpers included) as compact base64url JSON, else `{}` (pulls stay anonymous)."""
+    # the docker SDK reads docker's config as docker does; imported only here, where it is
+    # needed: it takes longer to import than most commands take to run
+    import docker.auth  # noqa: PLC0415
+    import docker.errors  # noqa: PLC0415
+
     try:
         registry, _ = docker.auth.resolve_repository_name(image)
         config = docker.auth.load_config(config_path)
@@ -1101,27 +1103,6 @@ def create_spec(args: argparse.Namespace) -> dict[str, Any]:
     return spec
 
 
-def _post(
-    client: Any,
-    spec: dict[str, Any],
-    path: str,
-    *path_args: str,
-    params: dict[str, Any] | None = None,
-    auth: str | None = None,
-) -> dict[str, Any]:
-    """POST a ServiceSpec as the docker CLI does: the spec as given, X-Registry-Auth only when
-    asked (the SDK's create_service and update_service would send whatever `docker login`
-    stored, and rebuild the spec)."""
-    headers = {"X-Registry-Auth": auth} if auth else {}
-    url = client._url(path, *path_args)
-    resp = client._post_json(url, data=spec, params=params or {}, headers=headers)
-    client._raise_for_status(resp)
-    if not resp.content.strip():
-        return {}
-    result: dict[str, Any] = resp.json()
-    return result
-
-
 def _print_warnings(result: dict[str, Any]) -> None:
     """The API's Warnings on stderr, as the docker CLI prints them (before the ID)."""
     for warning in result.get("Warnings") or ():
@@ -1132,7 +1113,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     spec = create_spec(args)
     auth = registry_auth(args.image) if args.with_registry_auth else None
     client = connect(args.host)
-    result = _post(client, spec, "/services/create", auth=auth)
+    result: dict[str, Any] = client.create_service(spec, registry_auth=auth)
     _print_warnings(result)
     service_id = result["ID"]
     print(service_id)
@@ -1407,18 +1388,20 @@ def _push(
     svc: dict[str, Any],
     spec: dict[str, Any],
     auth: str | None = None,
-    params: dict[str, Any] | None = None,
+    auth_from: str | None = None,
+    rollback: str | None = None,
 ) -> dict[str, Any]:
     """Send a changed spec, as of the version read (a concurrent change is refused); the rest of
     the spec goes back as it was read. Returns the answer (its Warnings)."""
-    return _post(
-        client,
-        spec,
-        "/services/{0}/update",
+    result: dict[str, Any] = client.update_service(
         svc["ID"],
-        params={"version": svc["Version"]["Index"], **(params or {})},
-        auth=auth,
+        svc["Version"]["Index"],
+        spec,
+        registry_auth=auth,
+        registry_auth_from=auth_from,
+        rollback=rollback,
     )
+    return result
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
@@ -1439,8 +1422,8 @@ def cmd_scale(args: argparse.Namespace) -> int:
             print(f"{name} scaled to {count}")
             if not args.detach:
                 converge(client, svc["ID"])
-        except docker.errors.APIError as e:
-            print(f"shoal: {name}: {api_message(e)}", file=sys.stderr)
+        except APIError as e:
+            print(f"shoal: {name}: {e.message}", file=sys.stderr)
             failed = True
     return 1 if failed else 0
 
@@ -1583,12 +1566,7 @@ def cmd_update(args: argparse.Namespace) -> int:
     client = connect(args.host)
     svc = client.inspect_service(args.service)
     if args.rollback:  # as `service rollback`, the service keeping its credentials
-        result = _push(
-            client,
-            svc,
-            svc["Spec"],
-            params={"registryAuthFrom": "spec", "rollback": "previous"},
-        )
+        result = _push(client, svc, svc["Spec"], auth_from="spec", rollback="previous")
     elif args.with_registry_auth:
         spec = _updated_spec(args, svc["Spec"])
         # the image as updated (or the service's own): its registry's credentials
@@ -1596,7 +1574,7 @@ def cmd_update(args: argparse.Namespace) -> int:
         result = _push(client, svc, spec, auth=auth)
     else:  # the service keeps the credentials it has, as docker asks
         spec = _updated_spec(args, svc["Spec"])
-        result = _push(client, svc, spec, params={"registryAuthFrom": "spec"})
+        result = _push(client, svc, spec, auth_from="spec")
     _print_warnings(result)
     print(args.service)
     if not args.detach:
@@ -1611,7 +1589,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     _refuse_bad_flags(args)
     client = connect(args.host)
     svc = client.inspect_service(args.service)
-    result = _push(client, svc, svc["Spec"], params={"rollback": "previous"})
+    result = _push(client, svc, svc["Spec"], rollback="previous")
     _print_warnings(result)
     print(args.service)
     if not args.detach:
@@ -1636,9 +1614,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
         since=since,
         timestamps=args.timestamps,
         tail=tail,
+        is_tty=bool(svc["Spec"]["TaskTemplate"]["ContainerSpec"].get("TTY")),
     ):
-        text = chunk.decode(errors="replace") if isinstance(chunk, bytes) else str(chunk)
-        for line in text.splitlines(keepends=True):
+        for line in chunk.decode(errors="replace").splitlines(keepends=True):
             print(_pretty_log(client, svc, line, args.timestamps, names, nodes), end="", flush=True)
     return 0
 
@@ -1662,12 +1640,12 @@ def _pretty_log(
         try:
             task = client.inspect_task(tid)
             names[tid] = f"{svc['Spec']['Name']}.{task.get('Slot') or nid}.{short(tid)}"
-        except docker.errors.APIError:
+        except APIError:
             names[tid] = short(tid)
     if nid not in nodes:
         try:
             nodes[nid] = client.inspect_node(nid)["Description"]["Hostname"]
-        except docker.errors.APIError:
+        except APIError:
             nodes[nid] = short(nid)
     return f"{ts}{names[tid]}@{nodes[nid]}    | {message}"
 
@@ -1679,7 +1657,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
         try:
             client.remove_service(ref)
             print(ref)
-        except docker.errors.APIError as e:
-            print(f"shoal: {api_message(e)}", file=sys.stderr)
+        except APIError as e:
+            print(f"shoal: {e.message}", file=sys.stderr)
             failed = True
     return 1 if failed else 0

@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import docker.errors
-
+from orchestrator.cli.client import NotFound
 from orchestrator.cli.output import ago, image_name, short, table
 
 
@@ -26,7 +25,7 @@ def print_tasks(client: Any, tasks: list[dict[str, Any]], quiet: bool, fmt: str 
         if sid not in services:
             try:
                 services[sid] = client.inspect_service(sid)["Spec"]["Name"]
-            except docker.errors.NotFound:  # a removed service: show its ID, as docker does
+            except NotFound:  # a removed service: show its ID, as docker does
                 services[sid] = sid
         return services[sid]
 
@@ -37,7 +36,7 @@ def print_tasks(client: Any, tasks: list[dict[str, Any]], quiet: bool, fmt: str 
             try:
                 n = client.inspect_node(nid)
                 nodes[nid] = n["Spec"].get("Name") or n["Description"]["Hostname"]
-            except docker.errors.NotFound:  # a removed node: its ID, as docker does
+            except NotFound:  # a removed node: its ID, as docker does
                 nodes[nid] = nid
         return nodes[nid]
 
