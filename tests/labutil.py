@@ -45,12 +45,13 @@ def shoal(
     )
 
 
-def wait(cond: Callable[[], bool], what: str, within: float = 30.0) -> float:
-    """Poll until cond() holds; the seconds it took. Fails the test after `within`."""
+def wait(cond: Callable[[], bool], what: str, within: float = 30.0, every: float = 0.1) -> float:
+    """Poll until cond() holds, every `every` s; the seconds it took. Fails the test after
+    `within`."""
     start = time.monotonic()
     while not cond():
         assert time.monotonic() - start < within, f"timed out waiting for {what}"
-        time.sleep(0.1)
+        time.sleep(every)
     return time.monotonic() - start
 
 
