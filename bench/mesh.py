@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -286,10 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--reps", type=int, default=15)
     args = p.parse_args(argv)
     RESULTS.mkdir(exist_ok=True)
+    # The machine is shared: how busy it was says how far wall-clock figures can be trusted.
+    load_start = os.getloadavg()
     if args.what == "data":
         result = data(args.seconds, args.reps)
     else:
         result = sync([int(x) for x in args.sizes.split(",")], args.backends, args.reps)
+    result["loadavg"] = {"start": load_start, "end": os.getloadavg()}
+    print(f"\nload average (1, 5, 15 min): start {load_start}, end {os.getloadavg()}")
     out = RESULTS / f"mesh-{args.what}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"\nraw results: {out}")

@@ -1,9 +1,10 @@
 """The load-balancer backend interface.
 
-Every namespace Shoal balances in has an nftables table `shoal` that classifies traffic
-(published ports, VIPs), masquerades and routes it to a per-frontend chain. How that chain
-picks a backend is the backend's business: nftables does it with `numgen inc` and a DNAT map,
-IPVS with a firewall mark and an IPVS round-robin service. Both see the same calls.
+Every namespace Shoal balances in has an nftables table `shoal` (and, past a thousand
+frontends, more tables of the same kind: mesh/lb/table.py) that classifies traffic (published
+ports, VIPs), masquerades and routes it to a per-frontend chain. How that chain picks a backend
+is the backend's business: nftables does it with `numgen inc` and a DNAT map, IPVS with a
+firewall mark and an IPVS round-robin service. Both see the same calls.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from mesh.nft.transaction import Transaction
 
 @dataclass(frozen=True)
 class FrontendSlot:
-    """Where a frontend lives in the table: its number (stable while it exists) and chain."""
+    """Where a frontend lives: its table, its number (stable while it exists) and chain."""
 
+    table: str
     fid: int
     chain: str
     backend_map: str
@@ -44,9 +46,14 @@ class Balancer(ABC):
         """Besides DNATed connections, which traffic the node masquerades onto overlays."""
         return None
 
+    def declare(self, tx: Transaction) -> None:  # noqa: B027 - an optional hook
+        """Add what this balancer needs once in the namespace, to the main table (called on
+        every full sync)."""
+
     @abstractmethod
-    def declare(self, tx: Transaction) -> None:
-        """Add the table-wide objects this balancer needs (called on every full sync)."""
+    def declare_table(self, tx: Transaction) -> None:
+        """Add what the frontends of one table share (called when a table that holds
+        frontends is made, the main table included)."""
 
     @abstractmethod
     def add_frontend(self, tx: Transaction, fe: Frontend, slot: FrontendSlot) -> None:

@@ -174,6 +174,10 @@ class IpvsBalancer(Balancer):
         self._want = {}
         self._dirty = set()
 
+    def declare_table(self, tx: Transaction) -> None:
+        """Nothing: a frontend's chain only marks, and the chains `declare` adds serve every
+        table."""
+
     def add_frontend(self, tx: Transaction, fe: Frontend, slot: FrontendSlot) -> None:
         mark = self._assign(fe.key)
         tx.add_rule(

@@ -12,7 +12,7 @@ packet reaches a nat chain; conntrack carries the rest.
 Why these shapes (measured on kernel 6.18, docs/benchmarks.md): binding a *data map* to a new
 rule makes the kernel walk the whole map, so one shared backend map would cost O(all backends)
 per added service; a map per frontend costs O(its backends). Counter maps are object maps and
-are not walked, so one is shared.
+are not walked, so one is shared by the frontends of a table.
 """
 
 from __future__ import annotations
@@ -50,13 +50,13 @@ def _index_key(index: int) -> bytes:
 
 def _backend_value(b: Backend) -> bytes:
     """Address and port in register layout; address alone when the port is kept."""
-    return E.ipv4(str(b.ip)) + (E.port_reg(b.port) if b.port else b"")
+    return b.ip.packed + (E.port_reg(b.port) if b.port else b"")
 
 
 class NftablesBalancer(Balancer):
     name = "nftables"
 
-    def declare(self, tx: Transaction) -> None:
+    def declare_table(self, tx: Transaction) -> None:
         tx.add_set(
             SetSpec(
                 COUNTER_MAP, concat_type(TYPE_MARK, TYPE_MARK), 8, object_type=E.NFT_OBJECT_COUNTER
@@ -71,14 +71,21 @@ class NftablesBalancer(Balancer):
         tx.add_set(
             SetSpec(slot.backend_map, TYPE_MARK, 4, data_type, data_len, host_order_key=True)
         )
-        for b in fe.backends:
-            tx.add_counter(counter_name(fe, b))
-        self._add_elements(tx, fe, slot, range(len(fe.backends)))
+        names = [counter_name(fe, b) for b in fe.backends]
+        for name in names:
+            tx.add_counter(name)
+        self._add_elements(tx, fe, slot, range(len(fe.backends)), names)
         self._add_rule(tx, fe, slot)
 
     def _add_elements(
-        self, tx: Transaction, fe: Frontend, slot: FrontendSlot, indexes: range | list[int]
+        self,
+        tx: Transaction,
+        fe: Frontend,
+        slot: FrontendSlot,
+        indexes: range | list[int],
+        names: list[str],
     ) -> None:
+        """Backends `indexes` into the frontend's maps; `names`: every backend's counter."""
         if not indexes:
             return
         tx.add_elements(
@@ -87,10 +94,7 @@ class NftablesBalancer(Balancer):
         )
         tx.add_elements(
             COUNTER_MAP,
-            [
-                Element(_counter_key(slot.fid, i), objref=counter_name(fe, fe.backends[i]))
-                for i in indexes
-            ],
+            [Element(_counter_key(slot.fid, i), objref=names[i]) for i in indexes],
         )
 
     def _add_rule(self, tx: Transaction, fe: Frontend, slot: FrontendSlot) -> None:
@@ -118,8 +122,9 @@ class NftablesBalancer(Balancer):
     def update_backends(
         self, tx: Transaction, old: Frontend, new: Frontend, slot: FrontendSlot
     ) -> None:
+        names = [counter_name(new, b) for b in new.backends]
         old_names = {counter_name(old, b) for b in old.backends}
-        new_names = {counter_name(new, b) for b in new.backends}
+        new_names = set(names)
         for name in sorted(new_names - old_names):
             tx.add_counter(name)
         changed = [
@@ -133,7 +138,7 @@ class NftablesBalancer(Balancer):
         if stale:
             tx.delete_elements(slot.backend_map, [_index_key(i) for i in stale])
             tx.delete_elements(COUNTER_MAP, [_counter_key(slot.fid, i) for i in stale])
-        self._add_elements(tx, new, slot, [i for i in changed if i < len(new.backends)])
+        self._add_elements(tx, new, slot, [i for i in changed if i < len(new.backends)], names)
         if len(old.backends) != len(new.backends):
             tx.flush_chain(slot.chain)  # the modulus is part of the rule
             self._add_rule(tx, new, slot)

@@ -1,15 +1,28 @@
-"""One namespace's `shoal` nftables table, kept equal to a NamespaceLB.
+"""One namespace's `shoal` nftables tables, kept equal to a NamespaceLB.
 
-A full sync replaces the table in one atomic transaction (add, delete, add); conntrack keeps
+Frontends live in tables of at most SHARD_SIZE frontends: `shoal`, which also holds what the
+namespace needs once (the node's masquerading, the balancer's own chains), and past that
+`shoal-1`, `shoal-2`, ... Each table classifies the traffic of its own frontends (published
+ports, VIPs) from its own base chains. Why: most of what nf_tables does on a change grows with
+the table changed, not with the namespace. It revalidates the whole table from its base chains
+whenever a rule or a verdict-map element is added, and finds a set by name in a list of the
+table's sets; in one table of 20,000 frontends (10,000 services, a VIP frontend per protocol)
+adding a service took ~25 ms of kernel time and a full load ~30 s of it (docs/benchmarks.md,
+"Sync cost"). The price is a lookup per table on a new connection's first packet (the nat
+chains see no other packet), ~0.2 us each. A frontend stays in its table until a full sync
+repacks them; a shard that empties goes.
+
+A full sync replaces the tables in one atomic transaction (add, delete, add); conntrack keeps
 the NAT of established connections, so a restart breaks none. Afterwards each sync sends only
-what changed. If a transaction fails nothing of it is applied, so the remembered state stays
-true and the next sync can retry; callers fall back to a full sync.
+what changed, in one batch across tables. If a transaction fails nothing of it is applied, so
+the remembered state stays true and the next sync can retry; callers fall back to a full sync.
 """
 
 from __future__ import annotations
 
 import errno
 import ipaddress
+import re
 from dataclasses import dataclass
 
 from mesh.lb.base import BackendCount, Balancer, FrontendSlot
@@ -29,6 +42,7 @@ from mesh.nft.transaction import (
     Hook,
     SetSpec,
     Transaction,
+    commit,
     concat_type,
     list_tables,
     read_counters,
@@ -37,14 +51,41 @@ from mesh.nft.wire import NftError, NftSocket
 
 PUBLISHED_MAP = "published"
 VIP_MAP = "vips"
+# Frontends per table: the kernel's work on a change that grows with its table stays under
+# 1 ms, and a namespace of 10,000 services has 20 tables to look up (docs/benchmarks.md).
+SHARD_SIZE = 1000
 _PROTO = {"tcp": 6, "udp": 17}
 _LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
+# Not `shoal-esp` (mesh/ipsec.py) nor `shoal-lab` (the lab's partitions)
+_SHARD_NAME = re.compile(re.escape(NFT_TABLE) + r"(?:-([1-9][0-9]*))?")
 
 
 @dataclass(frozen=True)
 class SyncResult:
     requests: int
     full: bool
+
+
+@dataclass(frozen=True)
+class _Change:
+    """What a sync sends, and what the table remembers once the kernel has taken it: the
+    frontends' slots that went and came (a change costs what changed, not a copy of 20,000
+    slots), and the size of every table."""
+
+    txs: list[Transaction]
+    removed: list[str]
+    added: dict[str, FrontendSlot]
+    sizes: dict[str, int]
+
+
+def _table(shard: int) -> str:
+    return f"{NFT_TABLE}-{shard}" if shard else NFT_TABLE
+
+
+def _shard(table: str) -> int | None:
+    """The shard number of one of our tables; None for anyone else's."""
+    found = _SHARD_NAME.fullmatch(table)
+    return None if found is None else int(found.group(1) or 0)
 
 
 def _chain(fe: Frontend) -> str:
@@ -68,6 +109,7 @@ class NamespaceTable:
         self._sock: NftSocket = run_in_netns(netns, NftSocket)
         self._applied: NamespaceLB | None = None
         self._slots: dict[str, FrontendSlot] = {}
+        self._sizes: dict[str, int] = {}  # table -> frontends in it, the main table included
         self._next_fid = 1
 
     def close(self) -> None:
@@ -77,62 +119,64 @@ class NamespaceTable:
     def applied(self) -> NamespaceLB | None:
         return self._applied
 
-    def _slot(self, fe: Frontend) -> FrontendSlot:
+    def _slot(self, table: str, fe: Frontend) -> FrontendSlot:
         fid = self._next_fid
         self._next_fid += 1
         chain = _chain(fe)
-        return FrontendSlot(fid, chain, "be-" + chain[3:])
+        return FrontendSlot(table, fid, chain, "be-" + chain[3:])
 
     def exists(self) -> bool:
-        return NFT_TABLE in list_tables(self._sock)
+        """Are all the tables of the last sync (the main table before any) there?"""
+        return (set(self._sizes) or {NFT_TABLE}) <= set(list_tables(self._sock))
 
     def sync(self, desired: NamespaceLB, full: bool = False) -> SyncResult:
-        """Make the table match; raises NftError (and changes nothing) if the kernel refuses."""
+        """Make the tables match; raises NftError (and changes nothing) if the kernel refuses."""
         old = self._applied
         full = full or old is None or old.node != desired.node
-        if full or old is None:
-            tx, slots = self._full(desired)
-        else:
-            tx, slots = self._incremental(old, desired)
-        tx.commit(self._sock)
-        self._applied, self._slots = desired, slots
+        change = self._full(desired) if full or old is None else self._incremental(old, desired)
+        commit(self._sock, change.txs)
+        if full:
+            self._slots = {}
+        for key in change.removed:
+            del self._slots[key]
+        self._slots.update(change.added)
+        self._applied, self._sizes = desired, change.sizes
         self.balancer.after_commit()
-        return SyncResult(len(tx), full)
+        return SyncResult(sum(len(tx) for tx in change.txs), full)
 
-    def _base(self, tx: Transaction, lb: NamespaceLB) -> None:
-        if lb.node:
-            tx.add_set(
-                SetSpec(
-                    PUBLISHED_MAP,
-                    concat_type(TYPE_INET_PROTOCOL, TYPE_INET_SERVICE),
-                    8,
-                    NFT_DATA_VERDICT,
-                )
+    def _new_table(self, name: str, lb: NamespaceLB) -> Transaction:
+        """A transaction that (re)creates a table: emptied if it was there, made if not."""
+        tx = Transaction(name)
+        tx.add_table()
+        tx.delete_table()
+        tx.add_table()
+        tx.add_set(
+            SetSpec(
+                PUBLISHED_MAP,
+                concat_type(TYPE_INET_PROTOCOL, TYPE_INET_SERVICE),
+                8,
+                NFT_DATA_VERDICT,
             )
-        else:
-            tx.add_set(
-                SetSpec(
-                    VIP_MAP,
-                    concat_type(TYPE_IPADDR, TYPE_INET_PROTOCOL),
-                    8,
-                    NFT_DATA_VERDICT,
-                )
+            if lb.node
+            else SetSpec(
+                VIP_MAP,
+                concat_type(TYPE_IPADDR, TYPE_INET_PROTOCOL),
+                8,
+                NFT_DATA_VERDICT,
             )
-        self.balancer.declare(tx)
+        )
+        main = name == NFT_TABLE
+        if main:
+            self.balancer.declare(tx)
+        self.balancer.declare_table(tx)
         tx.add_chain("output", Hook(HOOK_OUTPUT, -100))
-        if lb.node:
-            tx.add_chain("prerouting", Hook(HOOK_PREROUTING, -100))
-            tx.add_chain("postrouting", Hook(HOOK_POSTROUTING, 100))
-        self._base_rules(tx, lb)
-
-    def _base_rules(self, tx: Transaction, lb: NamespaceLB) -> None:
         if not lb.node:
             tx.add_rule(
                 "output",
                 [*E.key_daddr_l4proto(), E.lookup(VIP_MAP, E.REG32_00, E.REG_VERDICT)],
                 comment="service VIPs",
             )
-            return
+            return tx
         # Published ports answer on every local address but loopback (that would need
         # route_localnet, a hole: CVE-2020-8558).
         published_rule = [
@@ -141,8 +185,15 @@ class NamespaceTable:
             *E.key_l4proto_dport(),
             E.lookup(PUBLISHED_MAP, E.REG32_00, E.REG_VERDICT),
         ]
+        tx.add_chain("prerouting", Hook(HOOK_PREROUTING, -100))
         tx.add_rule("prerouting", published_rule, comment="published ports")
         tx.add_rule("output", published_rule, comment="published ports, from this node")
+        if main:
+            tx.add_chain("postrouting", Hook(HOOK_POSTROUTING, 100))
+            self._masquerade_rules(tx, lb)
+        return tx
+
+    def _masquerade_rules(self, tx: Transaction, lb: NamespaceLB) -> None:
         # Connections we DNAT onto an overlay leave from the node's address there, so replies
         # come back through this node's conntrack (from outside, from the node, hairpin).
         tx.add_rule(
@@ -178,61 +229,116 @@ class NamespaceTable:
         if fe.vip is not None:
             tx.delete_elements(VIP_MAP, [_vip_key(fe)])
 
-    def _full(self, desired: NamespaceLB) -> tuple[Transaction, dict[str, FrontendSlot]]:
-        tx = Transaction(NFT_TABLE)
-        tx.add_table()
-        tx.delete_table()
-        tx.add_table()
-        self._base(tx, desired)
+    def _full(self, desired: NamespaceLB) -> _Change:
+        txs: dict[str, Transaction] = {}
+        for name in list_tables(self._sock):
+            if _shard(name):  # a shard a predecessor or a bigger state left (`shoal`: below)
+                txs[name] = Transaction(name)
+                txs[name].delete_table()
         slots: dict[str, FrontendSlot] = {}
-        for key, fe in desired.frontends.items():
-            slots[key] = self._slot(fe)
-            self._add_frontend(tx, fe, slots[key])
-        return tx, slots
+        sizes = {NFT_TABLE: 0}
+        txs[NFT_TABLE] = self._new_table(NFT_TABLE, desired)
+        for i, (key, fe) in enumerate(desired.frontends.items()):
+            name = _table(i // SHARD_SIZE)
+            if name not in sizes:
+                sizes[name] = 0
+                txs[name] = self._new_table(name, desired)  # replaces a mere delete
+            sizes[name] += 1
+            slots[key] = self._slot(name, fe)
+            self._add_frontend(txs[name], fe, slots[key])
+        return _Change(list(txs.values()), [], slots, sizes)
 
-    def _incremental(
-        self, old: NamespaceLB, new: NamespaceLB
-    ) -> tuple[Transaction, dict[str, FrontendSlot]]:
-        tx = Transaction(NFT_TABLE)
-        slots = dict(self._slots)
+    def _incremental(self, old: NamespaceLB, new: NamespaceLB) -> _Change:
+        txs: dict[str, Transaction] = {}
+
+        def tx_of(table: str) -> Transaction:
+            if table not in txs:
+                txs[table] = Transaction(table)
+            return txs[table]
+
+        sizes = dict(self._sizes)
         if old.overlay_subnets != new.overlay_subnets:
-            for chain in ("prerouting", "output", "postrouting") if new.node else ("output",):
-                tx.flush_chain(chain)
-            self._base_rules(tx, new)
-        for key in old.frontends.keys() - new.frontends.keys():
-            fe, slot = old.frontends[key], slots.pop(key)
-            self._remove_entries(tx, fe)
-            self.balancer.remove_frontend(tx, fe, slot)
-            tx.delete_chain(slot.chain)
+            tx = tx_of(NFT_TABLE)
+            tx.flush_chain("postrouting")
+            self._masquerade_rules(tx, new)
+        # One pass over the frontends finds what changed; a second finds what went, when some did.
+        changed: list[tuple[str, Frontend, Frontend | None]] = []
+        kept = 0
         for key, fe in new.frontends.items():
             prev = old.frontends.get(key)
             if prev is None:
-                slots[key] = self._slot(fe)
-                self._add_frontend(tx, fe, slots[key])
-            elif prev != fe:
-                slot = slots[key]
-                if (prev.published, prev.vip) != (fe.published, fe.vip):
-                    self._remove_entries(tx, prev)
-                    self._add_entries(tx, fe, slot)
-                if prev.backends != fe.backends:
-                    self.balancer.update_backends(tx, prev, fe, slot)
-        return tx, slots
+                changed.append((key, fe, None))
+                continue
+            kept += 1
+            if prev is not fe and prev != fe:
+                changed.append((key, fe, prev))
+        removed = (
+            [key for key in old.frontends if key not in new.frontends]
+            if kept < len(old.frontends)
+            else []
+        )
+        for key in removed:  # first: what went may free a published port or VIP that came
+            fe, slot = old.frontends[key], self._slots[key]
+            tx = tx_of(slot.table)
+            self._remove_entries(tx, fe)
+            self.balancer.remove_frontend(tx, fe, slot)
+            tx.delete_chain(slot.chain)
+            sizes[slot.table] -= 1
+        added: dict[str, FrontendSlot] = {}
+        for key, fe, prev in changed:
+            if prev is None:
+                table = self._room(sizes, txs, new)
+                sizes[table] += 1
+                slot = added[key] = self._slot(table, fe)
+                self._add_frontend(tx_of(table), fe, slot)
+                continue
+            slot = self._slots[key]
+            tx = tx_of(slot.table)
+            if (prev.published, prev.vip) != (fe.published, fe.vip):
+                self._remove_entries(tx, prev)
+                self._add_entries(tx, fe, slot)
+            if prev.backends != fe.backends:
+                self.balancer.update_backends(tx, prev, fe, slot)
+        for table, size in list(sizes.items()):
+            if size == 0 and table != NFT_TABLE:  # an empty shard goes, and its lookup with it
+                del sizes[table]
+                txs[table] = Transaction(table)
+                txs[table].delete_table()
+        return _Change(list(txs.values()), removed, added, sizes)
+
+    def _room(self, sizes: dict[str, int], txs: dict[str, Transaction], lb: NamespaceLB) -> str:
+        """The first table with room for one more frontend; a new shard if none has."""
+        for table, size in sizes.items():
+            if size < SHARD_SIZE:
+                return table
+        shard = 1
+        while _table(shard) in sizes:
+            shard += 1
+        table = _table(shard)
+        sizes[table] = 0
+        txs[table] = self._new_table(table, lb)
+        return table
 
     def remove(self) -> None:
-        """Delete the table (and so everything in it), if it is there."""
-        tx = Transaction(NFT_TABLE)
-        tx.delete_table()
+        """Delete the tables (and so everything in them) that are there."""
+        txs = []
+        for name in list_tables(self._sock):
+            if _shard(name) is not None:
+                txs.append(Transaction(name))
+                txs[-1].delete_table()
         try:
-            tx.commit(self._sock)
+            commit(self._sock, txs)
         except NftError as e:
             if e.errnos != {errno.ENOENT}:
                 raise
-        self._applied, self._slots = None, {}
+        self._applied, self._slots, self._sizes = None, {}, {}
 
     def counts(self) -> list[BackendCount]:
         if self._applied is None:
             return []
-        counters = read_counters(self._sock, NFT_TABLE)
+        counters: dict[str, tuple[int, int]] = {}
+        for table in self._sizes:
+            counters.update(read_counters(self._sock, table))
         out: list[BackendCount] = []
         for key, fe in self._applied.frontends.items():
             out.extend(self.balancer.counts(counters, fe, self._slots[key]))

@@ -1,6 +1,7 @@
 """Building nf_tables batches: tables, chains, rules, sets, elements and counters.
 
-A Transaction collects requests for one table; NftSocket.commit applies them atomically.
+A Transaction collects requests for one table; commit applies one or several tables'
+transactions as a single atomic batch.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ class Transaction:
         self.messages.append(Message(msg_type, flags, self.family, body, what))
 
     def commit(self, sock: NftSocket) -> None:
-        sock.commit(self.messages)
+        commit(sock, [self])
 
     # tables
     def add_table(self) -> None:
@@ -220,6 +221,11 @@ class Transaction:
     def delete_counter(self, name: str) -> None:
         body = self._t + attr_str(2, name) + attr_be32(3, NFT_OBJECT_COUNTER)
         self._add(DELOBJ, 0, body, f"delete counter {self.table} {name}")
+
+
+def commit(sock: NftSocket, transactions: Iterable[Transaction]) -> None:
+    """Apply the transactions of several tables as one batch: all of it or nothing."""
+    sock.commit([m for tx in transactions for m in tx.messages])
 
 
 def list_tables(sock: NftSocket, family: int = NFPROTO_IPV4) -> list[str]:
