@@ -56,6 +56,17 @@ def test_a_save_interrupted_before_its_commit_is_discarded(tmp_path: Path) -> No
     assert not (tmp_path / f"{KEY_FILE}.new").exists()
 
 
+def test_another_process_reads_the_committed_files_and_leaves_a_save_under_way(
+    tmp_path: Path,
+) -> None:
+    root = RootCA.create()
+    old, new = creds(root), creds(root)
+    save_node_credentials(tmp_path, old)
+    (tmp_path / f"{KEY_FILE}.new").write_bytes(new.key_pem)  # the owner's save, under way
+    assert load_node_credentials(tmp_path, recover=False) == old
+    assert (tmp_path / f"{KEY_FILE}.new").read_bytes() == new.key_pem
+
+
 def test_a_save_interrupted_after_its_commit_is_finished(tmp_path: Path) -> None:
     root = RootCA.create()
     old, new = creds(root), creds(root)

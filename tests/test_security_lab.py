@@ -8,6 +8,7 @@ reads the capture and finds TLS on every connection to a manager and no plaintex
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import signal
 import socket
@@ -25,7 +26,7 @@ import pytest
 from grpc import aio
 
 from orchestrator.ca.files import load_node_credentials
-from orchestrator.ca.pki import NodeCSR, RootCA
+from orchestrator.ca.pki import NodeCSR, PKIError, RootCA
 from orchestrator.ca.tls import NodeCredentials, join_channel, member_channel
 from orchestrator.lab import daemons, faults
 from orchestrator.lab import lab as labmod
@@ -43,9 +44,16 @@ PORTS = (2377, 2378)
 
 
 def node_creds(lab: Lab, node: str) -> NodeCredentials:
-    creds = load_node_credentials(daemons.node_dir(lab, node) / "data" / "certificates")
-    assert creds is not None, f"{node} has no certificate"
-    return creds
+    """The node's credentials, read beside its shoald (never recovering its saves). A save
+    renames its files into place one by one: a read between two renames is tried again."""
+    directory = daemons.node_dir(lab, node) / "data" / "certificates"
+    for _ in range(20):
+        with contextlib.suppress(PKIError):
+            creds = load_node_credentials(directory, recover=False)
+            assert creds is not None, f"{node} has no certificate"
+            return creds
+        time.sleep(0.05)
+    raise AssertionError(f"{node}'s key and certificate did not match for a second")
 
 
 def call(

@@ -74,11 +74,15 @@ def save_node_credentials(directory: Path, creds: NodeCredentials) -> None:
     _finish(directory)
 
 
-def load_node_credentials(directory: Path) -> NodeCredentials | None:
-    """The saved credentials, or None if the node has none (it never joined, or left)."""
+def load_node_credentials(directory: Path, recover: bool = True) -> NodeCredentials | None:
+    """The saved credentials, or None if the node has none (it never joined, or left).
+    `recover` finishes or discards an interrupted save first: only the directory's owner may,
+    at its start. Another process reads with recover False, the files as last committed:
+    recovering would discard the `.new` files of a save under way and lose it."""
     if not directory.exists():
         return None
-    _finish(directory)
+    if recover:
+        _finish(directory)
     try:
         return NodeCredentials(
             key_pem=(directory / KEY_FILE).read_bytes(),
