@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from orchestrator.lab import daemons, engines
@@ -104,3 +106,16 @@ def leftovers(name: str) -> list[str]:
         if path.exists():
             found.append(f"file {path}")
     return found
+
+
+@contextlib.contextmanager
+def module_lab(name: str, nodes: int, subnet: ipaddress.IPv4Network) -> Iterator[Lab]:
+    """A fresh lab for a test module: whatever an earlier run left under its name is purged
+    first, and the lab, data and all, is removed after."""
+    if labmod.load(name) is not None or (labmod.DATA_DIR / name).exists():
+        labmod.down(name, purge=True)
+    lab = labmod.up(name, nodes, subnet)
+    try:
+        yield lab
+    finally:
+        labmod.down(name, purge=True)

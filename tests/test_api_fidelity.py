@@ -17,10 +17,9 @@ import docker.types
 import pytest
 
 from orchestrator.lab import daemons
-from orchestrator.lab import lab as labmod
 from orchestrator.lab.lab import Lab
 from orchestrator.store.objects import Service, Task, decode
-from tests.labutil import DOCKER, run, wait
+from tests.labutil import DOCKER, module_lab, run, wait
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -33,14 +32,9 @@ IDLE = ["sh", "-c", "trap 'exit 0' TERM; sleep 600 & wait"]
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    if labmod.load(LAB) is not None or (labmod.DATA_DIR / LAB).exists():
-        labmod.down(LAB, purge=True)
-    made = labmod.up(LAB, 3, SUBNET)
-    try:
+    with module_lab(LAB, 3, SUBNET) as made:
         daemons.start_all(made)
         yield made
-    finally:
-        labmod.down(LAB, purge=True)
 
 
 @contextlib.contextmanager

@@ -23,9 +23,8 @@ import pytest
 from orchestrator.apps import micro
 from orchestrator.images import rootfs
 from orchestrator.lab import daemons, lifecycle, registry
-from orchestrator.lab import lab as labmod
 from orchestrator.lab.lab import Lab
-from tests.labutil import DOCKER, docker_cli, run, wait
+from tests.labutil import DOCKER, docker_cli, module_lab, run, wait
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -46,13 +45,8 @@ CONVERGED = re.compile(r"^verify: Service (\S+ )?converged$", re.MULTILINE)
 
 @pytest.fixture(scope="module")
 def swarm() -> Iterator[Lab]:
-    if labmod.load(LAB) is not None or (labmod.DATA_DIR / LAB).exists():
-        labmod.down(LAB, purge=True)
-    lab = labmod.up(LAB, 2, SUBNET)
-    try:
+    with module_lab(LAB, 2, SUBNET) as lab:
         yield lifecycle.swarm(lab)
-    finally:
-        labmod.down(LAB, purge=True)
 
 
 @pytest.fixture(scope="module")
