@@ -61,12 +61,18 @@ class Endpoint:
     ifname: str | None = None  # inside the task; default eth0, eth1, ... in listed order
 
 
+PUBLISH_MODES = ("ingress", "host")
+
+
 @dataclass(frozen=True)
 class PortConfig:
     protocol: str  # "tcp" | "udp"
     target: int
     published: int | None = None
     name: str | None = None  # for SRV records
+    # ingress: the published port on every node reaches every task (the routing mesh);
+    # host: this node's published port reaches this node's tasks of the service only
+    mode: str = "ingress"
 
 
 @dataclass(frozen=True)
@@ -543,7 +549,7 @@ def _service(d: dict[str, Any], where: str, nets: Mapping[str, Network]) -> Serv
     for j, raw in enumerate(_list(d.get("ports"), f"{where}.ports")):
         pw = f"{where}.ports[{j}]"
         p = _obj(raw, pw)
-        _unknown_keys(p, {"protocol", "target", "published", "name"}, pw)
+        _unknown_keys(p, {"protocol", "target", "published", "name", "mode"}, pw)
         proto = p.get("protocol", "tcp")
         if proto not in ("tcp", "udp"):
             raise _err(f"{pw}.protocol", f"expected tcp or udp, got {proto!r}")
@@ -554,9 +560,19 @@ def _service(d: dict[str, Any], where: str, nets: Mapping[str, Network]) -> Serv
         pname = p.get("name")
         if pname is not None:
             pname = _str(pname, f"{pw}.name", _DNS_LABEL)
-        ports.append(PortConfig(proto, target, published, pname))
-    if mode == "dnsrr" and any(p.published for p in ports):
+        pmode = p.get("mode", "ingress")
+        if pmode not in PUBLISH_MODES:
+            raise _err(f"{pw}.mode", f"expected ingress or host, got {pmode!r}")
+        if pmode == "host" and published is None:
+            raise _err(f"{pw}.published", "a host-mode port needs its published port")
+        ports.append(PortConfig(proto, target, published, pname, pmode))
+    if mode == "dnsrr" and any(p.published and p.mode == "ingress" for p in ports):
         raise _err(f"{where}.ports", "a dnsrr service cannot publish ports on the routing mesh")
+    _unique(
+        [f"{p.protocol}/{p.published}" for p in ports if p.published],
+        f"{where}.ports",
+        "published port",
+    )
     tasks = tuple(_str(t, f"{where}.tasks") for t in _list(d.get("tasks"), f"{where}.tasks"))
     _unique(list(tasks), f"{where}.tasks", "task")
     aliases = tuple(
@@ -568,12 +584,15 @@ def _service(d: dict[str, Any], where: str, nets: Mapping[str, Network]) -> Serv
 
 
 def _check_services(services: list[Service], nets: Mapping[str, Network], source: str) -> None:
+    """Ingress ports are the cluster's: each is one service's, and no host-mode port may take
+    one (both would be this node's port). Host-mode ports of different services may be equal:
+    the scheduler puts their tasks on different nodes."""
     published: dict[tuple[str, int], str] = {}
     vips: dict[ipaddress.IPv4Address, str] = {}
     for i, s in enumerate(services):
         where = f"{source}.services[{i}]"
         for p in s.ports:
-            if p.published is None:
+            if p.published is None or p.mode != "ingress":
                 continue
             key = (p.protocol, p.published)
             if key in published:
@@ -588,6 +607,15 @@ def _check_services(services: list[Service], nets: Mapping[str, Network], source
             if vip in vips:
                 raise _err(f"{where}.vips", f"{vip} is already the VIP of {vips[vip]}")
             vips[vip] = s.name
+    for i, s in enumerate(services):
+        for p in s.ports:
+            key = (p.protocol, p.published or 0)
+            if p.mode == "host" and key in published:
+                raise _err(
+                    f"{source}.services[{i}].ports",
+                    f"host-mode port {p.protocol}/{p.published} is published on the routing "
+                    f"mesh by {published[key]}",
+                )
 
 
 def state_to_dict(state: MeshState) -> dict[str, Any]:
@@ -647,6 +675,8 @@ def _service_to_dict(s: Service) -> dict[str, Any]:
             port["published"] = p.published
         if p.name is not None:
             port["name"] = p.name
+        if p.mode != "ingress":
+            port["mode"] = p.mode
         ports.append(port)
     d: dict[str, Any] = {
         "name": s.name,

@@ -109,12 +109,15 @@ def leftovers(name: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def module_lab(name: str, nodes: int, subnet: ipaddress.IPv4Network) -> Iterator[Lab]:
+def module_lab(
+    name: str, nodes: int, subnet: ipaddress.IPv4Network, executor: str | None = None
+) -> Iterator[Lab]:
     """A fresh lab for a test module: whatever an earlier run left under its name is purged
-    first, and the lab, data and all, is removed after."""
+    first, and the lab, data and all, is removed after. `executor`: the nodes' (default: the
+    backend's, containers)."""
     if labmod.load(name) is not None or (labmod.DATA_DIR / name).exists():
         labmod.down(name, purge=True)
-    lab = labmod.up(name, nodes, subnet)
+    lab = labmod.up(name, nodes, subnet, executor)
     try:
         yield lab
     finally:

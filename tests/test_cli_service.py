@@ -637,6 +637,52 @@ def test_update_clears_and_fills_in_as_docker_does() -> None:
     assert spec["TaskTemplate"]["ContainerSpec"] == {"Image": "alpine"}
 
 
+def ingress(published: int, target: int = 80, protocol: str = "tcp") -> dict[str, Any]:
+    return {
+        "Protocol": protocol,
+        "TargetPort": target,
+        "PublishedPort": published,
+        "PublishMode": "ingress",
+    }
+
+
+def test_publish_takes_every_mode_and_publish_add_rm_change_only_what_they_name() -> None:
+    spec = created(
+        "-p", "8100:80", "-p", "8101:80", "-p", "53:53/udp",
+        "--publish", "mode=host,published=9000,target=80",
+    )  # fmt: skip
+    assert spec["EndpointSpec"]["Ports"] == [
+        ingress(8100),
+        ingress(8101),
+        ingress(53, 53, "udp"),
+        {"Protocol": "tcp", "TargetPort": 80, "PublishedPort": 9000, "PublishMode": "host"},
+    ]
+    before = stored()
+    before["EndpointSpec"]["Ports"] = copy.deepcopy(spec["EndpointSpec"]["Ports"])
+
+    def update(*flags: str) -> list[dict[str, Any]]:
+        ports: list[dict[str, Any]] = _updated_spec(
+            args_of("update", *flags, "web"), copy.deepcopy(before)
+        )["EndpointSpec"]["Ports"]
+        return ports
+
+    host = before["EndpointSpec"]["Ports"][3]
+    # added next to what is there; what is there already is not added twice
+    assert update("--publish-add", "8102:80", "--publish-add", "8100:80") == [
+        *before["EndpointSpec"]["Ports"],
+        ingress(8102),
+    ]
+    # docker's --publish-rm: the target's ports of that protocol and mode
+    assert update("--publish-rm", "80") == [ingress(53, 53, "udp"), host]
+    assert update("--publish-rm", "53/udp") == [ingress(8100), ingress(8101), host]
+    assert update("--publish-rm", "mode=host,target=80") == before["EndpointSpec"]["Ports"][:3]
+    # naming the published port too removes that one only
+    assert update("--publish-rm", "8101:80") == [ingress(8100), ingress(53, 53, "udp"), host]
+    assert "unknown field 'mdoe'" in refused(created, "--publish", "mdoe=host,target=80")
+    assert "mode must be ingress or host" in refused(created, "-p", "mode=direct,target=80")
+    assert refused(update, "--publish-rm", "x").startswith("invalid --publish-rm 'x'")
+
+
 def test_update_refusals() -> None:
     message = refused(updated, "--mount-add", "type=tmpfs,target=/t", "--mount-add", "dst=/t")
     assert message == 'invalid argument "dst=/t" for "--mount-add" flag: duplicate mount target /t'

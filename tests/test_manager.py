@@ -8,6 +8,7 @@ import ipaddress
 import itertools
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from orchestrator.ca.server import described
 from orchestrator.manager import allocator, scheduler
 from orchestrator.manager.allocator import AddressBook, AllocationError
 from orchestrator.manager.manager import LOOPS, Manager
+from orchestrator.manager.orchestrator import tasks as tasks_module
 from orchestrator.manager.spec import (
     DEFAULT_STOP_GRACE,
     ContainerView,
@@ -379,9 +381,120 @@ def test_bad_specs_are_refused() -> None:
             "can't be used with dnsrr",
         ),
         (spec("x", Placement={"Constraints": ["node.color==red"]}), "unknown key"),
+        (
+            {
+                **spec("x"),
+                "EndpointSpec": {"Ports": [{"TargetPort": 80, "PublishMode": "host"}]},
+            },
+            r"host-mode port 80/tcp has no published port; give it one \(--publish mode=host,"
+            r"published=PORT,target=80\)",
+        ),
     ]:
         with pytest.raises(SpecError, match=message):
             normalize_service_spec(bad)
+
+
+def ports_spec(name: str, replicas: int, *ports: dict[str, Any]) -> dict[str, Any]:
+    return {**spec(name, replicas), "EndpointSpec": {"Ports": list(ports)}}
+
+
+def host(published: int, target: int = 8000, protocol: str = "tcp") -> dict[str, Any]:
+    return {
+        "Protocol": protocol,
+        "TargetPort": target,
+        "PublishedPort": published,
+        "PublishMode": "host",
+    }
+
+
+def test_published_ports_several_per_target_and_each_kept_across_updates(
+    tmp_path: Path,
+) -> None:
+    async def run() -> None:
+        store, _ = await cluster(tmp_path)
+        svc = await create(
+            store,
+            ports_spec(
+                "multi",
+                1,
+                {"TargetPort": 8000},  # a port of the routing mesh's range
+                {"TargetPort": 8000, "PublishedPort": 8100},
+                {"TargetPort": 8000, "PublishedPort": 8101},
+                {"TargetPort": 8000, "Protocol": "udp", "PublishedPort": 8100},
+            ),
+        )
+        assert [(p["Protocol"], p["PublishedPort"], p["TargetPort"]) for p in svc.ports] == [
+            ("tcp", 30000, 8000),
+            ("tcp", 8100, 8000),
+            ("tcp", 8101, 8000),
+            ("udp", 8100, 8000),
+        ]
+
+        # another allocation (an update) keeps the allocated port, in any order of the ports
+        def again(reverse: bool) -> Callable[[Tx], Service]:
+            def fn(tx: Tx) -> Service:
+                current = tx.get(Service, svc.id)
+                assert current is not None
+                ports = current.spec["EndpointSpec"]["Ports"]
+                endpoint = {
+                    **current.spec["EndpointSpec"],
+                    "Ports": list(reversed(ports)) if reverse else ports,
+                }
+                moved = dataclasses.replace(
+                    current, spec={**current.spec, "EndpointSpec": endpoint}
+                )
+                return allocator.allocate_service(tx, moved, AddressBook(tx))
+
+            return fn
+
+        for reverse in (False, True):
+            updated = await store.update(again(reverse))
+            assert sorted(p["PublishedPort"] for p in updated.ports) == [8100, 8100, 8101, 30000]
+        await store.log.close()
+
+    asyncio.run(run())
+
+
+def test_host_mode_ports_keep_tasks_apart_and_off_the_routing_mesh(tmp_path: Path) -> None:
+    async def run() -> None:
+        store, mgr = await cluster(tmp_path)
+        edge = await create(store, ports_spec("edge", 4, host(9000)))
+        await mgr.reconcile()
+        tasks = live(store, edge)
+        assert all(t.host_ports == [host(9000)] for t in tasks)
+        placed = [t for t in tasks if t.state == TaskState.ASSIGNED]
+        (waiting,) = [t for t in tasks if t.state == TaskState.PENDING]
+        assert sorted(t.node_id for t in placed) == ["node0", "node1", "node2"]
+        # swarmkit's HostPortFilter, in its words
+        assert waiting.err == "no suitable node (host-mode port already in use on 3 nodes)"
+        # another service's task wants the same node port: it waits too; another port or
+        # protocol is free
+        other = await create(store, ports_spec("other", 1, host(9000)))
+        udp = await create(store, ports_spec("udp", 1, host(9000, protocol="udp")))
+        await mgr.reconcile()
+        assert live(store, other)[0].err == waiting.err
+        assert live(store, udp)[0].state == TaskState.ASSIGNED
+        # a host-mode port is no ingress port, and neither may take the other's number
+        with pytest.raises(AllocationError, match="as a host-mode port; publish another"):
+            await create(store, ports_spec("mesh", 1, {"TargetPort": 80, "PublishedPort": 9000}))
+        mesh = await create(store, ports_spec("mesh", 1, {"TargetPort": 80}))
+        taken = mesh.ports[0]["PublishedPort"]
+        with pytest.raises(AllocationError, match="as an ingress port; publish another port in"):
+            await create(store, ports_spec("clash", 1, host(taken)))
+        # a routing-mesh port's number skips the host-mode ones
+        await create(store, ports_spec("h30001", 1, host(30001)))
+        after = await create(store, ports_spec("after", 1, {"TargetPort": 80}))
+        assert (taken, after.ports[0]["PublishedPort"]) == (30000, 30002)
+        # other host-mode ports make a task dirty (it is replaced); other ingress ones do not
+        task = placed[0]
+        assert not tasks_module.dirty(edge, task)
+        assert tasks_module.dirty(dataclasses.replace(edge, ports=[*edge.ports, host(9001)]), task)
+        assert not tasks_module.dirty(
+            dataclasses.replace(edge, ports=[*edge.ports, mesh.ports[0]]), task
+        )
+        await store.log.close()
+
+    asyncio.run(run())
 
 
 def test_network_allocation(tmp_path: Path) -> None:

@@ -78,8 +78,9 @@ def test_a_nodes_view_is_valid_typed_and_what_it_sends() -> None:
     assert all(e.mac == mac_for_ip(e.ip) and e.netns is None for e in view.endpoints)
     web, db = view.services
     assert dict(web.vips) == {"ingress": IPv4Address("10.255.0.9")}
-    # only ingress-mode ports are published; only tasks meant to run and running are backends
-    assert web.ports == (PortConfig("tcp", 80, 30000), PortConfig("udp", 53))
+    # ingress ports on the routing mesh, host-mode ones on the nodes of the service's tasks;
+    # only tasks meant to run and running are backends
+    assert web.ports == (PortConfig("tcp", 80, 30000), PortConfig("udp", 53, 53, mode="host"))
     assert web.tasks == ("web.1.a",)
     # a dnsrr service has no VIP and publishes nothing
     assert (db.endpoint_mode, dict(db.vips), db.ports) == (

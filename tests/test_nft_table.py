@@ -129,7 +129,9 @@ def expected_view(lb: NamespaceLB) -> dict[str, Any]:
     chains: dict[str, Any] = {}
     counters = []
     for fe in lb.frontends.values():
-        chain = f"fe-{fe.service}-{fe.network}-{fe.protocol}-{fe.target_port}"
+        # a published port's chain is named by that port (several may share a target)
+        where = "host" if fe.host_mode else fe.network
+        chain = f"fe-{fe.service}-{where}-{fe.protocol}-{fe.published or fe.target_port}"
         if fe.published is not None:
             entries[f"{fe.protocol}/{fe.published}"] = chain
         if fe.vip is not None:
@@ -158,19 +160,33 @@ def desired(draw: st.DrawFn, node: bool) -> NamespaceLB:
     for i, svc in enumerate(SERVICES):
         if not draw(st.booleans()):
             continue
-        backends = draw(st.lists(st.sampled_from(POOL), unique=True, max_size=5))
         if not node:  # a VIP takes every port and keeps it
-            backends = [b._replace(port=0) for b in backends]
-        fe = Frontend(
-            svc,
-            "ingress",
-            draw(st.sampled_from(["tcp", "udp"])),
-            8000 if node else 0,
-            None if node else ipaddress.IPv4Address(f"10.255.1.{i + 1}"),
-            draw(st.sampled_from([30000 + i, 31000 + i])) if node else None,
-            tuple(backends),
-        )
-        frontends[fe.key] = fe
+            backends = draw(st.lists(st.sampled_from(POOL), unique=True, max_size=5))
+            fe = Frontend(
+                svc,
+                "ingress",
+                draw(st.sampled_from(["tcp", "udp"])),
+                0,
+                ipaddress.IPv4Address(f"10.255.1.{i + 1}"),
+                None,
+                tuple(b._replace(port=0) for b in backends),
+            )
+            frontends[fe.key] = fe
+            continue
+        # published ports: several to the one target port, in ingress or host mode
+        for published in draw(st.lists(st.sampled_from([30000 + i, 31000 + i]), unique=True)):
+            backends = draw(st.lists(st.sampled_from(POOL), unique=True, max_size=5))
+            fe = Frontend(
+                svc,
+                "ingress",
+                draw(st.sampled_from(["tcp", "udp"])),
+                8000,
+                None,
+                published,
+                tuple(backends),
+                host_mode=draw(st.booleans()),
+            )
+            frontends[fe.key] = fe
     subnets = (ipaddress.IPv4Network("10.255.0.0/16"),) if draw(st.booleans()) else ()
     return NamespaceLB(frontends, node=node, overlay_subnets=subnets if node else ())
 

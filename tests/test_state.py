@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from mesh.lb.model import Backend, node_lb
 from mesh.state import (
     Applied,
     Encryption,
@@ -141,6 +142,125 @@ def test_conflicts_between_services_are_refused() -> None:
         state_from_dict(doc)
 
 
+def test_published_ports_and_their_modes_are_checked() -> None:
+    def with_ports(*ports: dict[str, Any], mode: str = "vip") -> dict[str, Any]:
+        doc = base()
+        doc["services"][0]["ports"] = list(ports)
+        if mode == "dnsrr":
+            doc["services"][0]["endpoint_mode"] = "dnsrr"
+            del doc["services"][0]["vips"]
+        return doc
+
+    # several published ports to one target, TCP and UDP, ingress and host
+    state = state_from_dict(
+        with_ports(
+            {"target": 8000, "published": 8100},
+            {"target": 8000, "published": 8101},
+            {"protocol": "udp", "target": 8000, "published": 8100},
+            {"target": 8000, "published": 9000, "mode": "host"},
+        )
+    )
+    assert [(p.published, p.mode) for p in state.services[0].ports] == [
+        (8100, "ingress"),
+        (8101, "ingress"),
+        (8100, "ingress"),
+        (9000, "host"),
+    ]
+    # a dnsrr service has no routing mesh, but its tasks may have their node's ports
+    assert state_from_dict(
+        with_ports({"target": 53, "published": 53, "mode": "host"}, mode="dnsrr")
+    )
+    refused: list[tuple[list[dict[str, Any]], str]] = [
+        (
+            [{"target": 8000, "published": 8100}, {"target": 8001, "published": 8100}],
+            "duplicate published port 'tcp/8100'",
+        ),
+        ([{"target": 8000, "mode": "host"}], "a host-mode port needs its published port"),
+        ([{"target": 8000, "published": 9000, "mode": "direct"}], "expected ingress or host"),
+    ]
+    for ports, message in refused:
+        with pytest.raises(StateError, match=message):
+            state_from_dict(with_ports(*ports))
+    # a host-mode port may not be a port of the routing mesh: both would be this node's
+    doc = base()
+    doc["services"].append(
+        {"name": "edge", "ports": [{"target": 80, "published": 30000, "mode": "host"}]}
+    )
+    with pytest.raises(StateError, match="host-mode port tcp/30000 is published on the routing"):
+        state_from_dict(doc)
+    # host-mode ports of two services may be equal: their tasks are on different nodes
+    doc["services"][1]["ports"][0]["published"] = 9000
+    doc["services"][0]["ports"].append({"target": 8000, "published": 9000, "mode": "host"})
+    assert state_from_dict(doc)
+
+
+def lb_state(*services: dict[str, Any]) -> MeshState:
+    """Node sw1's state: web.1 runs here (attached to `back` first, then ingress), web.2 and
+    api.1 on sw2."""
+    doc = base()
+    doc["networks"].append(
+        {"name": "back", "vni": 4097, "subnet": "10.0.1.0/24", "gateways": {"sw1": "10.0.1.2"}}
+    )
+    doc["endpoints"].insert(
+        0, {"task": "web.1", "network": "back", "node": "sw1", "ip": "10.0.1.10", "netns": "t1"}
+    )
+    doc["endpoints"].append(
+        {"task": "api.1", "network": "ingress", "node": "sw2", "ip": "10.255.0.12"}
+    )
+    doc["services"] = list(services)
+    return state_from_dict(doc)
+
+
+def test_the_node_balances_each_published_port_and_host_ports_to_its_own_tasks() -> None:
+    web = {
+        "name": "web",
+        "vips": {"ingress": "10.255.0.5"},
+        "ports": [
+            {"target": 8000, "published": 8100},
+            {"target": 8000, "published": 8101},
+            {"protocol": "udp", "target": 8000, "published": 8100},
+            {"target": 8000, "published": 9000, "mode": "host"},
+        ],
+        "tasks": ["web.1", "web.2"],
+    }
+    api = {
+        "name": "api",
+        "vips": {"ingress": "10.255.0.6"},
+        "ports": [{"target": 80, "published": 9001, "mode": "host"}],
+        "tasks": ["api.1"],
+    }
+    lb = node_lb(lb_state(web, api))
+    everywhere = (
+        Backend(IPv4Address("10.255.0.10"), 8000, "web.1"),
+        Backend(IPv4Address("10.255.0.11"), 8000, "web.2"),
+    )
+    assert {(fe.protocol, fe.published): fe.backends for fe in lb.frontends.values()} == {
+        # each published port is a frontend of its own, over every task
+        ("tcp", 8100): everywhere,
+        ("tcp", 8101): everywhere,
+        ("udp", 8100): everywhere,
+        # host mode: this node's task, at its first address; api has no task here
+        ("tcp", 9000): (Backend(IPv4Address("10.0.1.10"), 8000, "web.1"),),
+    }
+    assert {fe.key for fe in lb.frontends.values()} == {
+        "web/ingress/tcp/8100",
+        "web/ingress/tcp/8101",
+        "web/ingress/udp/8100",
+        "web/host/tcp/9000",
+    }
+    # a task not serving (not among the service's tasks) has no host port
+    assert not [
+        fe
+        for fe in node_lb(lb_state({**web, "tasks": ["web.2"]})).frontends.values()
+        if fe.host_mode
+    ]
+    # two services' tasks holding one host port here: the first one listed keeps it
+    rival = {**api, "name": "rival", "vips": {}, "tasks": ["web.1"]}
+    rival["ports"] = [{"target": 80, "published": 9000, "mode": "host"}]
+    (kept,) = [fe for fe in node_lb(lb_state(web, rival)).frontends.values() if fe.host_mode]
+    assert kept.service == "web"
+
+
 def test_unparseable_text() -> None:
     with pytest.raises(StateError, match="not valid JSON or YAML"):
         parse_state("{not json", source="x.json")
@@ -185,7 +305,13 @@ def every_field() -> MeshState:
                 ("web.1", "web.2"),
                 aliases=("www", "site"),
             ),
-            Service("db", "dnsrr", {}, (PortConfig("tcp", 5432, name="pg"),), ()),
+            Service(
+                "db",
+                "dnsrr",
+                {},
+                (PortConfig("tcp", 5432, name="pg"), PortConfig("tcp", 5432, 5432, mode="host")),
+                (),
+            ),
             Service("idle", "vip", {"ingress": IPv4Address("10.255.0.6")}, (), ()),
         ),
         generation=2**63 - 1,

@@ -2,7 +2,8 @@
 
 A Frontend spreads connections round-robin over a service's task endpoints on one network:
 - in the node's namespace, one per published port: protocol and published port on any local
-  address, DNATed to the target port of a task on the ingress network;
+  address, DNATed to the target port of a task on the ingress network (publish mode ingress),
+  or of one of the service's tasks on this node, at its first address (publish mode host);
 - in a task's namespace, one per (service, network, protocol): any port of the service's VIP
   there, DNATed to a task's address with the port kept (target_port 0), as Docker's VIPs do.
 """
@@ -13,7 +14,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from mesh.state import MeshState, Network
+from mesh.state import Endpoint, MeshState, Network
 
 
 class Backend(NamedTuple):
@@ -32,15 +33,22 @@ class Frontend(NamedTuple):
     vip: ipaddress.IPv4Address | None
     published: int | None
     backends: tuple[Backend, ...]
+    host_mode: bool = False  # a host-mode published port: this node's tasks only
 
     @property
     def key(self) -> str:
+        """Unique in its namespace: a published port is one frontend (several may share a
+        target port), a VIP one per protocol."""
+        if self.published:
+            mode = "host" if self.host_mode else self.network
+            return f"{self.service}/{mode}/{self.protocol}/{self.published}"
         return f"{self.service}/{self.network}/{self.protocol}/{self.target_port}"
 
     def describe(self) -> str:
         if self.published:
+            how = "host mode, this node's tasks" if self.host_mode else self.network
             return (
-                f"{self.service} {self.protocol}/{self.target_port} on {self.network}, "
+                f"{self.service} {self.protocol}/{self.target_port} on {how}, "
                 f"published {self.published}"
             )
         return f"{self.service} VIP {self.vip} {self.protocol}, every port, on {self.network}"
@@ -62,6 +70,8 @@ def frontends_for(state: MeshState, networks: set[str], node: bool) -> dict[str,
     keeping VIPs out of the node table keeps its kernel validation walk small.
     """
     out: dict[str, Frontend] = {}
+    if node:
+        out.update(_host_frontends(state))
     nets = state.networks_by_name
     for svc in state.services:
         if svc.endpoint_mode != "vip":
@@ -73,7 +83,7 @@ def frontends_for(state: MeshState, networks: set[str], node: bool) -> dict[str,
             endpoints = state.backends(svc, net_name)
             if node:
                 for port in svc.ports:
-                    if port.published is None:
+                    if port.published is None or port.mode != "ingress":
                         continue
                     fe = Frontend(
                         svc.name,
@@ -90,6 +100,40 @@ def frontends_for(state: MeshState, networks: set[str], node: bool) -> dict[str,
             for proto in ("tcp", "udp"):
                 fe = Frontend(svc.name, net_name, proto, 0, vip, None, backends)
                 out[fe.key] = fe
+    return out
+
+
+def _host_frontends(state: MeshState) -> dict[str, Frontend]:
+    """Host-mode ports of the services with tasks running here: each DNATs to those tasks'
+    first addresses (their default route's network, so replies come back through this node).
+    The scheduler never puts two tasks holding one host port on a node; should a state say so
+    anyway, the first service listed keeps the port."""
+    first: dict[str, Endpoint] = {}
+    for e in state.local_endpoints():
+        first.setdefault(e.task, e)
+    out: dict[str, Frontend] = {}
+    taken: set[tuple[str, int]] = set()
+    for svc in state.services:
+        local = [first[t] for t in svc.tasks if t in first]
+        if not local:
+            continue
+        for port in svc.ports:
+            if port.mode != "host" or port.published is None:
+                continue
+            if (port.protocol, port.published) in taken:
+                continue
+            taken.add((port.protocol, port.published))
+            fe = Frontend(
+                svc.name,
+                local[0].network,
+                port.protocol,
+                port.target,
+                None,
+                port.published,
+                tuple(Backend(e.ip, port.target, e.task) for e in local),
+                host_mode=True,
+            )
+            out[fe.key] = fe
     return out
 
 

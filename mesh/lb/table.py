@@ -89,7 +89,8 @@ def _shard(table: str) -> int | None:
 
 
 def _chain(fe: Frontend) -> str:
-    return f"fe-{fe.service}-{fe.network}-{fe.protocol}-{fe.target_port}"
+    """Named like its key: a published port's chain by that port, a VIP's `-0`."""
+    return "fe-" + fe.key.replace("/", "-")
 
 
 def _published_key(fe: Frontend) -> bytes:

@@ -142,6 +142,9 @@ def task_json(task: Task, networks: dict[str, Network]) -> dict[str, Any]:
         "Message": task.message,
         "PortStatus": {},
     }
+    # Docker's engine reports the host ports a task's container holds once it has started
+    if task.host_ports and task.state >= TaskState.RUNNING and task.container:
+        status["PortStatus"] = {"Ports": [dict(p) for p in task.host_ports]}
     if task.err:
         status["Err"] = task.err
     if task.container:

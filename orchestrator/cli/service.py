@@ -708,7 +708,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     c.add_argument("--replicas", type=int, default=None)
     c.add_argument("--mode", choices=("replicated", "global"), default="replicated")
     c.add_argument(
-        "-p", "--publish", action="append", default=[], metavar="[PUBLISHED:]TARGET[/PROTO]"
+        "-p",
+        "--publish",
+        action="append",
+        default=[],
+        metavar="[PUBLISHED:]TARGET[/PROTO]",
+        help="publish a port: [PUBLISHED:]TARGET[/tcp|udp] on the routing mesh, or "
+        "published=P,target=T[,protocol=udp][,mode=host] (host: the port of the task's node)",
     )
     c.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE")
     c.add_argument("-l", "--label", action="append", default=[], metavar="KEY[=VALUE]")
@@ -770,7 +776,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     up.add_argument("--mount-add", action="append", default=[], metavar="MOUNT")
     up.add_argument("--mount-rm", action="append", default=[], metavar="TARGET")
     up.add_argument("--publish-add", action="append", default=[], metavar="[PUB:]TARGET[/PROTO]")
-    up.add_argument("--publish-rm", action="append", default=[], metavar="TARGET[/PROTO]")
+    up.add_argument(
+        "--publish-rm",
+        action="append",
+        default=[],
+        metavar="[PUB:]TARGET[/PROTO]",
+        help="remove the ports of that target (and mode=, as docker does); naming the "
+        "published port too removes that one only",
+    )
     up.add_argument("--constraint-add", action="append", default=[], metavar="EXPR")
     up.add_argument("--constraint-rm", action="append", default=[], metavar="EXPR")
     _container_flags(up, update=True)
@@ -821,28 +834,53 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     rm.set_defaults(func=cmd_rm)
 
 
-def parse_publish(text: str) -> dict[str, Any]:
-    """[PUBLISHED:]TARGET[/tcp|udp], or the long form published=P,target=T,protocol=udp."""
+PUBLISH_FIELDS = ("published", "target", "protocol", "mode")
+
+
+def parse_publish(text: str, flag: str = "--publish") -> dict[str, Any]:
+    """[PUBLISHED:]TARGET[/tcp|udp], or the long form
+    published=P,target=T[,protocol=udp][,mode=host] (docker's)."""
+    mode = "ingress"
     if "=" in text:
-        fields = dict(part.split("=", 1) for part in text.split(","))
+        fields = dict(part.partition("=")[::2] for part in text.split(","))
+        unknown = sorted(set(fields) - set(PUBLISH_FIELDS))
+        if unknown:
+            raise CliError(
+                f"invalid {flag} {text!r}: unknown field {unknown[0]!r} "
+                f"(fields: {', '.join(PUBLISH_FIELDS)})"
+            )
         published, target, proto = (
             fields.get("published", "0"),
             fields.get("target", ""),
             fields.get("protocol", "tcp"),
         )
+        mode = fields.get("mode", "ingress")
     else:
         ports, _, proto = text.partition("/")
         proto = proto or "tcp"
         published, _, target = ports.rpartition(":")
         published = published or "0"
     if not target.isdigit() or not published.isdigit():
-        raise CliError(f"invalid --publish {text!r}: expected [PUBLISHED:]TARGET[/tcp|udp]")
+        raise CliError(f"invalid {flag} {text!r}: expected [PUBLISHED:]TARGET[/tcp|udp]")
     if proto not in ("tcp", "udp"):
-        raise CliError(f"invalid --publish {text!r}: protocol must be tcp or udp")
-    port: dict[str, Any] = {"Protocol": proto, "TargetPort": int(target), "PublishMode": "ingress"}
+        raise CliError(f"invalid {flag} {text!r}: protocol must be tcp or udp")
+    if mode not in ("ingress", "host"):
+        raise CliError(f"invalid {flag} {text!r}: mode must be ingress or host")
+    port: dict[str, Any] = {"Protocol": proto, "TargetPort": int(target), "PublishMode": mode}
     if int(published):
         port["PublishedPort"] = int(published)
     return port
+
+
+def _named_by(port: dict[str, Any], removal: dict[str, Any]) -> bool:
+    """Whether `--publish-rm` removes the port: docker's rule (same target, protocol and mode),
+    narrowed to one published port when the removal names it."""
+    return (
+        port["TargetPort"] == removal["TargetPort"]
+        and port.get("Protocol", "tcp") == removal["Protocol"]
+        and (port.get("PublishMode") or "ingress") == removal["PublishMode"]
+        and removal.get("PublishedPort", port.get("PublishedPort")) == port.get("PublishedPort")
+    )
 
 
 def _resources(args: argparse.Namespace) -> dict[str, Any]:
@@ -1534,15 +1572,13 @@ def _updated_spec(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, A
         endpoint = spec.setdefault("EndpointSpec", {})
         ports = endpoint.get("Ports") or []
         for text in args.publish_rm:
-            target, _, proto = text.partition("/")
-            if not target.isdigit():
-                raise CliError(f"invalid --publish-rm {text!r}: expected TARGET[/tcp|udp]")
-            ports = [
-                p
-                for p in ports
-                if not (p["TargetPort"] == int(target) and p["Protocol"] == (proto or "tcp"))
-            ]
-        endpoint["Ports"] = ports + [parse_publish(p) for p in args.publish_add]
+            removal = parse_publish(text, "--publish-rm")
+            ports = [p for p in ports if not _named_by(p, removal)]
+        for text in args.publish_add:
+            port = parse_publish(text, "--publish-add")
+            if port not in ports:  # docker's: adding what is there already changes nothing
+                ports.append(port)
+        endpoint["Ports"] = ports
     for kind, key in (("update", "UpdateConfig"), ("rollback", "RollbackConfig")):
         config = _rollout_config(args, kind, spec.get(key))
         if config is not None:

@@ -61,7 +61,7 @@ def print_tasks(client: Any, tasks: list[dict[str, Any]], quiet: bool, fmt: str 
                 t["DesiredState"].capitalize(),
                 f"{status['State'].capitalize()} {ago(status['Timestamp']).lower()}",
                 f'"{err}"' if err else "",
-                "",
+                ports(status),
             ]
         )
     table(
@@ -69,6 +69,14 @@ def print_tasks(client: Any, tasks: list[dict[str, Any]], quiet: bool, fmt: str 
         rows,
         fmt,
         ordered,
+    )
+
+
+def ports(status: dict[str, Any]) -> str:
+    """The host-mode ports a task holds, as docker's PORTS column shows them."""
+    return ",".join(
+        f"*:{p.get('PublishedPort', 0)}->{p.get('TargetPort', 0)}/{p.get('Protocol', 'tcp')}"
+        for p in (status.get("PortStatus") or {}).get("Ports") or []
     )
 
 

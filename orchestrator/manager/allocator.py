@@ -200,17 +200,33 @@ def service_networks(tx: Tx, spec: dict[str, Any]) -> list[Network]:
 
 
 def allocate_service(tx: Tx, svc: Service, book: AddressBook) -> Service:
-    """Ports and VIPs for a service's (new) spec; keeps what it already had where it can."""
+    """Ports and VIPs for a service's (new) spec; keeps what it already had where it can.
+
+    Ingress ports are the cluster's: each belongs to one service. Host-mode ports are each
+    node's, held by the tasks the scheduler puts there (several services may use one, on
+    different nodes), but none may be an ingress port: both would be the node's port."""
     v = view(svc.spec)
     nets = service_networks(tx, svc.spec)
-    taken: dict[tuple[str, int], Service] = {}
+    taken: dict[tuple[str, int], Service] = {}  # ingress ports
+    host: dict[tuple[str, int], Service] = {}  # other services' host-mode ports
     for other in tx.list(Service):
         if other.id != svc.id:
             for used in other.ports:
-                if used.get("PublishMode") == "ingress" and used.get("PublishedPort"):
-                    taken[(used["Protocol"], used["PublishedPort"])] = other
+                if not used.get("PublishedPort"):
+                    continue
+                mode = used.get("PublishMode") or "ingress"
+                (taken if mode == "ingress" else host)[
+                    (used["Protocol"], used["PublishedPort"])
+                ] = other
+    # what the service's ports given no number were allocated before, kept across updates
+    explicit = {(p.protocol, p.published) for p in v.ports if p.published}
+    previous: dict[tuple[str, int], list[int]] = {}
+    for q in svc.ports:
+        published = q.get("PublishedPort", 0)
+        mode = q.get("PublishMode", "ingress")
+        if mode == "ingress" and published and (q["Protocol"], published) not in explicit:
+            previous.setdefault((q["Protocol"], q["TargetPort"]), []).append(published)
     ports: list[dict[str, Any]] = []
-    previous = {(q["Protocol"], q["TargetPort"]): q.get("PublishedPort", 0) for q in svc.ports}
     for p in v.ports:
         entry: dict[str, Any] = {
             "Protocol": p.protocol,
@@ -219,21 +235,34 @@ def allocate_service(tx: Tx, svc: Service, book: AddressBook) -> Service:
             "PublishMode": p.mode,
             **({"Name": p.name} if p.name else {}),
         }
-        if p.mode == "ingress":
-            if p.published:
-                owner = taken.get((p.protocol, p.published))
-                if owner is not None:
-                    raise AllocationError(
-                        f"port '{p.published}' is already in use by service '{owner.name}' "
-                        f"({owner.id}) as an ingress port"
-                    )
-            else:
-                keep = previous.get((p.protocol, p.target), 0)
-                entry["PublishedPort"] = (
-                    keep
-                    if keep and (p.protocol, keep) not in taken
-                    else _free_port(p.protocol, taken, ports)
+        if p.mode == "host":
+            owner = taken.get((p.protocol, p.published))
+            if owner is not None:
+                raise AllocationError(
+                    f"port '{p.published}' is already in use by service '{owner.name}' "
+                    f"({owner.id}) as an ingress port; publish another port in host mode"
                 )
+        elif p.published:
+            owner = taken.get((p.protocol, p.published))
+            if owner is not None:
+                raise AllocationError(
+                    f"port '{p.published}' is already in use by service '{owner.name}' "
+                    f"({owner.id}) as an ingress port"
+                )
+            owner = host.get((p.protocol, p.published))
+            if owner is not None:
+                raise AllocationError(
+                    f"port '{p.published}' is already in use by service '{owner.name}' "
+                    f"({owner.id}) as a host-mode port; publish another port"
+                )
+        else:
+            kept = previous.get((p.protocol, p.target), [])
+            while kept and ((p.protocol, kept[0]) in taken or (p.protocol, kept[0]) in host):
+                kept.pop(0)
+            entry["PublishedPort"] = (
+                kept.pop(0) if kept else _free_port(p.protocol, taken, host, ports)
+            )
+        if p.mode == "ingress":
             taken[(p.protocol, entry["PublishedPort"])] = svc
         ports.append(entry)
     vips: dict[str, str] = {}
@@ -244,11 +273,14 @@ def allocate_service(tx: Tx, svc: Service, book: AddressBook) -> Service:
 
 
 def _free_port(
-    proto: str, taken: dict[tuple[str, int], Service], pending: Iterable[dict[str, Any]]
+    proto: str,
+    taken: dict[tuple[str, int], Service],
+    host: dict[tuple[str, int], Service],
+    pending: Iterable[dict[str, Any]],
 ) -> int:
     mine = {(p["Protocol"], p["PublishedPort"]) for p in pending}
     for port in range(PUBLISHED_RANGE[0], PUBLISHED_RANGE[1] + 1):
-        if (proto, port) not in taken and (proto, port) not in mine:
+        if (proto, port) not in taken and (proto, port) not in host and (proto, port) not in mine:
             return port
     raise AllocationError(
         f"no free {proto} port left in {PUBLISHED_RANGE[0]}-"

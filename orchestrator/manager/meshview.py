@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 from ipaddress import IPv4Address, IPv4Network
+from typing import Any
 
 from mesh.state import Encryption, Endpoint, MeshState, PortConfig, mac_for_ip
 from mesh.state import Network as MeshNetwork
@@ -35,6 +36,23 @@ def _address(text: str) -> IPv4Address:
         return IPv4Address(socket.inet_pton(socket.AF_INET, text.partition("/")[0]))
     except OSError:
         raise ValueError(f"not an IPv4 address: {text!r}") from None
+
+
+def _port(p: dict[str, Any], endpoint_mode: str) -> PortConfig:
+    """A service's allocated port as the mesh takes it: an ingress port is published on the
+    routing mesh (not by a dnsrr service, which has no VIP), a host-mode port on the nodes of
+    the service's tasks (their own port, not the cluster's)."""
+    mode = p.get("PublishMode") or "ingress"
+    published = p.get("PublishedPort") or None
+    if mode == "ingress" and endpoint_mode != "vip":
+        published = None
+    return PortConfig(
+        protocol=p["Protocol"],
+        target=p["TargetPort"],
+        published=published,
+        name=p.get("Name") or None,
+        mode="host" if mode == "host" and published else "ingress",
+    )
 
 
 def _peers(node_id: str, nodes: list[Node]) -> dict[str, IPv4Address]:
@@ -108,20 +126,7 @@ def mesh_state(
                 name=svc.name,
                 endpoint_mode=mode,
                 vips={names[nid]: _address(a) for nid, a in svc.vips.items() if nid in here_ids},
-                ports=tuple(
-                    PortConfig(
-                        protocol=p["Protocol"],
-                        target=p["TargetPort"],
-                        # a dnsrr service publishes nothing on the routing mesh
-                        published=p["PublishedPort"]
-                        if mode == "vip"
-                        and p.get("PublishMode") == "ingress"
-                        and p.get("PublishedPort")
-                        else None,
-                        name=p.get("Name") or None,
-                    )
-                    for p in svc.ports
-                ),
+                ports=tuple(_port(p, mode) for p in svc.ports),
                 tasks=tuple(sorted(running.get(svc.id, []))),
             )
         )

@@ -1,7 +1,8 @@
 """The scheduler: PENDING tasks get a node and become ASSIGNED.
 
 Filters first (the node is ready and active, the constraints hold, its executor runs the image,
-its CPUs and memory hold the task's reservations on top of its other tasks'), then spread: the
+its CPUs and memory hold the task's reservations on top of its other tasks', none of its tasks
+holds a host-mode port the task publishes: swarmkit's HostPortFilter), then spread: the
 node running the fewest tasks of the same service wins, ties broken by fewest tasks overall. A
 task no node can take stays PENDING with the reason in its error, and is tried again on the next
 change (a node joining, a label added, a task ending).
@@ -86,6 +87,15 @@ class _Wants:
     repository: str  # "" when the image is no reference (a spec stored before they were checked)
     reservations: Resources
     node_id: str  # global tasks come with their node
+    host_ports: frozenset[tuple[str, int]]  # (protocol, port) it takes on its node
+
+
+def _host_ports(task: Task) -> frozenset[tuple[str, int]]:
+    return frozenset(
+        (str(p.get("Protocol") or "tcp"), int(p["PublishedPort"]))
+        for p in task.host_ports
+        if p.get("PublishedPort")
+    )
 
 
 def schedule(tx: Tx) -> int:
@@ -95,13 +105,15 @@ def schedule(tx: Tx) -> int:
     load: Counter[str] = Counter()
     per_service: Counter[tuple[str, str]] = Counter()
     used: dict[str, Resources] = {}
+    ports: dict[str, set[tuple[str, int]]] = {}  # node -> host-mode ports its tasks hold
     for t in tasks:
         if t.node_id and active(t):
             load[t.node_id] += 1
             per_service[(t.service_id, t.node_id)] += 1
-            # A task holds its reservations once placed; a global task waiting for its node
-            # does not yet (else it would count against itself).
+            # A task holds its reservations and host ports once placed; a global task waiting
+            # for its node does not yet (else it would count against itself).
             if t.state >= TaskState.ASSIGNED:
+                ports.setdefault(t.node_id, set()).update(_host_ports(t))
                 used[t.node_id] = _plus(used.get(t.node_id, Resources()), reservations_of(t.spec))
     placed = 0
     pending = sorted(
@@ -127,10 +139,11 @@ def schedule(tx: Tx) -> int:
             repositories[image],
             reservations_of(template),
             task.node_id,
+            _host_ports(task),
         )
-        candidates = [n for n in nodes if _refusal(n, wants, used) is None]
+        candidates = [n for n in nodes if _refusal(n, wants, used, ports) is None]
         if not candidates:
-            reason = _explain(all_nodes, wants, used)
+            reason = _explain(all_nodes, wants, used, ports)
             if task.err != reason:
                 tx.put(dataclasses.replace(task, err=reason))
             continue
@@ -141,6 +154,7 @@ def schedule(tx: Tx) -> int:
         load[best.id] += 1
         per_service[(task.service_id, best.id)] += 1
         used[best.id] = _plus(used.get(best.id, Resources()), wants.reservations)
+        ports.setdefault(best.id, set()).update(wants.host_ports)
         tx.put(
             dataclasses.replace(
                 task,
@@ -162,7 +176,12 @@ def _repository(image: str) -> str:
         return ""
 
 
-def _refusal(node: Node, wants: _Wants, used: dict[str, Resources]) -> str | None:
+def _refusal(
+    node: Node,
+    wants: _Wants,
+    used: dict[str, Resources],
+    ports: dict[str, set[tuple[str, int]]],
+) -> str | None:
     """Why the node cannot take the task (the first filter it fails), or None."""
     if not eligible(node) or (wants.node_id and node.id != wants.node_id):
         return "unavailable"
@@ -172,6 +191,8 @@ def _refusal(node: Node, wants: _Wants, used: dict[str, Resources]) -> str | Non
         return "executor"
     if not fits(node, used.get(node.id, Resources()), wants.reservations):
         return "resources"
+    if wants.host_ports & ports.get(node.id, set()):
+        return "host ports"
     return None
 
 
@@ -179,14 +200,19 @@ def _nodes(count: int) -> str:
     return f"{count} node{'s' * (count != 1)}"
 
 
-def _explain(nodes: list[Node], wants: _Wants, used: dict[str, Resources]) -> str:
+def _explain(
+    nodes: list[Node],
+    wants: _Wants,
+    used: dict[str, Resources],
+    ports: dict[str, set[tuple[str, int]]],
+) -> str:
     if not nodes:
         return "no suitable node (no nodes in the swarm)"
     refused: dict[str, list[Node]] = {}
     for n in nodes:
         if wants.node_id and n.id != wants.node_id:
             continue  # a global task is about its own node only
-        reason = _refusal(n, wants, used)
+        reason = _refusal(n, wants, used, ports)
         if reason is not None:
             refused.setdefault(reason, []).append(n)
     parts = []
@@ -194,6 +220,8 @@ def _explain(nodes: list[Node], wants: _Wants, used: dict[str, Resources]) -> st
         parts.append(f"scheduling constraints not satisfied on {_nodes(unmet)}")
     if short := len(refused.get("resources", ())):
         parts.append(f"insufficient resources on {_nodes(short)}")
+    if busy := len(refused.get("host ports", ())):
+        parts.append(f"host-mode port already in use on {_nodes(busy)}")  # swarmkit's words
     if not_ready := len(refused.get("unavailable", ())):
         parts.append(f"{_nodes(not_ready)} not available for new tasks")
     native = refused.get("executor", [])

@@ -683,6 +683,12 @@ def normalize_service_spec(raw: Any) -> dict[str, Any]:
             raise SpecError(f"{where}.PublishMode: {pmode!r} is not ingress or host")
         if pmode == "ingress" and ep_mode == "dnsrr":
             raise SpecError("port published with ingress mode can't be used with dnsrr mode")
+        if pmode == "host" and not published:
+            # Docker's engine would pick a free port of the node; Shoal's nodes do not
+            raise SpecError(
+                f"{where}: host-mode port {target}/{proto} has no published port; give it "
+                f"one (--publish mode=host,published=PORT,target={target})"
+            )
         if published and (proto, published) in seen:
             raise SpecError(f"duplicate published port {published}/{proto}")
         seen.add((proto, published))

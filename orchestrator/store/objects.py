@@ -152,6 +152,9 @@ class Task:
     addresses: dict[str, str] = field(default_factory=dict)  # network id -> "a.b.c.d/len"
     networks: list[str] = field(default_factory=list)  # network ids, in attachment order
     job_iteration: int | None = None  # a job's task: the run of the job it belongs to
+    # the host-mode ports it holds on its node, as its service published them when it was
+    # made (swarmkit's Task.Endpoint): what the scheduler keeps apart, and its PortStatus
+    host_ports: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from typing import Any
 
 from orchestrator.manager.spec import same_task_template
 from orchestrator.store.ids import new_id, now_rfc3339
@@ -24,7 +25,13 @@ def new_task(svc: Service, slot: int, node_id: str = "", job: bool = False) -> T
         timestamp=now_rfc3339(),
         message="created",
         job_iteration=svc.job_iteration if job else None,
+        host_ports=host_ports(svc),
     )
+
+
+def host_ports(svc: Service) -> list[dict[str, Any]]:
+    """The service's host-mode ports, which each of its tasks holds on its node."""
+    return [dict(p) for p in svc.ports if p.get("PublishMode") == "host"]
 
 
 def task_name(service_name: str, task: Task) -> str:
@@ -45,8 +52,12 @@ def runnable(task: Task) -> bool:
 
 
 def dirty(svc: Service, task: Task) -> bool:
-    """Runs an older spec than the service's."""
-    return not same_task_template(task.spec, svc.spec.get("TaskTemplate", {}))
+    """Runs an older spec than the service's, or holds other host-mode ports than it
+    publishes (a task takes its node's ports where the scheduler found them free, so new
+    ones mean a new task, as in Docker; ingress ports change without one)."""
+    return not same_task_template(
+        task.spec, svc.spec.get("TaskTemplate", {})
+    ) or task.host_ports != host_ports(svc)
 
 
 def node_usable(node: Node | None) -> bool:
