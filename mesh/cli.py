@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=("0.0.0.0", 9323),
         help="where to serve /metrics (default 0.0.0.0:9323)",
     )
+    run.add_argument(
+        "--metrics-socket",
+        type=Path,
+        help="serve /metrics on this unix socket instead (shoald's way: it serves the node's "
+        ":9323 and reads the mesh's metrics from there)",
+    )
     run.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     run.add_argument(
         "--resync-interval",
@@ -114,6 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         balancer=balancer,
         metrics_host=args.metrics_addr[0],
         metrics_port=args.metrics_addr[1],
+        metrics_socket=args.metrics_socket,
         run_dir=args.run_dir,
         resync_interval=args.resync_interval,
     )

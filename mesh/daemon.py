@@ -45,6 +45,7 @@ class DaemonConfig:
     balancer: object  # factory; typed in Mesh
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9323
+    metrics_socket: Path | None = None  # instead of host:port (under shoald)
     run_dir: Path = Path("/run/shoal/mesh")
     resync_interval: float = 60.0
 
@@ -269,7 +270,16 @@ class MeshDaemon:
         app.router.add_get("/healthz", health)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, self.cfg.metrics_host, self.cfg.metrics_port, reuse_address=True)
+        site: web.BaseSite
+        if self.cfg.metrics_socket is not None:
+            self.cfg.metrics_socket.parent.mkdir(parents=True, exist_ok=True)
+            self.cfg.metrics_socket.unlink(missing_ok=True)  # a dead predecessor's
+            site = web.UnixSite(runner, str(self.cfg.metrics_socket))
+            where = f"unix://{self.cfg.metrics_socket}"
+        else:
+            host, port = self.cfg.metrics_host, self.cfg.metrics_port
+            site = web.TCPSite(runner, host, port, reuse_address=True)
+            where = f"http://{host}:{port}"
         await site.start()
-        log.info("metrics on http://%s:%d/metrics", self.cfg.metrics_host, self.cfg.metrics_port)
+        log.info("metrics on %s/metrics", where)
         return runner

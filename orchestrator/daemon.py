@@ -17,6 +17,7 @@ from pathlib import Path
 
 import uvloop
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from mesh.cli import setup_logging
 from orchestrator.agent.exec.select import DEFAULT_ENGINE, KINDS, ExecutorError
@@ -38,6 +39,9 @@ async def serve(args: argparse.Namespace) -> None:
     from orchestrator.node import NodeConfig, NodeRuntime  # noqa: PLC0415 - likewise
 
     sock = parse_host(args.host)
+    # shoald's metrics: the API's and the node's, served on :9323 with the mesh's once in a
+    # swarm (orchestrator/metrics.py)
+    registry = CollectorRegistry(auto_describe=False)
     node = NodeRuntime(
         NodeConfig(
             data_root=args.data_root,
@@ -46,13 +50,14 @@ async def serve(args: argparse.Namespace) -> None:
             lb_backend=args.lb_backend,
             executor=args.executor,
             engine=args.engine,
-        )
+        ),
+        registry,
     )
     try:
         await node.resume()
     except ExecutorError as e:
         raise SystemExit(f"shoald: {e}") from None
-    app = build(node)
+    app = build(node, registry)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     sock.parent.mkdir(parents=True, exist_ok=True)

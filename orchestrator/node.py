@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from grpc import aio
+from prometheus_client import CollectorRegistry
 
 from orchestrator.agent.agent import Agent, AgentConfig, node_description
 from orchestrator.agent.exec.base import Executor
@@ -38,6 +39,12 @@ from orchestrator.manager import allocator
 from orchestrator.manager.autolock import autolocked
 from orchestrator.manager.runtime import ManagerRuntime
 from orchestrator.manager.spec import NetworkDefaults, default_cluster_spec
+from orchestrator.metrics import (
+    NodeIdentity,
+    NodeInfoCollector,
+    NodeMetricsServer,
+    RegistriesCollector,
+)
 from orchestrator.raft import sealing
 from orchestrator.rpc import jsonrpc
 from orchestrator.rpc.jsonrpc import Message
@@ -117,8 +124,14 @@ class _Told:
 class NodeRuntime:
     """A node's membership and everything it runs."""
 
-    def __init__(self, cfg: NodeConfig):
+    def __init__(self, cfg: NodeConfig, registry: CollectorRegistry | None = None):
+        """`registry`: shoald's metrics (the API's go there too); the node adds its own and
+        reads its agent's and manager's through it, served on :9323 while in a swarm."""
         self.cfg = cfg
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.registry.register(NodeInfoCollector(self._metrics_membership))
+        self.registry.register(RegistriesCollector(self._component_registries))
+        self.metrics: NodeMetricsServer | None = None
         self.membership: Membership | None = None
         self.manager: ManagerRuntime | None = None
         self.agent: Agent | None = None
@@ -142,6 +155,18 @@ class NodeRuntime:
         if self._executor is None:
             raise RuntimeError("the executor is chosen in resume()")
         return self._executor
+
+    def _metrics_membership(self) -> NodeIdentity | None:
+        m = self.membership
+        if m is None:
+            return None
+        return NodeIdentity(m.cluster_id, m.node_id, m.role == "manager")
+
+    def _component_registries(self) -> list[CollectorRegistry]:
+        agent, manager = self.agent, self.manager
+        return ([agent.registry] if agent is not None else []) + (
+            manager.registries() if manager is not None else []
+        )
 
     def _description(self) -> dict[str, Any]:
         return node_description(self.cfg.hostname, ENGINE_VERSION, self.executor)
@@ -249,6 +274,13 @@ class NodeRuntime:
         self.mesh = self._mesh_process(m)
         self.mesh.start()
         feed.on_write = self.mesh.nudge
+        self.metrics = NodeMetricsServer(
+            self.registry, self.mesh.metrics_socket, m.addr, self.cfg.metrics_port
+        )
+        try:
+            await self.metrics.start()
+        except OSError as e:  # the node runs without its metrics rather than not at all
+            log.error("cannot serve metrics on %s:%d: %s", m.addr, self.cfg.metrics_port, e)
         self.agent = Agent(
             AgentConfig(
                 node_id=m.node_id,
@@ -269,12 +301,7 @@ class NodeRuntime:
 
     def _mesh_process(self, m: Membership) -> MeshProcess:
         mesh_dir = self.cfg.data_root / "mesh"
-        return MeshProcess(
-            mesh_dir / "state.json",
-            mesh_dir / "run",
-            f"{m.addr}:{self.cfg.metrics_port}",
-            self.cfg.lb_backend,
-        )
+        return MeshProcess(mesh_dir / "state.json", mesh_dir / "run", self.cfg.lb_backend)
 
     def _channel(self, target: str) -> aio.Channel:
         assert self.certs is not None
@@ -622,6 +649,9 @@ class NodeRuntime:
             log.info("stopping the agent and its tasks")
             await self.agent.stop()
             self.agent = None
+        if self.metrics is not None:
+            await self.metrics.stop()
+            self.metrics = None
         if self.mesh is not None:
             log.info("stopping shoal-mesh%s", " and removing the data plane" if cleanup else "")
             await self.mesh.stop(cleanup)

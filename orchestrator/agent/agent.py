@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 from grpc import aio
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from orchestrator.agent.exec.base import Executor, TaskInfo
 from orchestrator.agent.exec.runner import Hooks, TaskRunner
@@ -61,8 +62,21 @@ class AgentConfig:
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig, feed: MeshFeed):
+    def __init__(self, cfg: AgentConfig, feed: MeshFeed, registry: CollectorRegistry | None = None):
+        """`registry`: where its metrics go (default: a registry of its own)."""
         self.cfg = cfg
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.session_reconnects = Counter(
+            "shoal_agent_session_reconnects_total",
+            "Times the node's session with the managers ended (a manager gone, a new "
+            "leader, a network cut) and the agent went to open another.",
+            registry=self.registry,
+        )
+        Gauge(
+            "shoal_agent_session_connected",
+            "1 while the node's session with the managers is open, else 0.",
+            registry=self.registry,
+        ).set_function(lambda: 1 if self.connected else 0)
         self.feed = feed
         self.runners: dict[str, TaskRunner] = {}
         self.connected = False
@@ -128,6 +142,7 @@ class Agent:
                             e.details() if isinstance(e, grpc.aio.AioRpcError) else e,
                         )
                 self.connected = False
+                self.session_reconnects.inc()
                 if await self._find_leader():
                     backoff = 0.5
                     continue

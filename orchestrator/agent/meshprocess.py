@@ -20,8 +20,10 @@ log = logging.getLogger(__name__)
 class MeshProcess:
     """The node's shoal-mesh, restarted if it dies."""
 
-    def __init__(self, state: Path, run_dir: Path, metrics_addr: str, lb_backend: str):
+    def __init__(self, state: Path, run_dir: Path, lb_backend: str):
         self.state, self.run_dir = state, run_dir
+        # shoald serves the node's :9323 and reads the mesh's metrics here (orchestrator/metrics.py)
+        self.metrics_socket = run_dir / "metrics.sock"
         self.cmd = [
             sys.executable,
             "-m",
@@ -31,8 +33,8 @@ class MeshProcess:
             str(state),
             "--run-dir",
             str(run_dir),
-            "--metrics-addr",
-            metrics_addr,
+            "--metrics-socket",
+            str(self.metrics_socket),
             "--lb-backend",
             lb_backend,
         ]

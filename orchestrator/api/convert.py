@@ -6,8 +6,9 @@ import copy
 from typing import Any
 
 from orchestrator.manager.orchestrator.tasks import shown_desired_state
+from orchestrator.manager.servicestatus import service_status
 from orchestrator.manager.spec import task_template_with_defaults, view
-from orchestrator.store.objects import Cluster, Network, Node, NodeState, Service, Task, TaskState
+from orchestrator.store.objects import Cluster, Network, Node, Service, Task, TaskState
 
 SECOND = 1_000_000_000
 EXECUTOR_LABEL = "com.shoal.executor"  # in a node's Description.Engine.Labels
@@ -104,33 +105,11 @@ def service_json(
             "LastExecution": svc.job_started_at,
         }
     if tasks is not None:
-        mine = [t for t in tasks if t.service_id == svc.id]
-        if v.job:  # the tasks of the job's current run (swarmkit's ServiceStatus)
-            mine = [t for t in mine if t.job_iteration == svc.job_iteration]
-        running = sum(
-            1
-            for t in mine
-            if t.state == TaskState.RUNNING
-            and t.desired_state == TaskState.RUNNING
-            and nodes.get(t.node_id) is not None
-            and nodes[t.node_id].state != NodeState.DOWN
-        )
-        if v.mode == "replicated":
-            desired = v.replicas
-        elif v.mode == "replicated-job":
-            desired = v.max_concurrent
-        else:  # one per node: the tasks meant to run (a job's: those not complete yet)
-            desired = sum(
-                1
-                for t in mine
-                if t.desired_state == TaskState.RUNNING
-                and not (v.job and t.state == TaskState.COMPLETE)
-            )
-        completed = sum(1 for t in mine if t.state == TaskState.COMPLETE)
+        status = service_status(svc, tasks, nodes)
         out["ServiceStatus"] = {
-            "RunningTasks": running,
-            "DesiredTasks": desired,
-            "CompletedTasks": completed,
+            "RunningTasks": status.running,
+            "DesiredTasks": status.desired,
+            "CompletedTasks": status.completed,
         }
     return out
 

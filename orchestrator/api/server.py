@@ -12,10 +12,12 @@ import logging
 import os
 import platform
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from orchestrator.api import networks, nodes, services, tasks
 from orchestrator.api.context import API, NO_LEADER, manager_or_503
@@ -67,6 +69,47 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception as e:
         log.exception("%s %s failed", request.method, request.path)
         return error_response(500, f"internal error: {e}")
+
+
+VERSION_PREFIX = "/v{ver}"  # how the versioned routes' paths begin (their canonical form)
+
+
+def request_metrics(registry: CollectorRegistry) -> Callable[..., Any]:
+    """A middleware counting requests by route (the path pattern, without its version
+    prefix: `/services/{id}`), method and status, and timing them."""
+    requests = Counter(
+        "shoal_api_requests_total",
+        "Engine API requests answered, by route, method and status code.",
+        ["route", "method", "status"],
+        registry=registry,
+    )
+    durations = Histogram(
+        "shoal_api_request_duration_seconds",
+        "Time to answer an Engine API request, by route and method (streams: until they end).",
+        ["route", "method"],
+        registry=registry,
+        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    )
+
+    @web.middleware
+    async def measure(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        resource = request.match_info.route.resource
+        # unmatched paths are one route: a scanner must not make a series per path it tries
+        route = resource.canonical.removeprefix(VERSION_PREFIX) if resource else "unmatched"
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as e:
+            status = e.status
+            raise
+        finally:
+            requests.labels(route, request.method, str(status)).inc()
+            durations.labels(route, request.method).observe(time.perf_counter() - started)
+
+    return measure
 
 
 def headers() -> dict[str, str]:
@@ -321,8 +364,10 @@ async def distribution(request: web.Request) -> web.Response:
     return json_response(found)
 
 
-def build(node: NodeRuntime) -> web.Application:
-    app = web.Application(middlewares=[errors], client_max_size=16 << 20)
+def build(node: NodeRuntime, registry: CollectorRegistry | None = None) -> web.Application:
+    """`registry`: where the API's metrics go (default: a registry of its own)."""
+    measure = request_metrics(registry if registry is not None else CollectorRegistry())
+    app = web.Application(middlewares=[measure, errors], client_max_size=16 << 20)
     app[API.key] = API(node)
     routes: list[tuple[str, str, Handler]] = [
         ("HEAD", "/_ping", ping),

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
+from prometheus_client import CollectorRegistry, Histogram
 
 from mesh.state import state_to_dict
 from orchestrator.ca.server import described, issuing_root_digest
@@ -34,7 +35,7 @@ from orchestrator.manager import netkeys
 from orchestrator.manager.meshview import mesh_state
 from orchestrator.manager.orchestrator.tasks import task_name
 from orchestrator.rpc.jsonrpc import Context, Message, service
-from orchestrator.store.ids import new_id, now_rfc3339
+from orchestrator.store.ids import new_id, now_rfc3339, parse_rfc3339
 from orchestrator.store.objects import (
     Cluster,
     Network,
@@ -71,8 +72,21 @@ class ManagerInfo:
 
 
 class Dispatcher:
-    def __init__(self, store: Store, managers: ManagerInfo | None = None):
+    def __init__(
+        self,
+        store: Store,
+        managers: ManagerInfo | None = None,
+        registry: CollectorRegistry | None = None,
+    ):
+        """`registry`: where its metrics go (default: a registry of its own)."""
         self.store = store
+        self.scheduling_delay = Histogram(
+            "swarm_dispatcher_scheduling_delay_seconds",
+            "Scheduling delay is the time a task takes to go from NEW to RUNNING state.",
+            registry=registry if registry is not None else CollectorRegistry(),
+            # an image pull and a health check may take minutes
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+        )
         self.managers = managers or ManagerInfo()
         self.term: int | None = None  # the leadership term it serves sessions in
         self.active = False
@@ -375,7 +389,12 @@ class Dispatcher:
             if not self._updates:
                 continue
             batch, self._updates = self._updates, []
-            await self.store.update(functools.partial(apply_statuses, batch=batch), self.term)
+            running = await self.store.update(
+                functools.partial(apply_statuses, batch=batch), self.term
+            )
+            now = time.time()
+            for created_at in running:
+                self.scheduling_delay.observe(max(now - parse_rfc3339(created_at), 0.0))
 
     # ---- logs ---------------------------------------------------------------------------
 
@@ -413,8 +432,10 @@ class Dispatcher:
         return node_id in self._sessions
 
 
-def apply_statuses(tx: Tx, batch: list[tuple[str, Message]]) -> None:
-    """Agents' reports, kept only when they move a task forward, on the node that runs it."""
+def apply_statuses(tx: Tx, batch: list[tuple[str, Message]]) -> list[str]:
+    """Agents' reports, kept only when they move a task forward, on the node that runs it.
+    Returns when each task it moved to RUNNING was created (its scheduling delay)."""
+    running = []
     for node_id, u in batch:
         task = tx.get(Task, str(u.get("id", "")))
         if task is None or task.node_id != node_id:
@@ -436,3 +457,6 @@ def apply_statuses(tx: Tx, batch: list[tuple[str, Message]]) -> None:
                 container={**task.container, **(container or {})},
             )
         )
+        if state == TaskState.RUNNING and task.meta.created_at:
+            running.append(task.meta.created_at)
+    return running

@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 
 from grpc import aio
+from prometheus_client import CollectorRegistry
 
 from orchestrator.ca.authz import Access, AuthInterceptor, Authorizer, DenyList, Policy
 from orchestrator.ca.certs import NodeCertificates
@@ -35,6 +36,7 @@ from orchestrator.manager.dispatcher import SERVICE as DISPATCHER_SERVICE
 from orchestrator.manager.dispatcher import Dispatcher, ManagerInfo
 from orchestrator.manager.manager import Manager
 from orchestrator.manager.members import RaftMembers
+from orchestrator.manager.metrics import SwarmCollector
 from orchestrator.manager.netkeys import NetworkKeyLoop
 from orchestrator.raft.grpc_transport import CONTROL_SERVICE as RAFT_CONTROL_SERVICE
 from orchestrator.raft.grpc_transport import LINK_OPTIONS, RAFT_SERVICE, GrpcTransport
@@ -71,6 +73,9 @@ class ManagerRuntime:
         unlock_key: bytes | None = None,
     ):
         self.certs = certs
+        # this manager's metrics for as long as it runs (the control loops' own, of the
+        # term they run in, are in `self.manager.registry`: see registries())
+        self.registry = CollectorRegistry(auto_describe=False)
         self.transport = GrpcTransport(lambda target: certs.channel(target, LINK_OPTIONS))
         self.raft = RaftNode(
             raft_id,
@@ -80,15 +85,17 @@ class ManagerRuntime:
             settings,
             bootstrap=bootstrap,
             known=known,
+            registry=self.registry,
         )
-        self.store = Store(self.raft)
+        self.store = Store(self.raft, self.registry)
+        self.registry.register(SwarmCollector(self.store, lambda: self.raft.is_leader))
         self.sealer = KeySealer(self.store, self.raft, unlock_key)
         info = ManagerInfo(
             leader_addr=self.leader_addr,
             raft_members=lambda: dict(self.raft.members),
             reachability=self.reachability,
         )
-        self.dispatcher = Dispatcher(self.store, info)
+        self.dispatcher = Dispatcher(self.store, info, self.registry)
         self.ca = CAService(self.store, info.raft_members)
         self.authorizer = Authorizer(certs.identity.cluster_id, POLICY, self.deny_list)
         self.manager: Manager | None = None
@@ -101,6 +108,12 @@ class ManagerRuntime:
         self._changes: set[asyncio.Task[None]] = set()
         self._watch: asyncio.Task[None] | None = None
         self._stopping: asyncio.Future[None] | None = None
+
+    def registries(self) -> list[CollectorRegistry]:
+        """Where this manager's metrics are now: its own, and its control loops' while it
+        leads."""
+        loops = self.manager
+        return [self.registry] + ([loops.registry] if loops is not None else [])
 
     @staticmethod
     def raft_dir(data_dir: Path) -> Path:

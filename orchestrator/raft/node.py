@@ -41,6 +41,8 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from prometheus_client import CollectorRegistry
+
 from orchestrator.raft.core import Config, NotLeader, ProposalDropped, Raft
 from orchestrator.raft.messages import (
     NONE,
@@ -55,6 +57,7 @@ from orchestrator.raft.messages import (
     Snapshot,
     StorageState,
 )
+from orchestrator.raft.metrics import RaftCollector, RaftMetrics, RaftView
 from orchestrator.raft.progress import ProgressState
 from orchestrator.raft.storage import Resealable, Storage
 from orchestrator.raft.transport import Transport
@@ -151,6 +154,7 @@ class RaftNode:
         bootstrap: bool = False,
         known: dict[int, str] | None = None,
         ticker: Ticker | None = None,
+        registry: CollectorRegistry | None = None,
     ):
         """`storage` opens the node's storage (`start` calls it in a thread: opening may read
         a disk, and raise, e.g. sealing.Locked; see storage.on_disk).
@@ -158,7 +162,8 @@ class RaftNode:
         `bootstrap`: this is the first manager of a new cluster (empty storage only).
         `known`: members' addresses to start with (a joining manager has no log yet to learn
         them from, and must be able to answer the leader).
-        `ticker`: when to tick (default: every `settings.tick` seconds)."""
+        `ticker`: when to tick (default: every `settings.tick` seconds).
+        `registry`: where its metrics go (raft/metrics.py; default: a registry of its own)."""
         self.id = raft_id
         self.addr = addr
         self.settings = settings or RaftSettings()
@@ -190,6 +195,19 @@ class RaftNode:
         self._leadership_listeners: list[Callable[[bool, int], None]] = []
         self._failure: BaseException | None = None
         self._stopped = asyncio.Event()
+        registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = RaftMetrics.register(registry)
+        registry.register(
+            RaftCollector(
+                RaftView(
+                    term=lambda: self.term,
+                    applied=lambda: self._applied,
+                    voters=lambda: len(self.voters()),
+                    learners=lambda: len(self.learners()),
+                    has_leader=lambda: self.leader != NONE,
+                )
+            )
+        )
         transport.attach(self)
 
     # ---- the store's ReplicatedLog (orchestrator/store/log.py) --------------------------
@@ -266,6 +284,17 @@ class RaftNode:
         raft = self._running()
         if term is not None and (not raft.is_leader or raft.term != term):
             raise NotLeader(f"no longer the leader of term {term}")
+        started = asyncio.get_running_loop().time()
+        try:
+            result = await self._propose(entry)
+        except Exception:
+            self.metrics.proposals.labels("failed").inc()
+            raise
+        self.metrics.proposals.labels("committed").inc()
+        self.metrics.transaction_latency.observe(asyncio.get_running_loop().time() - started)
+        return result
+
+    async def _propose(self, entry: bytes) -> Any:
         pid = os.urandom(ID_LEN)
         data = pid + entry
         loop = asyncio.get_running_loop()
@@ -683,6 +712,7 @@ class RaftNode:
             return
         assert self.raft is not None and self._storage is not None and self._snapshot
         index = self._applied
+        started = asyncio.get_running_loop().time()
         data = json.dumps(
             {"members": {str(k): v for k, v in self.members.items()}, "store": self._snapshot()},
             separators=(",", ":"),
@@ -690,6 +720,8 @@ class RaftNode:
         snap = self.raft.compact(index, data, keep=self.settings.keep_entries)
         await asyncio.to_thread(self._storage.compact, snap)
         self._snapshot_index = index
+        self.metrics.snapshot_latency.observe(asyncio.get_running_loop().time() - started)
+        self.metrics.snapshot_size.set(len(data))
 
     def _update_peers(self) -> None:
         addrs = {**self._known, **self.members}
@@ -710,6 +742,8 @@ class RaftNode:
         lead = self.raft.lead
         if lead != self._lead_seen:
             self._lead_seen = lead
+            if lead != NONE:
+                self.metrics.leader_changes.inc()
             if lead != NONE and self._lead_changed is not None and not self._lead_changed.done():
                 self._lead_changed.set_result(None)
         now = (self.raft.is_leader, self.raft.term)
