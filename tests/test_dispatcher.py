@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from pathlib import Path
 
 from orchestrator.manager.dispatcher import MISSED_BEATS, Dispatcher
@@ -85,6 +86,55 @@ def test_a_node_that_just_joined_gets_a_grace_period_and_a_silent_one_goes_down(
             node = store.get(Node, "new")
             assert node is not None and node.state == NodeState.DOWN, "still up, unheard"
         finally:
+            await dispatcher.stop()
+
+    asyncio.run(run())
+
+
+def test_a_manager_that_stalled_does_not_blame_the_nodes(tmp_path: Path) -> None:
+    """The manager's event loop (or its whole machine) stops for longer than the heartbeat
+    grace: when it runs again, the monitor comes first, before the heartbeats queued
+    meanwhile. The node beat just before the stall and beats again after it: it stays ready
+    (the grace measures the manager's progress, not the wall clock). A node that stays silent
+    once the manager runs again still goes down."""
+
+    async def run() -> None:
+        store, _ = await cluster(tmp_path, nodes=0)
+        period = 0.5
+
+        def setup(tx: Tx) -> None:
+            tx.put(Cluster(id="c", spec={"Dispatcher": {"HeartbeatPeriod": int(period * 1e9)}}))
+            tx.put(Node(id="busy", hostname="sw1", state=NodeState.READY))
+            tx.put(Node(id="quiet", hostname="sw2", state=NodeState.READY))
+
+        await store.update(setup)
+        dispatcher = Dispatcher(store)
+        dispatcher.start()
+        stalled = asyncio.Event()
+
+        async def beats() -> None:
+            while True:
+                dispatcher.beat("busy")
+                if not stalled.is_set():
+                    await asyncio.sleep(period)  # the monitor's timer runs out meanwhile
+                    dispatcher.beat("busy")
+                    time.sleep(period * MISSED_BEATS * 2)  # noqa: ASYNC251 - the loop stops
+                    stalled.set()
+                await asyncio.sleep(period)
+
+        beating = asyncio.create_task(beats())
+        try:
+            await stalled.wait()
+            await asyncio.sleep(period * 0.6)  # a look of the monitor's at least
+            busy, quiet = store.get(Node, "busy"), store.get(Node, "quiet")
+            assert busy is not None and busy.state == NodeState.READY, "blamed for the stall"
+            assert quiet is not None and quiet.state == NodeState.READY, "blamed for the stall"
+            await asyncio.sleep(period * MISSED_BEATS * 1.2)
+            busy, quiet = store.get(Node, "busy"), store.get(Node, "quiet")
+            assert busy is not None and busy.state == NodeState.READY, busy
+            assert quiet is not None and quiet.state == NodeState.DOWN, "still up, unheard"
+        finally:
+            beating.cancel()
             await dispatcher.stop()
 
     asyncio.run(run())

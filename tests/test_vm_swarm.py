@@ -274,8 +274,8 @@ loops = {f"VIP, {m}": Loop(None, host, port, rate, m == "keep-alive", timeout).s
          for m in ("new connections", "keep-alive")}
 print("started", flush=True)
 select.select([sys.stdin], [], [], limit)
-print(json.dumps({name: [loop.stop().sent, loop.result.failed, str(loop.result)]
-                  for name, loop in loops.items()}))
+print(json.dumps({name: [loop.stop().sent, loop.result.failed, str(loop.result),
+                         loop.result.events] for name, loop in loops.items()}))
 """
 LIFE_PORT = 30900
 # Requests/s per loop. Lower than the namespace lab's 100 (tests/test_lifecycle_lab.py): the
@@ -330,7 +330,13 @@ def _life(lab: Lab) -> dict[str, Any]:
     client = next((t for t in clients if t["Status"]["State"] == "running"), None)
     return {
         "tasks": [
-            [t["DesiredState"], t["Status"]["State"], hosts.get(t.get("NodeID"), "")] for t in tasks
+            [
+                t["DesiredState"],
+                t["Status"]["State"],
+                hosts.get(t.get("NodeID"), ""),
+                t["Status"].get("Err") or t["Status"].get("Message", ""),
+            ]
+            for t in tasks
         ],
         "client": [hosts[client["NodeID"]], client["ID"]] if client else None,
         "vip": [
@@ -351,16 +357,18 @@ def _placed(events: list[tuple[float, str]], begins: list[tuple[float, str]]) ->
     return out
 
 
-def _settled(lab: Lab, replicas: int, off: str | None) -> bool:
-    """`replicas` tasks run (none on node `off`) and every other task has ended."""
+def _settled(lab: Lab, replicas: int, off: str | None, seen: list[list[str]]) -> bool:
+    """`replicas` tasks run (none on node `off`) and every other task has ended; `seen` gets
+    the tasks looked at (a test that times out says in what state `life` was)."""
     tasks = _life(lab)["tasks"]
-    up = [(state, node) for desired, state, node in tasks if desired == "running"]
-    ending = [state for desired, state, _ in tasks if desired != "running"]
+    seen[:] = tasks
+    up = [(state, node) for desired, state, node, _ in tasks if desired == "running"]
+    ending = [state for desired, state, _, _ in tasks if desired != "running"]
     return (
         len(up) == replicas
         and {state for state, _ in up} == {"running"}
         and off not in {node for _, node in up}
-        and not set(ending) - {"complete", "shutdown", "failed"}
+        and not set(ending) - {"complete", "shutdown", "failed", "rejected", "orphaned"}
     )
 
 
@@ -458,12 +466,19 @@ def test_updates_rollbacks_drains_and_scale_downs_on_ipvs_drop_nothing(swarm: Sw
                 )
                 ps = "" if done.returncode == 0 else shoal("sw1", "service", "ps", "life")
                 assert done.returncode == 0, f"{what}: {done.stdout}{done.stderr}{ps}"
-                wait(
-                    lambda: _settled(swarm.lab, replicas, off),  # noqa: B023
-                    f"{what} to settle",
-                    LIFE_SECONDS,
-                    every=2,  # each look is work for sw1's emulated CPU, which runs tasks too
-                )
+                seen: list[list[str]] = []
+                try:
+                    wait(
+                        lambda: _settled(swarm.lab, replicas, off, seen),  # noqa: B023
+                        f"{what} to settle",
+                        LIFE_SECONDS,
+                        every=2,  # each look is work for sw1's emulated CPU, which runs tasks too
+                    )
+                except AssertionError as e:
+                    last = "\n".join(" ".join(t) for t in seen)
+                    nodes = shoal("sw1", "node", "ls")
+                    why = f"{e}; life's tasks (desired, state, node, why):\n{last}\n{nodes}"
+                    raise AssertionError(why) from None
                 print(f"{what}: {time.monotonic() - begun:.0f} s")
             took = time.monotonic() - started
         finally:
@@ -482,10 +497,16 @@ def test_updates_rollbacks_drains_and_scale_downs_on_ipvs_drop_nothing(swarm: Sw
                 str(r),
                 _placed(r.events, begins),
             )
-        for name, (sent, failed, text) in json.loads(out).items():
+        for name, (sent, failed, text, events) in json.loads(out).items():
             print(name, text)
-            # Python on emulated CPUs, beside the tasks it calls: likewise
-            assert failed == 0 and sent >= LIFE_RATE_INSIDE * took * MIN_SHARE, (name, text)
+            # Python on emulated CPUs, beside the tasks it calls: likewise. (The VM's clock is
+            # the host's, from boot: its failures line up with the operations to a second.)
+            assert failed == 0 and sent >= LIFE_RATE_INSIDE * took * MIN_SHARE, (
+                name,
+                f"from {client_node}",
+                text,
+                _placed([(at, kind) for at, kind in events], begins),
+            )
     finally:
         shoal("sw1", "node", "update", "--availability", "active", "sw3")
         shoal("sw1", "service", "rm", "life", "lifeclient")

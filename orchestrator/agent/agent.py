@@ -37,6 +37,7 @@ STATUS_BATCH = 0.1
 # all of them rather than one per task), waiting at most this long for the slowest.
 FEED_BATCH = 0.25
 MAX_BACKOFF = 8.0
+HEARTBEAT_GRACE = 3  # periods: the dispatcher marks a node down after this many missed
 LOG_BATCH = 200
 LOG_FLUSH = 0.2  # seconds between batches of a followed log
 SWEEP_EVERY = 5.0  # seconds between removals of deleted tasks' remains
@@ -70,6 +71,11 @@ class Agent:
             "shoal_agent_session_reconnects_total",
             "Times the node's session with the managers ended (a manager gone, a new "
             "leader, a network cut) and the agent went to open another.",
+            registry=self.registry,
+        )
+        self.heartbeat_failures = Counter(
+            "shoal_agent_heartbeat_failures_total",
+            "Heartbeats the managers did not answer in time or refused (each sent again).",
             registry=self.registry,
         )
         Gauge(
@@ -221,14 +227,24 @@ class Agent:
                 beat.cancel()
 
     async def _heartbeat(self) -> None:
+        """Heartbeats for as long as the session lasts. One that fails (a manager too busy to
+        answer in time, a stream reset) is sent again soon: a node that stopped beating while
+        its session stayed open would be marked down and stay down."""
         assert self._client is not None
         while True:
-            reply = await self._client.call(
-                DISPATCHER,
-                "Heartbeat",
-                {"node_id": self.cfg.node_id, "executor_error": self.executor.health() or ""},
-                deadline=5,
-            )
+            try:
+                reply = await self._client.call(
+                    DISPATCHER,
+                    "Heartbeat",
+                    {"node_id": self.cfg.node_id, "executor_error": self.executor.health() or ""},
+                    # a late answer still counts: wait as long as the managers' grace
+                    deadline=self.period * HEARTBEAT_GRACE,
+                )
+            except grpc.aio.AioRpcError as e:
+                self.heartbeat_failures.inc()
+                log.warning("heartbeat to %s failed (%s); sending another", self.manager, e.code())
+                await asyncio.sleep(min(1.0, self.period / 5))
+                continue
             self.period = float(reply.get("period", self.period))
             await asyncio.sleep(self.period * (0.9 + random.random() * 0.1))
 

@@ -56,6 +56,24 @@ MISSED_BEATS = 3
 STATUS_BATCH = 0.1
 
 
+@dataclass
+class ProgressClock:
+    """Seconds that pass only while this process runs: a gap longer than `max_step` between
+    two readings (its event loop, or the whole machine, stalled) counts as `max_step`.
+    Heartbeat deadlines measured on it never blame the nodes for the manager's own stall,
+    whose end finds their heartbeats still queued: the deadlines measure progress."""
+
+    max_step: float
+    _real: float = dataclasses.field(default_factory=time.monotonic)
+    _now: float = 0.0
+
+    def now(self) -> float:
+        real = time.monotonic()
+        self._now += min(max(real - self._real, 0.0), self.max_step)
+        self._real = real
+        return self._now
+
+
 def heartbeat_period(store: Store) -> float:
     cluster = next(iter(store.list(Cluster)), None)
     ns = (cluster.spec.get("Dispatcher", {}).get("HeartbeatPeriod") if cluster else None) or 0
@@ -91,7 +109,8 @@ class Dispatcher:
         self.term: int | None = None  # the leadership term it serves sessions in
         self.active = False
         self._sessions: dict[str, asyncio.Queue[Message]] = {}
-        self._beats: dict[str, float] = {}
+        self._beats: dict[str, float] = {}  # node -> its last heartbeat, on self._clock
+        self._clock = ProgressClock(DEFAULT_PERIOD)
         # node -> the newest store index its mesh has applied: a task being stopped gets its
         # stop signal once every ready node's load balancers have let it go
         self._applied: dict[str, int] = {}
@@ -199,7 +218,7 @@ class Dispatcher:
                 )
 
         await self.store.update(ready, self.term)
-        self._beats[node_id] = time.monotonic()
+        self.beat(node_id)
         queue: asyncio.Queue[Message] = asyncio.Queue()
         old = self._sessions.get(node_id)
         if old is not None:
@@ -326,7 +345,7 @@ class Dispatcher:
         node = self.store.get(Node, node_id)
         if node is None:
             await ctx.abort(grpc.StatusCode.NOT_FOUND, f"node {node_id} is not in this swarm")
-        self._beats[node_id] = time.monotonic()
+        self.beat(node_id)
         # A node whose executor cannot run tasks (its container engine is gone) is down until
         # it can: the managers place its tasks elsewhere.
         trouble = str(req.get("executor_error") or "")[:1024]
@@ -345,6 +364,10 @@ class Dispatcher:
             await self.store.update(lambda tx: self._mark(tx, node_id, state, message), self.term)
         return {"period": heartbeat_period(self.store)}
 
+    def beat(self, node_id: str) -> None:
+        """The node is alive now (a heartbeat, or its session opened)."""
+        self._beats[node_id] = self._clock.now()
+
     @staticmethod
     def _mark(tx: Tx, node_id: str, state: NodeState, message: str) -> None:
         node = tx.get(Node, node_id)
@@ -354,8 +377,9 @@ class Dispatcher:
     async def _monitor(self) -> None:
         while True:
             period = heartbeat_period(self.store)
+            self._clock.max_step = period
             await asyncio.sleep(period / 2)
-            now = time.monotonic()
+            now = self._clock.now()
             late = []
             for node in self.store.list(Node):
                 last = self._beats.get(node.id)

@@ -191,6 +191,8 @@ class TaskRunner:
             waiter.cancel()
             if watcher is not None:
                 watcher.cancel()
+                if watcher.done() and not watcher.cancelled():
+                    watcher.exception()  # Unhealthy: reported above, not an unretrieved error
         container = self._status(status, end)
         if end.code == 0:
             self._report(TaskState.COMPLETE, "finished", container=container)
