@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mesh.state import FORMAT_VERSION, read_applied
+from mesh.state import FORMAT_VERSION, Applied, read_applied
 
 POLL = 0.05
 KEEP_INDEXES = 64
@@ -38,6 +38,8 @@ class MeshFeed:
         self._written: dict[str, Any] | None = None
         # the store index (the view's generation) each written generation carries, newest last
         self._indexes: dict[int, int] = {}
+        self._applied: Applied | None = None  # shoal-mesh's last report, as last read
+        self._applied_at = 0.0
         # Called after each new state is written (the node wakes shoal-mesh with it rather
         # than leaving the change to its next poll of the file).
         self.on_write: Callable[[], None] | None = None
@@ -76,10 +78,19 @@ class MeshFeed:
             self.on_write()
         return self._generation
 
+    def _read_applied(self) -> Applied:
+        """shoal-mesh's last report, read at most once per POLL however many tasks wait on
+        it: a thousand tasks polling the file each (20 reads a second apiece) held the
+        daemon's event loop for seconds, and its heartbeats with it."""
+        now = time.monotonic()
+        if self._applied is None or now - self._applied_at >= POLL:
+            self._applied, self._applied_at = read_applied(self.run_dir), now
+        return self._applied
+
     def applied_index(self) -> int:
         """The store index of the newest view shoal-mesh has applied (-1: none known): every
         task that left the load balancers at or before it has left them on this node."""
-        applied = read_applied(self.run_dir).balanced
+        applied = self._read_applied().balanced
         done = [index for gen, index in self._indexes.items() if gen <= applied]
         return max(done) if done else -1
 
@@ -88,13 +99,15 @@ class MeshFeed:
         deadline is about progress: it moves on whenever shoal-mesh finishes a sync (a busy node
         applies older generations first), and only `within` s without one fail the task."""
         deadline = time.monotonic() + within
-        last = read_applied(self.run_dir).generation
+        last = self._read_applied().generation
         while time.monotonic() < deadline:
-            applied = read_applied(self.run_dir)
+            applied = self._read_applied()
             if applied.generation != last:
                 last = applied.generation
                 deadline = time.monotonic() + within
             if applied.generation >= generation:
+                if not applied.errors:
+                    return None
                 # errors naming the task, or one of its networks (an encrypted network the
                 # node refuses to attach leaves the task without it)
                 nets = {

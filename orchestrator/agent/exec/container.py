@@ -54,9 +54,8 @@ from orchestrator.agent.exec.base import (
 from orchestrator.agent.exec.engine import Engine, decode_registry_auth, explain
 from orchestrator.agent.exec.health import Check
 from orchestrator.agent.exec.netns import (
+    NamespaceRemover,
     netns_name,
-    remove_leftover_namespaces,
-    remove_namespace,
 )
 from orchestrator.agent.exec.process import run_quietly
 from orchestrator.images import reference, rootfs
@@ -86,6 +85,7 @@ class ContainerExecutor:
         self._configs: dict[str, dict[str, Any]] = {}  # pinned image -> its config
         self._cleanup: asyncio.Future[list[str]] | None = None
         self.live: dict[str, ContainerController] = {}  # task id -> controller, until released
+        self.namespaces = NamespaceRemover()
 
     async def start(self, node_id: str) -> None:
         self.node_id = node_id
@@ -96,7 +96,7 @@ class ContainerExecutor:
         except EngineUnavailable as e:
             log.error("%s; its tasks wait for it", e)
             removed = []
-        removed += await remove_leftover_namespaces(self.netns_prefix)
+        removed += await self.namespaces.remove_leftovers(self.netns_prefix)
         await asyncio.to_thread(self._reset_gates)
         if removed:
             log.warning(
@@ -457,7 +457,7 @@ class ContainerController:
         if self.container_id:
             self.engine.unwatch(self.container_id)
         # Its processes die with the namespace's, even when the engine does not answer.
-        await remove_namespace(self._netns)
+        await self.executor.namespaces.remove(self._netns)
         self._netns_made = False
         if self.gate is not None:
             await asyncio.to_thread(shutil.rmtree, self.gate, True)

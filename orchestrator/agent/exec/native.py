@@ -25,9 +25,8 @@ from orchestrator.agent.exec.base import Exit, LogEntry, Rejected, StartFailed, 
 from orchestrator.agent.exec.health import Check
 from orchestrator.agent.exec.netns import (
     ETC_NETNS,
+    NamespaceRemover,
     netns_name,
-    remove_leftover_namespaces,
-    remove_namespace,
 )
 from orchestrator.agent.exec.process import Child, run_quietly
 from orchestrator.agent.logs import TaskLog
@@ -45,9 +44,10 @@ class NativeExecutor:
         self.netns_prefix = netns_prefix
         self.data_dir = data_dir  # <data-root>/tasks: a directory per task, its log
         self.logs_open: dict[str, TaskLog] = {}  # the logs of running tasks, for --follow
+        self.namespaces = NamespaceRemover()
 
     async def start(self, node_id: str) -> None:
-        await remove_leftover_namespaces(self.netns_prefix)
+        await self.namespaces.remove_leftovers(self.netns_prefix)
 
     async def close(self) -> None:
         pass
@@ -240,7 +240,7 @@ class NativeController:
         for pump in self._pumps:
             pump.cancel()
         self._close_log()
-        await remove_namespace(self._netns)
+        await self.executor.namespaces.remove(self._netns)
         self._netns_made = False
 
 
