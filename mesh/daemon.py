@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -78,6 +79,7 @@ class MeshDaemon:
         self._stop = asyncio.Event()
         self._force_full = True
         self._balanced = -1  # the newest generation every load balancer took
+        self._applied = Applied()  # the last report written
         self._verify = False  # check that nothing of ours was changed behind our back
         self._file_sig: tuple[int, int, int] | None = None
         self._zones: dict[frozenset[str], Zone] = {}
@@ -204,6 +206,8 @@ class MeshDaemon:
     async def _sync(self, desired: MeshState) -> bool:
         full, verify = self._force_full, self._verify
         self._verify = False
+        busy = dataclasses.replace(self._applied, applying=desired.generation)
+        write_applied(self.cfg.run_dir, busy)  # the waiters see the mesh at work on it
         report: SyncReport = await asyncio.to_thread(self._apply, desired, full, verify)
         if not report.ok:
             self.status.sync_errors += 1
@@ -228,10 +232,8 @@ class MeshDaemon:
         )
         if not report.balancing_failed:
             self._balanced = desired.generation
-        write_applied(
-            self.cfg.run_dir,
-            Applied(desired.generation, {**report.errors, **dns_errors}, self._balanced),
-        )
+        self._applied = Applied(desired.generation, {**report.errors, **dns_errors}, self._balanced)
+        write_applied(self.cfg.run_dir, self._applied)
         return report.ok and not dns_errors
 
     def _apply(self, desired: MeshState, full: bool, verify: bool) -> SyncReport:

@@ -196,6 +196,9 @@ class Applied:
     # the newest generation whose load balancers all took it: a backend left out of it no
     # longer gets new connections here (a generation whose tables failed is retried first)
     balanced: int = -1
+    # the generation a sync under way is applying (-1: none): a waiter sees the mesh busy with
+    # its state, which may take long on a node given a thousand endpoints at once
+    applying: int = -1
 
 
 def applied_path(run_dir: Path) -> Path:
@@ -209,6 +212,7 @@ def write_applied(run_dir: Path, applied: Applied) -> None:
         "generation": applied.generation,
         "errors": dict(applied.errors),
         "balanced": applied.balanced,
+        "applying": applied.applying,
     }
     tmp.write_text(json.dumps(doc))
     tmp.replace(applied_path(run_dir))  # atomically: the reader polls it
@@ -219,7 +223,8 @@ def read_applied(run_dir: Path) -> Applied:
     try:
         doc = json.loads(applied_path(run_dir).read_text())
         errors = {str(k): str(v) for k, v in doc["errors"].items()}
-        return Applied(int(doc["generation"]), errors, int(doc["balanced"]))
+        applying = int(doc.get("applying", -1))  # a predecessor's report may lack it
+        return Applied(int(doc["generation"]), errors, int(doc["balanced"]), applying)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return Applied()
 

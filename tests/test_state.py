@@ -358,13 +358,14 @@ def test_state_to_dict_leaves_defaults_out() -> None:
 def test_the_applied_report_round_trips_and_is_absent_until_written(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     assert read_applied(run_dir) == Applied() and Applied().generation == -1
-    report = Applied(42, {"task web.1.x": "no namespace", "network secret": "no ESP"}, 41)
+    report = Applied(42, {"task web.1.x": "no namespace", "network secret": "no ESP"}, 41, 43)
     write_applied(run_dir, report)
     assert read_applied(run_dir) == report
     assert json.loads(applied_path(run_dir).read_text()) == {
         "generation": 42,
         "errors": {"task web.1.x": "no namespace", "network secret": "no ESP"},
         "balanced": 41,
+        "applying": 43,
     }
     for garbage in ("{not json", "[]", '{"generation": "x", "errors": {}}', '{"errors": {}}'):
         applied_path(run_dir).write_text(garbage)

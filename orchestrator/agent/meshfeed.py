@@ -20,6 +20,10 @@ from typing import Any
 from mesh.state import FORMAT_VERSION, Applied, read_applied
 
 POLL = 0.05
+# How long one sync of shoal-mesh's may take, once it works on a task's state, before the
+# task is rejected: a node given a thousand endpoints at once takes tens of seconds, and a sync
+# that never ends is a stuck mesh.
+BUSY_MAX = 600.0
 KEEP_INDEXES = 64
 
 
@@ -96,15 +100,20 @@ class MeshFeed:
 
     async def wait(self, generation: int, task_id: str, within: float = 30.0) -> str | None:
         """None once shoal-mesh applied the generation without an error about the task. The
-        deadline is about progress: it moves on whenever shoal-mesh finishes a sync (a busy node
-        applies older generations first), and only `within` s without one fail the task."""
-        deadline = time.monotonic() + within
-        last = self._read_applied().generation
-        while time.monotonic() < deadline:
+        deadline is about progress: it moves on whenever shoal-mesh starts or finishes a sync
+        (a busy node applies older generations first), a sync of this generation (or a newer
+        one) may run for up to BUSY_MAX, and only `within` s without any of that fail the
+        task."""
+        now = time.monotonic()
+        deadline = now + within
+        applied = self._read_applied()
+        last, since = (applied.generation, applied.applying), now
+        while True:
+            now = time.monotonic()
             applied = self._read_applied()
-            if applied.generation != last:
-                last = applied.generation
-                deadline = time.monotonic() + within
+            if (applied.generation, applied.applying) != last:
+                last, since = (applied.generation, applied.applying), now
+                deadline = now + within
             if applied.generation >= generation:
                 if not applied.errors:
                     return None
@@ -121,7 +130,12 @@ class MeshFeed:
                     if task_id in k or task_id[:12] in k or k in nets
                 ]
                 return "; ".join(mine) or None
+            working = applied.applying >= generation and now - since < BUSY_MAX
+            if now >= deadline and not working:
+                break
             await asyncio.sleep(POLL)
+        if applied.applying >= generation:
+            return f"the node's mesh was still applying the task's network after {BUSY_MAX:.0f} s"
         return (
             f"the node's mesh applied nothing for {within:.0f} s while the task waited for "
             "its network"
