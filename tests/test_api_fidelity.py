@@ -456,3 +456,48 @@ def test_a_failing_job_task_is_restarted_as_its_policy_says_and_no_more(sdk: Any
         assert {t["Status"]["ContainerStatus"]["ExitCode"] for t in tasks} == {3}
     finally:
         svc.remove()
+
+
+# What Shoal does not honour yet, set as a client sets it: each must be refused with a 400 that
+# names the field, and nothing made (issue #16). (docker CLI flags; SDK ContainerSpec or
+# TaskTemplate keywords.)
+UNSUPPORTED_CLI = [
+    (["--dns", "10.0.0.2"], "ContainerSpec.DNSConfig"),
+    (["--host", "db:10.0.0.3"], "ContainerSpec.Hosts"),
+    (["--sysctl", "net.core.somaxconn=1024"], "ContainerSpec.Sysctls"),
+    (["--cap-add", "NET_ADMIN"], "ContainerSpec.CapabilityAdd"),
+    (["--cap-drop", "CHOWN"], "ContainerSpec.CapabilityDrop"),
+    (["--ulimit", "nofile=1024:2048"], "ContainerSpec.Ulimits"),
+    (["--log-driver", "syslog"], "TaskTemplate.LogDriver"),
+    (["--placement-pref", "spread=node.labels.zone"], "Placement.Preferences"),
+    (["--replicas-max-per-node", "2"], "Placement.MaxReplicas"),
+]
+
+
+def test_what_shoal_does_not_support_is_refused_naming_the_field(lab: Lab, sdk: Any) -> None:
+    for flags, field in UNSUPPORTED_CLI:
+        code, out, err = cli(lab, "sw1", "service", "create", "-d", "--name", "unsup", *flags,
+                             "busybox", *IDLE, check=False)  # fmt: skip
+        assert code != 0 and field in err and "not supported" in err, (flags, out, err)
+    refusals = {
+        "ContainerSpec.Secrets": {"secrets": [docker.types.SecretReference("s1", "pw")]},
+        "ContainerSpec.Configs": {"configs": [docker.types.ConfigReference("c1", "conf")]},
+        "ContainerSpec.Privileges": {
+            "privileges": docker.types.Privileges(selinux_type="spc_t"),
+        },
+        "ContainerSpec.Isolation": {"isolation": "hyperv"},
+    }
+    for field, kwargs in refusals.items():
+        with pytest.raises(docker.errors.APIError) as refused:
+            sdk.api.create_service(
+                docker.types.TaskTemplate(docker.types.ContainerSpec("busybox", IDLE, **kwargs)),
+                name="unsup",
+            )
+        assert refused.value.status_code == 400, field
+        assert field in str(refused.value.explanation), refused.value.explanation
+    assert not [s for s in sdk.api.services() if s["Spec"]["Name"] == "unsup"]
+    # what clients send when nothing is asked for is no refusal (the CLI's empty DNSConfig)
+    code, out, err = cli(lab, "sw1", "service", "create", "-d", "--name", "plain", "busybox",
+                         *IDLE, check=False)  # fmt: skip
+    assert code == 0, err
+    cli(lab, "sw1", "service", "rm", "plain")

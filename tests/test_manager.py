@@ -1198,3 +1198,31 @@ def test_a_failing_pass_backs_off_and_is_counted(
             await store.log.close()
 
     asyncio.run(run())
+
+
+def test_fields_shoal_does_not_honour_are_refused_and_empty_ones_are_not() -> None:
+    def with_container(**cs: object) -> dict[str, object]:
+        return {"Name": "u", "TaskTemplate": {"ContainerSpec": {"Image": "busybox", **cs}}}
+
+    for key, value in [
+        ("Secrets", [{"SecretName": "pw"}]),
+        ("DNSConfig", {"Nameservers": ["10.0.0.2"]}),
+        ("Privileges", {"NoNewPrivileges": True}),
+        ("Isolation", "process"),
+    ]:
+        with pytest.raises(SpecError, match=rf"ContainerSpec\.{key}: .*not supported"):
+            normalize_service_spec(with_container(**{key: value}))
+    with pytest.raises(SpecError, match=r"Placement\.Preferences: .*not supported"):
+        normalize_service_spec(
+            {
+                "Name": "u",
+                "TaskTemplate": {
+                    "ContainerSpec": {"Image": "busybox"},
+                    "Placement": {"Preferences": [{"Spread": {"SpreadDescriptor": "x"}}]},
+                },
+            }
+        )
+    # as the docker CLI sends them when no flag asks for anything
+    normalize_service_spec(
+        with_container(DNSConfig={}, Privileges={"NoNewPrivileges": False}, Hosts=[], Isolation="")
+    )

@@ -68,6 +68,63 @@ SIGNALS: Mapping[str, int] = MappingProxyType(
 MAX_SIGNAL = 64
 
 
+# Fields of Docker's ServiceSpec that Shoal does not honour yet: refused with 400 naming the
+# field, never stored and silently without effect. An empty value is what clients send by
+# default (the docker CLI always sends `"DNSConfig": {}`, and `"Privileges":
+# {"NoNewPrivileges": false}` with some options), and is accepted. (where, field) -> what it is
+# and the docker CLI's flag for it.
+UNSUPPORTED = {
+    (CONTAINER, "Secrets"): "secrets (--secret)",
+    (CONTAINER, "Configs"): "configs (--config)",
+    (CONTAINER, "Privileges"): "privileges (--credential-spec, --no-new-privileges, ...)",
+    (CONTAINER, "Hosts"): "extra /etc/hosts entries (--host)",
+    (CONTAINER, "DNSConfig"): "DNS settings (--dns, --dns-search, --dns-option)",
+    (CONTAINER, "Sysctls"): "sysctls (--sysctl)",
+    (CONTAINER, "CapabilityAdd"): "added capabilities (--cap-add)",
+    (CONTAINER, "CapabilityDrop"): "dropped capabilities (--cap-drop)",
+    (CONTAINER, "Ulimits"): "ulimits (--ulimit)",
+    ("TaskTemplate", "LogDriver"): "a log driver (--log-driver)",
+    ("TaskTemplate", "NetworkAttachmentSpec"): "network attachment tasks",
+    ("TaskTemplate", "PluginSpec"): "plugin services",
+    ("TaskTemplate.Placement", "Preferences"): "placement preferences (--placement-pref)",
+    ("TaskTemplate.Placement", "MaxReplicas"): "tasks per node (--replicas-max-per-node)",
+}
+
+
+def _set(value: Any) -> bool:
+    """A value that asks for something: not null, empty, zero or false, nor made of those."""
+    if isinstance(value, dict):
+        return any(_set(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_set(v) for v in value) or bool(value)
+    return bool(value)
+
+
+def _refuse_unsupported(spec: dict[str, Any]) -> None:
+    tt = spec.get("TaskTemplate") or {}
+    parts = {
+        CONTAINER: tt.get("ContainerSpec") or {},
+        "TaskTemplate": tt,
+        "TaskTemplate.Placement": tt.get("Placement") or {},
+    }
+    for (where, key), what in UNSUPPORTED.items():
+        part = parts[where]
+        if isinstance(part, dict) and _set(part.get(key)):
+            raise SpecError(
+                f"{where}.{key}: {what} is not supported by Shoal yet; create the service "
+                "without it"
+            )
+    isolation = (tt.get("ContainerSpec") or {}).get("Isolation")
+    if isolation not in (None, "", "default"):
+        raise SpecError(
+            f"{CONTAINER}.Isolation: {isolation!r} isolation is not supported (only "
+            "'default': Linux namespaces)"
+        )
+    runtime = tt.get("Runtime")
+    if runtime not in (None, "", "container"):
+        raise SpecError(f"TaskTemplate.Runtime: {runtime!r} is not supported (only 'container')")
+
+
 class SpecError(ValueError):
     """A spec the API must refuse with 400; the message says what is wrong."""
 
@@ -628,6 +685,7 @@ def normalize_service_spec(raw: Any) -> dict[str, Any]:
     spec["Labels"] = _labels(spec.get("Labels"), "Labels")
     tt = spec["TaskTemplate"] = _obj(spec.get("TaskTemplate"), "TaskTemplate")
     cs = tt["ContainerSpec"] = _obj(tt.get("ContainerSpec"), CONTAINER)
+    _refuse_unsupported(spec)
     _check_container(cs)
     _check_resources(tt)
     # `service update --force`'s counter: an integer Docker always shows, 0 until forced
