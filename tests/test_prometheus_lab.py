@@ -34,7 +34,7 @@ from tests.netutil import answers
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 LAB = "tprom"
-SUBNET = ipaddress.IPv4Network("192.168.81.0/24")
+SUBNET = ipaddress.IPv4Network("192.168.87.0/24")  # not bench/control.py's 81
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "vagrant" / "prometheus.yml"
 PROMETHEUS = "/usr/bin/prometheus"  # Debian's (the Makefile's DEB_PACKAGES)
