@@ -2,6 +2,7 @@
 
     python -m bench.mesh data   # HTTP through the mesh vs direct vs HAProxy, one lab, one run
     python -m bench.mesh sync   # nftables sync time for 100 / 1,000 / 10,000 services
+    python -m bench.mesh attach # one sync attaching 100 / 1,000 new task endpoints (veths)
 
 Data path: a 3-node lab, 4 nginx tasks on sw1 and sw3, nothing on sw2. The client (wrk, in the
 root namespace) always enters through sw2 and crosses the VXLAN overlay to a task:
@@ -28,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.attach import attach
 from bench.sync import sync
 from orchestrator.lab import lab as labmod
 from orchestrator.lab.meshlab import MeshLab
@@ -285,12 +287,16 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--sizes", default="100,1000,10000")
     s.add_argument("--backends", type=int, default=10)
     s.add_argument("--reps", type=int, default=15)
+    a = sub.add_parser("attach")
+    a.add_argument("--sizes", default="100,1000")
     args = p.parse_args(argv)
     RESULTS.mkdir(exist_ok=True)
     # The machine is shared: how busy it was says how far wall-clock figures can be trusted.
     load_start = os.getloadavg()
     if args.what == "data":
         result = data(args.seconds, args.reps)
+    elif args.what == "attach":
+        result = attach([int(x) for x in args.sizes.split(",")])
     else:
         result = sync([int(x) for x in args.sizes.split(",")], args.backends, args.reps)
     result["loadavg"] = {"start": load_start, "end": os.getloadavg()}
