@@ -10,6 +10,7 @@ parsing it into a `MeshState`: it only adds namespaces, and shoal-mesh validates
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -44,6 +45,9 @@ class MeshFeed:
         self._indexes: dict[int, int] = {}
         self._applied: Applied | None = None  # shoal-mesh's last report, as last read
         self._applied_at = 0.0
+        self._applied_changed = asyncio.Event()  # set (and replaced) when the report changes
+        self._waiters = 0  # tasks waiting for their network
+        self._watcher: asyncio.Task[None] | None = None
         # Called after each new state is written (the node wakes shoal-mesh with it rather
         # than leaving the change to its next poll of the file).
         self.on_write: Callable[[], None] | None = None
@@ -83,13 +87,41 @@ class MeshFeed:
         return self._generation
 
     def _read_applied(self) -> Applied:
-        """shoal-mesh's last report, read at most once per POLL however many tasks wait on
-        it: a thousand tasks polling the file each (20 reads a second apiece) held the
-        daemon's event loop for seconds, and its heartbeats with it."""
+        """shoal-mesh's last report, read at most once per POLL however many ask."""
         now = time.monotonic()
         if self._applied is None or now - self._applied_at >= POLL:
-            self._applied, self._applied_at = read_applied(self.run_dir), now
+            applied, self._applied_at = read_applied(self.run_dir), now
+            if applied != self._applied:
+                self._applied = applied
+                self._applied_changed.set()  # wakes every waiter
+                self._applied_changed = asyncio.Event()
+        assert self._applied is not None
         return self._applied
+
+    async def _watch_applied(self) -> None:
+        """While tasks wait for their network, one reader of shoal-mesh's report for them all:
+        a thousand tasks polling it each (20 reads and wake-ups a second apiece) held the
+        daemon's event loop for seconds, and its heartbeats and API with it."""
+        while self._waiters:
+            self._read_applied()
+            await asyncio.sleep(POLL)
+
+    def _errors_about(self, task_id: str, applied: Applied) -> str | None:
+        """The errors naming the task, or one of its networks (an encrypted network the node
+        refuses to attach leaves the task without it); None: none."""
+        if not applied.errors:
+            return None
+        nets = {
+            f"network {ep.get('network')}"
+            for ep in self._view.get("endpoints", [])
+            if task_id in str(ep.get("task", ""))
+        }
+        mine = [
+            f"{k}: {v}"
+            for k, v in applied.errors.items()
+            if task_id in k or task_id[:12] in k or k in nets
+        ]
+        return "; ".join(mine) or None
 
     def applied_index(self) -> int:
         """The store index of the newest view shoal-mesh has applied (-1: none known): every
@@ -108,32 +140,27 @@ class MeshFeed:
         deadline = now + within
         applied = self._read_applied()
         last, since = (applied.generation, applied.applying), now
-        while True:
-            now = time.monotonic()
-            applied = self._read_applied()
-            if (applied.generation, applied.applying) != last:
-                last, since = (applied.generation, applied.applying), now
-                deadline = now + within
-            if applied.generation >= generation:
-                if not applied.errors:
-                    return None
-                # errors naming the task, or one of its networks (an encrypted network the
-                # node refuses to attach leaves the task without it)
-                nets = {
-                    f"network {ep.get('network')}"
-                    for ep in self._view.get("endpoints", [])
-                    if task_id in str(ep.get("task", ""))
-                }
-                mine = [
-                    f"{k}: {v}"
-                    for k, v in applied.errors.items()
-                    if task_id in k or task_id[:12] in k or k in nets
-                ]
-                return "; ".join(mine) or None
-            working = applied.applying >= generation and now - since < BUSY_MAX
-            if now >= deadline and not working:
-                break
-            await asyncio.sleep(POLL)
+        self._waiters += 1
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._watch_applied())
+        try:
+            while True:
+                changed = self._applied_changed
+                now = time.monotonic()
+                applied = self._read_applied()
+                if (applied.generation, applied.applying) != last:
+                    last, since = (applied.generation, applied.applying), now
+                    deadline = now + within
+                if applied.generation >= generation:
+                    return self._errors_about(task_id, applied)
+                working = applied.applying >= generation and now - since < BUSY_MAX
+                if now >= deadline and not working:
+                    break
+                left = (since + BUSY_MAX if working else deadline) - now
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), max(left, POLL))
+        finally:
+            self._waiters -= 1
         if applied.applying >= generation:
             return f"the node's mesh was still applying the task's network after {BUSY_MAX:.0f} s"
         return (

@@ -13,7 +13,10 @@ class Child:
 
     Popen forks with vfork: about a millisecond. The event loop's own subprocess support
     (uvloop's) forks the whole daemon and blocks the loop for tens of milliseconds per
-    process on a busy node, so starting 30 tasks held every task back by seconds.
+    process on a busy node, so starting 30 tasks held every task back by seconds. Popen runs
+    on a worker thread (vfork releases the GIL): a thousand tasks started together held the
+    loop for 10 s with Popen in it (measured: heartbeats, `service ps` and every session
+    waited).
     """
 
     def __init__(self, popen: subprocess.Popen[bytes]):
@@ -24,7 +27,7 @@ class Child:
 
     @classmethod
     async def start(cls, *argv: str, pipes: bool = True, **kwargs: Any) -> Child:
-        child = cls(_popen(argv, pipes, kwargs))
+        child = cls(await asyncio.to_thread(_popen, argv, pipes, kwargs))
         if pipes:
             child.stdout = await _reader(child.popen.stdout)
             child.stderr = await _reader(child.popen.stderr)
