@@ -138,3 +138,45 @@ def test_a_manager_that_stalled_does_not_blame_the_nodes(tmp_path: Path) -> None
             await dispatcher.stop()
 
     asyncio.run(run())
+
+
+def test_task_states_whose_write_failed_are_written_again(tmp_path: Path) -> None:
+    """A batch of reports whose write the log refused (managers too busy to commit in time,
+    or no leader for a moment) is kept and written once it can be; the writer once died with
+    the first refusal, and every task's state froze where it was."""
+
+    async def run() -> None:
+        store, _ = await cluster(tmp_path)
+        svc = await create(store, spec("web", 1))
+
+        def place(tx: Tx) -> None:
+            tx.put(
+                Task(
+                    id="t1",
+                    service_id=svc.id,
+                    slot=1,
+                    node_id="node0",
+                    state=TaskState.ASSIGNED,
+                    desired_state=TaskState.RUNNING,
+                )
+            )
+
+        await store.update(place)
+        dispatcher = Dispatcher(store)
+        dispatcher.start(term=store.log.term + 100)  # a term it does not lead: refused
+        try:
+            dispatcher._updates.append(("node0", {"id": "t1", "state": "running"}))
+            await asyncio.sleep(0.5)
+            task = store.get(Task, "t1")
+            assert task is not None and task.state == TaskState.ASSIGNED
+            dispatcher.term = store.log.term  # it can write again
+            for _ in range(60):
+                task = store.get(Task, "t1")
+                if task is not None and task.state == TaskState.RUNNING:
+                    break
+                await asyncio.sleep(0.1)
+            assert task is not None and task.state == TaskState.RUNNING, "the report was lost"
+        finally:
+            await dispatcher.stop()
+
+    asyncio.run(run())

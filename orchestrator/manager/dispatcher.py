@@ -36,6 +36,7 @@ from orchestrator.manager.meshview import mesh_state
 from orchestrator.manager.orchestrator.tasks import task_name
 from orchestrator.rpc.jsonrpc import Context, Message, service
 from orchestrator.store.ids import new_id, now_rfc3339, parse_rfc3339
+from orchestrator.store.log import NotLeader
 from orchestrator.store.objects import (
     Cluster,
     Network,
@@ -54,6 +55,7 @@ SERVICE = "shoal.Dispatcher"
 DEFAULT_PERIOD = 5.0
 MISSED_BEATS = 3
 STATUS_BATCH = 0.1
+MAX_STATUS_BACKOFF = 2.0
 
 
 @dataclass
@@ -396,7 +398,10 @@ class Dispatcher:
                     for nid in late:
                         self._mark(tx, nid, NodeState.DOWN, "heartbeat failure")
 
-                await self.store.update(down, self.term)
+                try:
+                    await self.store.update(down, self.term)
+                except NotLeader as e:  # the next look marks them, if still silent
+                    log.warning("nodes %s not marked down (%s)", late, e)
 
     # ---- task status --------------------------------------------------------------------
 
@@ -408,14 +413,25 @@ class Dispatcher:
         return {}
 
     async def _write_statuses(self) -> None:
+        """Agents' reports, written in batches. A batch whose write fails (the managers too
+        busy to commit it in time, or between leaders) is written again with the next: it
+        was once lost with the loop that wrote them, and every task's state froze."""
+        backoff = STATUS_BATCH
         while True:
-            await asyncio.sleep(STATUS_BATCH)
+            await asyncio.sleep(backoff)
             if not self._updates:
                 continue
             batch, self._updates = self._updates, []
-            running = await self.store.update(
-                functools.partial(apply_statuses, batch=batch), self.term
-            )
+            try:
+                running = await self.store.update(
+                    functools.partial(apply_statuses, batch=batch), self.term
+                )
+            except NotLeader as e:  # NoQuorum too; a report only ever moves a task forward
+                self._updates = batch + self._updates
+                backoff = min(backoff * 2, MAX_STATUS_BACKOFF)
+                log.warning("task states not written (%s); again in %.1f s", e, backoff)
+                continue
+            backoff = STATUS_BATCH
             now = time.time()
             for created_at in running:
                 self.scheduling_delay.observe(max(now - parse_rfc3339(created_at), 0.0))
