@@ -38,6 +38,22 @@ def run(
     return out
 
 
+def swarm_cli(lab: Lab, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """The docker CLI inside sw1 (a manager), against its shoald (docker_cli: an engine's)."""
+    return run(lab, "sw1", DOCKER, *args, check=check)
+
+
+@contextlib.contextmanager
+def created_service(lab: Lab, name: str, *args: str) -> Iterator[str]:
+    """`docker service create --name NAME ARGS...` in sw1 (it waits for the tasks unless -d),
+    removed at the end."""
+    swarm_cli(lab, "service", "create", "--name", name, *args)
+    try:
+        yield name
+    finally:
+        swarm_cli(lab, "service", "rm", name, check=False)
+
+
 def shoal(
     lab: Lab, node: str, *args: str, check: bool = True, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:

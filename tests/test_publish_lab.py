@@ -6,10 +6,8 @@ host's Python), driven by the docker CLI inside sw1, the docker SDK and `shoal`.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import socket
-import subprocess
 import sys
 from collections.abc import Iterator
 from functools import partial
@@ -21,7 +19,8 @@ import pytest
 from orchestrator.apps import micro
 from orchestrator.lab import daemons, lifecycle
 from orchestrator.lab.lab import Lab
-from tests.labutil import DOCKER, module_lab, run, shoal, wait
+from tests.labutil import created_service, module_lab, shoal, wait
+from tests.labutil import swarm_cli as cli
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -50,23 +49,6 @@ def sdk(swarm: Lab) -> Iterator[Any]:
     client = docker.DockerClient(base_url=daemons.docker_host(swarm, "sw1"))
     yield client
     client.close()
-
-
-def cli(lab: Lab, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """The docker CLI inside sw1, against its shoald."""
-    return run(lab, "sw1", DOCKER, *args, check=check)
-
-
-@contextlib.contextmanager
-def created(lab: Lab, name: str, *args: str) -> Iterator[str]:
-    """`docker service create --name tpub-NAME ARGS...` (the CLI waits for its tasks unless
-    -d), removed at the end."""
-    full = PREFIX + name
-    cli(lab, "service", "create", "--name", full, *args)
-    try:
-        yield full
-    finally:
-        cli(lab, "service", "rm", full, check=False)
 
 
 def addresses(lab: Lab) -> dict[str, str]:
@@ -142,7 +124,9 @@ def every_node_answers(lab: Lab, port: int, within: float = 20.0) -> None:
 
 def test_several_published_ports_to_one_target_answer_on_every_node(swarm: Lab) -> None:
     # not consecutive, or docker shows them as one range (*:8100-8101->8000/tcp)
-    with created(swarm, "two", "--replicas", "2", "-p", "8100:8000", "-p", "8102:8000", "micro"):
+    with created_service(
+        swarm, PREFIX + "two", "--replicas", "2", "-p", "8100:8000", "-p", "8102:8000", "micro"
+    ):
         every_node_answers(swarm, 8100)
         every_node_answers(swarm, 8102)
         listed = cli(swarm, "service", "ls", "--filter", f"name={PREFIX}two").stdout
@@ -155,7 +139,9 @@ def test_publish_add_keeps_the_old_port_and_publish_rm_removes_only_the_one_name
     swarm: Lab, sdk: Any
 ) -> None:
     nodes = addresses(swarm)
-    with created(swarm, "add", "--replicas", "2", "-p", "8080:8000", "micro") as name:
+    with created_service(
+        swarm, PREFIX + "add", "--replicas", "2", "-p", "8080:8000", "micro"
+    ) as name:
         every_node_answers(swarm, 8080)
         cli(swarm, "service", "update", "-d", "--publish-add", "published=8081,target=8000", name)
         every_node_answers(swarm, 8081)
@@ -181,8 +167,8 @@ def test_publish_add_keeps_the_old_port_and_publish_rm_removes_only_the_one_name
 
 
 def test_udp_ports_on_the_routing_mesh_echo_from_every_node(swarm: Lab) -> None:
-    with created(
-        swarm, "echo", "--replicas", "2", "-p", "5300:7007/udp", "-p", "5301:7007/udp",
+    with created_service(
+        swarm, PREFIX + "echo", "--replicas", "2", "-p", "5300:7007/udp", "-p", "5301:7007/udp",
         "busybox", sys.executable, "-c", ECHO,
     ):  # fmt: skip
         for node, addr in addresses(swarm).items():
@@ -195,8 +181,8 @@ def test_host_mode_reaches_the_nodes_own_task_only_and_shows_as_docker_shows_it(
     swarm: Lab, sdk: Any
 ) -> None:
     nodes = addresses(swarm)
-    with created(
-        swarm, "host", "--replicas", "2", "--constraint", "node.hostname!=sw1",
+    with created_service(
+        swarm, PREFIX + "host", "--replicas", "2", "--constraint", "node.hostname!=sw1",
         "--publish", "mode=host,published=9000,target=8000", "micro",
     ) as name:  # fmt: skip
         wait(lambda: len(running(sdk, name)) == 2, "both tasks to run")
@@ -253,8 +239,8 @@ def test_host_mode_reaches_the_nodes_own_task_only_and_shows_as_docker_shows_it(
 def test_two_host_mode_tasks_of_one_port_on_one_node_wait_with_dockers_message(
     swarm: Lab, sdk: Any
 ) -> None:
-    with created(
-        swarm, "busy", "-d", "--replicas", "2", "--constraint", "node.hostname==sw1",
+    with created_service(
+        swarm, PREFIX + "busy", "-d", "--replicas", "2", "--constraint", "node.hostname==sw1",
         "--publish", "mode=host,published=9100,target=8000", "micro",
     ) as name:  # fmt: skip
 

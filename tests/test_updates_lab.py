@@ -4,11 +4,9 @@ docker SDK. That no request is dropped meanwhile is tests/test_lifecycle_lab.py'
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import ipaddress
 import re
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +22,9 @@ from orchestrator.apps import micro
 from orchestrator.images import rootfs
 from orchestrator.lab import daemons, lifecycle, registry
 from orchestrator.lab.lab import Lab
-from tests.labutil import DOCKER, docker_cli, module_lab, run, wait
+from tests.labutil import created_service as created
+from tests.labutil import docker_cli, module_lab, wait
+from tests.labutil import swarm_cli as cli
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -54,22 +54,6 @@ def sdk(swarm: Lab) -> Iterator[Any]:
     client = docker.DockerClient(base_url=daemons.docker_host(swarm, "sw1"))
     yield client
     client.close()
-
-
-def cli(lab: Lab, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """The docker CLI inside sw1, against its shoald."""
-    return run(lab, "sw1", DOCKER, *args, check=check)
-
-
-@contextlib.contextmanager
-def created(lab: Lab, name: str, *args: str) -> Iterator[str]:
-    """`docker service create --name NAME ARGS...` (it waits for the tasks unless -d), removed
-    at the end."""
-    cli(lab, "service", "create", "--name", name, *args)
-    try:
-        yield name
-    finally:
-        cli(lab, "service", "rm", name, check=False)
 
 
 def inspect(sdk: Any, name: str) -> dict[str, Any]:
